@@ -1,0 +1,228 @@
+//! The event store port and its adapters.
+//!
+//! # Promises every adapter keeps
+//! - An append is atomic: all of its events, claims and idempotency record, or nothing.
+//! - An append succeeds only if its stream is at `expected_version` and every stream in
+//!   `conditions` is at the version named there (optimistic concurrency).
+//! - Global positions start at 1, have no gaps, and become visible in order: once a reader has
+//!   seen position N it has seen every position below N. A follower of [`EventStore::read_all`]
+//!   therefore never skips an event that commits late.
+//! - A repeated idempotency key with the same request hash returns the first reply and appends
+//!   nothing; with another hash it fails with [`AppendError::IdempotencyKeyReused`].
+//!
+//! `contract` (feature `contract`) holds the suite that checks these promises on any adapter.
+
+mod group_commit;
+mod plan;
+pub mod postgres;
+pub mod sqlite;
+
+#[cfg(feature = "contract")]
+pub mod contract;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use quikapp_domain::{Envelope, Event};
+use thiserror::Error;
+use uuid::Uuid;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `request.events` to `request.stream_id`, or fails leaving nothing behind.
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError>;
+
+    /// The events of one stream with a version above `after_version`, oldest first.
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<Envelope>, StoreError>;
+
+    /// Up to `limit` events with a global position above `after_position`, in position order.
+    async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError>;
+
+    /// The global position of the newest event, 0 for an empty store.
+    async fn head(&self) -> Result<u64, StoreError>;
+
+    /// The stored reply of an idempotency key, if a command with that key succeeded.
+    async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError>;
+
+    /// A round trip to the backing store, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// An event about to be stored: the store adds stream version and global position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event: Event,
+    pub workspace_id: Option<Uuid>,
+    pub channel_id: Option<Uuid>,
+    pub actor_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AppendRequest {
+    pub stream_id: String,
+    /// The version the stream must be at: 0 when it must not exist yet.
+    pub expected_version: u64,
+    /// At least one event.
+    pub events: Vec<NewEvent>,
+    /// Other streams that must still be at the versions the decision was made on.
+    pub conditions: Vec<StreamCondition>,
+    /// Unique values this stream takes; taken by another stream they fail the append.
+    pub claims: Vec<String>,
+    /// Unique values this stream gives up.
+    pub releases: Vec<String>,
+    pub idempotency: Option<IdempotencyEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCondition {
+    pub stream_id: String,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyEntry {
+    pub key: String,
+    /// A digest of the request, to tell a repeat from a reuse of the key.
+    pub request_hash: String,
+    /// What the caller wants back on a repeat; the store keeps position and version beside it.
+    pub reply: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReply {
+    pub request_hash: String,
+    pub reply: serde_json::Value,
+    pub position: u64,
+    pub stream_version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    Appended(Appended),
+    /// The idempotency key was used before with the same request: nothing was appended.
+    Replayed(StoredReply),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_position: u64,
+    pub last_position: u64,
+    pub stream_version: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum AppendError {
+    /// The stream, or a stream in the conditions, has moved on (retry on fresh state, or 412).
+    #[error("stream {stream_id} is at version {actual}, not {expected}")]
+    WrongExpectedVersion {
+        stream_id: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// A unique value is owned by another stream (409).
+    #[error("{claim} is taken")]
+    ClaimTaken { claim: String },
+    /// The idempotency key was used before with a different request (422).
+    #[error("the idempotency key was used before with a different request")]
+    IdempotencyKeyReused,
+    /// The request itself is malformed, e.g. without events (a bug in the caller).
+    #[error("invalid append: {0}")]
+    Invalid(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The backing store failed; nothing is known to have been written.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum StoreError {
+    /// Unreachable or overloaded: worth retrying later (503).
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// It answered, but with something this code cannot use (500).
+    #[error("event store failure: {0}")]
+    Failed(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
+            other => StoreError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// The parts of a stored event as the adapters keep them: typed columns plus the data document.
+pub(crate) struct StoredEvent {
+    pub global_position: u64,
+    pub stream_id: String,
+    pub stream_version: u64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub workspace_id: Option<Uuid>,
+    pub channel_id: Option<Uuid>,
+    pub actor_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    pub data: serde_json::Value,
+}
+
+impl StoredEvent {
+    pub fn into_envelope(self) -> Result<Envelope, StoreError> {
+        let tagged = serde_json::json!({ "type": self.event_type, "data": self.data });
+        let event: Event = serde_json::from_value(tagged).map_err(|e| {
+            StoreError::Failed(format!("event at position {}: {e}", self.global_position))
+        })?;
+        Ok(Envelope {
+            event_id: self.event_id,
+            event,
+            schema_version: self.schema_version,
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            workspace_id: self.workspace_id,
+            channel_id: self.channel_id,
+            actor_id: self.actor_id,
+            occurred_at: self.occurred_at,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+        })
+    }
+
+    pub fn from_envelope(envelope: &Envelope) -> Self {
+        let data = match serde_json::to_value(&envelope.event) {
+            Ok(serde_json::Value::Object(mut tagged)) => tagged.remove("data").unwrap_or_default(),
+            _ => unreachable!("events serialize as tagged objects"),
+        };
+        StoredEvent {
+            global_position: envelope.global_position,
+            stream_id: envelope.stream_id.clone(),
+            stream_version: envelope.stream_version,
+            event_id: envelope.event_id,
+            event_type: envelope.event.type_name().to_owned(),
+            schema_version: envelope.schema_version,
+            workspace_id: envelope.workspace_id,
+            channel_id: envelope.channel_id,
+            actor_id: envelope.actor_id,
+            occurred_at: envelope.occurred_at,
+            correlation_id: envelope.correlation_id,
+            causation_id: envelope.causation_id,
+            data,
+        }
+    }
+}

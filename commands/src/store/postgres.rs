@@ -1,0 +1,299 @@
+//! The PostgreSQL event store. Appends go through [`GroupCommit`]; each batch takes a
+//! transaction-scoped advisory lock before it reads the head, so batches assign positions one
+//! after another and commit in position order (see migrations/postgres/0001_event_store.sql).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use quikapp_domain::Envelope;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::group_commit::{BatchWriter, GroupCommit, Outcome};
+use super::plan::{BatchPlan, CurrentState, Lookups};
+use super::{
+    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply,
+};
+
+/// The advisory lock every writer of the event log holds while it appends.
+const WRITER_LOCK: i64 = 0x5155_494b_4150_5031; // "QUIKAPP1"
+
+const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
+     schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
+     FROM events";
+
+pub struct PostgresStore {
+    pool: PgPool,
+    writer: GroupCommit,
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(32)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self::new(pool))
+    }
+
+    pub fn new(pool: PgPool) -> Self {
+        let writer = GroupCommit::start(PgBatchWriter { pool: pool.clone() });
+        PostgresStore { pool, writer }
+    }
+
+    /// Creates or upgrades the event store's tables.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Failed(e.to_string()))
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
+        self.writer.append(request).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &str,
+        after_version: u64,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(stream_id)
+            .bind(after_version as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
+        let sql =
+            format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
+        let rows = sqlx::query(&sql)
+            .bind(after_position as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn head(&self) -> Result<u64, StoreError> {
+        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(head as u64)
+    }
+
+    async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
+        let row = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(decode_reply)
+            .transpose()?
+            .map(|(_, reply)| reply))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn decode_event(row: &PgRow) -> Result<Envelope, StoreError> {
+    let stored = StoredEvent {
+        global_position: row.try_get::<i64, _>("global_position")? as u64,
+        stream_id: row.try_get("stream_id")?,
+        stream_version: row.try_get::<i64, _>("stream_version")? as u64,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get::<i32, _>("schema_version")? as u32,
+        workspace_id: row.try_get("workspace_id")?,
+        channel_id: row.try_get("channel_id")?,
+        actor_id: row.try_get("actor_id")?,
+        occurred_at: row.try_get("occurred_at")?,
+        correlation_id: row.try_get("correlation_id")?,
+        causation_id: row.try_get("causation_id")?,
+        data: row.try_get("data")?,
+    };
+    stored.into_envelope()
+}
+
+fn decode_reply(row: &PgRow) -> Result<(String, StoredReply), sqlx::Error> {
+    let reply = StoredReply {
+        request_hash: row.try_get("request_hash")?,
+        reply: row.try_get("reply")?,
+        position: row.try_get::<i64, _>("position")? as u64,
+        stream_version: row.try_get::<i64, _>("stream_version")? as u64,
+    };
+    Ok((row.try_get("key")?, reply))
+}
+
+struct PgBatchWriter {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl BatchWriter for PgBatchWriter {
+    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(WRITER_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let state = read_current_state(&mut tx, &Lookups::of(batch)).await?;
+        let mut plan = BatchPlan::new(state);
+        let outcomes: Vec<Outcome> = batch
+            .iter()
+            .cloned()
+            .map(|request| plan.add(request))
+            .collect();
+        let plan = plan.finish();
+        if plan.events.is_empty() {
+            return Ok(outcomes); // nothing to write: the transaction rolls back on drop
+        }
+        write_plan(&mut tx, &plan).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+async fn read_current_state(
+    tx: &mut Transaction<'_, Postgres>,
+    lookups: &Lookups,
+) -> Result<CurrentState, StoreError> {
+    let mut state = CurrentState::default();
+    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
+        .fetch_one(&mut **tx)
+        .await?;
+    state.head = head as u64;
+    let versions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_id, max(stream_version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
+    )
+    .bind(&lookups.streams)
+    .fetch_all(&mut **tx)
+    .await?;
+    state.stream_versions = versions
+        .into_iter()
+        .map(|(stream, version)| (stream, version as u64))
+        .collect();
+    if !lookups.claims.is_empty() {
+        let claims: Vec<(String, String)> =
+            sqlx::query_as("SELECT claim, owner_stream FROM unique_claims WHERE claim = ANY($1)")
+                .bind(&lookups.claims)
+                .fetch_all(&mut **tx)
+                .await?;
+        state.claims = claims.into_iter().collect();
+    }
+    if !lookups.idempotency_keys.is_empty() {
+        let rows = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ANY($1)")
+            .bind(&lookups.idempotency_keys)
+            .fetch_all(&mut **tx)
+            .await?;
+        state.replies = rows.iter().map(decode_reply).collect::<Result<_, _>>()?;
+    }
+    Ok(state)
+}
+
+async fn write_plan(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &BatchPlan,
+) -> Result<(), StoreError> {
+    let rows: Vec<StoredEvent> = plan.events.iter().map(StoredEvent::from_envelope).collect();
+    let column = |f: fn(&StoredEvent) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
+    let uuids = |f: fn(&StoredEvent) -> Uuid| rows.iter().map(f).collect::<Vec<Uuid>>();
+    let optional_uuids =
+        |f: fn(&StoredEvent) -> Option<Uuid>| rows.iter().map(f).collect::<Vec<Option<Uuid>>>();
+    sqlx::query(
+        "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
+         workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
+         $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::jsonb[])",
+    )
+    .bind(column(|r| r.global_position as i64))
+    .bind(rows.iter().map(|r| r.stream_id.clone()).collect::<Vec<_>>())
+    .bind(column(|r| r.stream_version as i64))
+    .bind(uuids(|r| r.event_id))
+    .bind(rows.iter().map(|r| r.event_type.clone()).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
+    .bind(optional_uuids(|r| r.workspace_id))
+    .bind(optional_uuids(|r| r.channel_id))
+    .bind(uuids(|r| r.actor_id))
+    .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+    .bind(uuids(|r| r.correlation_id))
+    .bind(uuids(|r| r.causation_id))
+    .bind(rows.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+
+    if !plan.claims_released.is_empty() {
+        sqlx::query("DELETE FROM unique_claims WHERE claim = ANY($1)")
+            .bind(&plan.claims_released)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !plan.claims_set.is_empty() {
+        let (claims, owners): (Vec<String>, Vec<String>) = plan.claims_set.iter().cloned().unzip();
+        sqlx::query(
+            "INSERT INTO unique_claims (claim, owner_stream) SELECT * FROM UNNEST($1::text[], $2::text[]) \
+             ON CONFLICT (claim) DO UPDATE SET owner_stream = excluded.owner_stream",
+        )
+        .bind(claims)
+        .bind(owners)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !plan.replies.is_empty() {
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bigint[], $5::bigint[])",
+        )
+        .bind(
+            plan.replies
+                .iter()
+                .map(|(key, _)| key.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.replies
+                .iter()
+                .map(|(_, r)| r.request_hash.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.replies
+                .iter()
+                .map(|(_, r)| r.reply.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.replies
+                .iter()
+                .map(|(_, r)| r.position as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            plan.replies
+                .iter()
+                .map(|(_, r)| r.stream_version as i64)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}

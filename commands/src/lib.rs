@@ -6,4 +6,7 @@
 //! - [`handler`]: [`handler::CommandService`] loads the aggregates a command needs, lets the
 //!   domain decide, and appends the outcome with optimistic concurrency and idempotency.
 
+pub mod handler;
 pub mod store;
+
+pub use handler::{Command, CommandContext, CommandError, CommandService, Idempotency, Reply};

@@ -1,0 +1,655 @@
+//! Command handling: load the aggregates a command needs, let the domain decide, append what it
+//! decided with optimistic concurrency, and start over on fresh state when another write got
+//! there first.
+
+use quikapp_domain::channel::{Channel, ChannelChanges};
+use quikapp_domain::event::timestamp;
+use quikapp_domain::message::{Message, ReadMark};
+use quikapp_domain::user::User;
+use quikapp_domain::workspace::{Role, Workspace};
+use quikapp_domain::{Aggregate, DomainError, Event, stream};
+use serde_json::{Map, Value, json};
+use std::sync::Arc;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::store::{
+    AppendError, AppendOutcome, AppendRequest, EventStore, IdempotencyEntry, NewEvent, StoreError,
+    StoredReply, StreamCondition,
+};
+
+/// How often a command is decided again after losing a race, before it answers 409.
+const MAX_ATTEMPTS: usize = 8;
+
+/// Every command of the write API. The acting user is not part of it: it comes from the token.
+#[derive(Debug, Clone)]
+pub enum Command {
+    UpdateProfile {
+        display_name: String,
+    },
+    CreateWorkspace {
+        name: String,
+    },
+    AddWorkspaceMember {
+        workspace_id: Uuid,
+        user_id: Uuid,
+        role: Role,
+    },
+    CreateChannel {
+        workspace_id: Uuid,
+        name: String,
+        private: bool,
+        topic: Option<String>,
+    },
+    UpdateChannel {
+        channel_id: Uuid,
+        name: Option<String>,
+        topic: Option<String>,
+    },
+    ArchiveChannel {
+        channel_id: Uuid,
+    },
+    JoinChannel {
+        channel_id: Uuid,
+        user_id: Uuid,
+    },
+    LeaveChannel {
+        channel_id: Uuid,
+        user_id: Uuid,
+    },
+    PostMessage {
+        channel_id: Uuid,
+        text: String,
+        thread_root_id: Option<Uuid>,
+    },
+    EditMessage {
+        channel_id: Uuid,
+        message_id: Uuid,
+        text: String,
+    },
+    DeleteMessage {
+        channel_id: Uuid,
+        message_id: Uuid,
+    },
+    AddReaction {
+        channel_id: Uuid,
+        message_id: Uuid,
+        emoji: String,
+    },
+    RemoveReaction {
+        channel_id: Uuid,
+        message_id: Uuid,
+        emoji: String,
+    },
+    MarkRead {
+        channel_id: Uuid,
+        message_id: Uuid,
+    },
+}
+
+impl Command {
+    /// A stable name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        use Command::*;
+        match self {
+            UpdateProfile { .. } => "UpdateProfile",
+            CreateWorkspace { .. } => "CreateWorkspace",
+            AddWorkspaceMember { .. } => "AddWorkspaceMember",
+            CreateChannel { .. } => "CreateChannel",
+            UpdateChannel { .. } => "UpdateChannel",
+            ArchiveChannel { .. } => "ArchiveChannel",
+            JoinChannel { .. } => "JoinChannel",
+            LeaveChannel { .. } => "LeaveChannel",
+            PostMessage { .. } => "PostMessage",
+            EditMessage { .. } => "EditMessage",
+            DeleteMessage { .. } => "DeleteMessage",
+            AddReaction { .. } => "AddReaction",
+            RemoveReaction { .. } => "RemoveReaction",
+            MarkRead { .. } => "MarkRead",
+        }
+    }
+}
+
+/// Who sends a command, and on what terms.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub actor: Uuid,
+    pub correlation_id: Uuid,
+    /// The version the caller saw of the stream the command changes (HTTP If-Match).
+    pub if_match: Option<u64>,
+    pub idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    /// Already scoped to the user and the endpoint.
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// A successful command's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Whether the command created something (HTTP 201).
+    pub created: bool,
+    /// The ids it created, by name (`workspace_id`, `channel_id`, `message_id`).
+    pub ids: Map<String, Value>,
+    /// The global position of its last event, or the head when it changed nothing.
+    pub position: u64,
+    /// The version of the stream it changed.
+    pub version: u64,
+}
+
+impl Reply {
+    /// The JSON body: the created ids, `position` as a decimal string, and `version`.
+    pub fn body(&self) -> Value {
+        let mut body = self.ids.clone();
+        body.insert("position".into(), self.position.to_string().into());
+        body.insert("version".into(), self.version.into());
+        Value::Object(body)
+    }
+
+    fn replayed(stored: StoredReply) -> Self {
+        let ids = stored
+            .reply
+            .get("ids")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let created = stored
+            .reply
+            .get("created")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        Reply {
+            created,
+            ids,
+            position: stored.position,
+            version: stored.stream_version,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum CommandError {
+    /// The domain refused: 404, 403, 409 or 422 by its kind.
+    #[error(transparent)]
+    Rejected(#[from] DomainError),
+    /// If-Match named a version the stream has moved on from (412).
+    #[error("the resource is at version {current}, not the one in If-Match")]
+    PreconditionFailed { current: u64 },
+    /// The channel name is taken in its workspace (409).
+    #[error("a channel of that name exists in the workspace")]
+    NameTaken,
+    /// Concurrent writes kept winning the race (409).
+    #[error("the resource kept changing concurrently; try again")]
+    Contention,
+    /// The idempotency key was used before with another body (422).
+    #[error("the Idempotency-Key was used before with a different request")]
+    IdempotencyKeyReused,
+    /// The event store failed (503 when unavailable, else 500).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct CommandService {
+    store: Arc<dyn EventStore>,
+}
+
+/// A stream's state as of its version, and where its first event stands in the global order.
+struct Loaded<A> {
+    state: A,
+    version: u64,
+    first_position: u64,
+}
+
+/// What a command comes to, before it is appended.
+struct Decision {
+    stream_id: String,
+    expected_version: u64,
+    events: Vec<Event>,
+    workspace_id: Option<Uuid>,
+    channel_id: Option<Uuid>,
+    /// The stream whose version If-Match is compared with.
+    guard: StreamCondition,
+    conditions: Vec<StreamCondition>,
+    claims: Vec<String>,
+    releases: Vec<String>,
+    created: bool,
+    ids: Map<String, Value>,
+}
+
+impl Decision {
+    fn new(stream_id: String, expected_version: u64, events: Vec<Event>) -> Self {
+        let guard = StreamCondition {
+            stream_id: stream_id.clone(),
+            version: expected_version,
+        };
+        Decision {
+            stream_id,
+            expected_version,
+            events,
+            workspace_id: None,
+            channel_id: None,
+            guard,
+            conditions: vec![],
+            claims: vec![],
+            releases: vec![],
+            created: false,
+            ids: Map::new(),
+        }
+    }
+
+    fn in_workspace(mut self, workspace_id: Uuid) -> Self {
+        self.workspace_id = Some(workspace_id);
+        self
+    }
+
+    fn in_channel(mut self, channel: &Loaded<Channel>) -> Self {
+        self.workspace_id = Some(channel.state.workspace_id);
+        self.channel_id = channel.state.id;
+        self
+    }
+
+    /// The append holds only while `stream_id` is still at `version`.
+    fn provided<A>(mut self, stream_id: String, loaded: &Loaded<A>) -> Self {
+        self.conditions.push(StreamCondition {
+            stream_id,
+            version: loaded.version,
+        });
+        self
+    }
+
+    /// Like [`Decision::provided`], and If-Match refers to that stream.
+    fn guarded_by<A>(mut self, stream_id: String, loaded: &Loaded<A>) -> Self {
+        self.guard = StreamCondition {
+            stream_id,
+            version: loaded.version,
+        };
+        self.conditions.push(self.guard.clone());
+        self
+    }
+
+    fn created(mut self, name: &str, id: Uuid) -> Self {
+        self.created = true;
+        self.ids.insert(name.into(), id.to_string().into());
+        self
+    }
+}
+
+fn channel_name_claim(workspace_id: Uuid, name: &str) -> String {
+    format!("channel-name/{workspace_id}/{name}")
+}
+
+impl CommandService {
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        CommandService { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    pub async fn execute(
+        &self,
+        context: &CommandContext,
+        command: &Command,
+    ) -> Result<Reply, CommandError> {
+        if let Some(idempotency) = &context.idempotency
+            && let Some(stored) = self.store.idempotent_reply(&idempotency.key).await?
+        {
+            return replay(idempotency, stored);
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let decision = self.decide(context.actor, command).await?;
+            if context
+                .if_match
+                .is_some_and(|version| version != decision.guard.version)
+            {
+                return Err(CommandError::PreconditionFailed {
+                    current: decision.guard.version,
+                });
+            }
+            let (created, ids, expected_version) = (
+                decision.created,
+                decision.ids.clone(),
+                decision.expected_version,
+            );
+            if decision.events.is_empty() {
+                let position = self.store.head().await?;
+                return Ok(Reply {
+                    created,
+                    ids,
+                    position,
+                    version: expected_version,
+                });
+            }
+            match self.store.append(append_request(context, decision)).await {
+                Ok(AppendOutcome::Appended(appended)) => {
+                    return Ok(Reply {
+                        created,
+                        ids,
+                        position: appended.last_position,
+                        version: appended.stream_version,
+                    });
+                }
+                Ok(AppendOutcome::Replayed(stored)) => {
+                    return replay(
+                        context
+                            .idempotency
+                            .as_ref()
+                            .expect("only keyed appends replay"),
+                        stored,
+                    );
+                }
+                // Decide again on fresh state; If-Match is checked against it above.
+                Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                Err(AppendError::ClaimTaken { .. }) => return Err(CommandError::NameTaken),
+                Err(AppendError::IdempotencyKeyReused) => {
+                    return Err(CommandError::IdempotencyKeyReused);
+                }
+                Err(AppendError::Invalid(reason)) => {
+                    return Err(StoreError::Failed(reason.into()).into());
+                }
+                Err(AppendError::Store(error)) => return Err(error.into()),
+            }
+        }
+        Err(CommandError::Contention)
+    }
+
+    async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>, StoreError> {
+        let events = self.store.read_stream(stream_id, 0).await?;
+        let mut state = A::default();
+        for envelope in &events {
+            state.apply(&envelope.event);
+        }
+        let version = events.last().map_or(0, |e| e.stream_version);
+        let first_position = events.first().map_or(0, |e| e.global_position);
+        Ok(Loaded {
+            state,
+            version,
+            first_position,
+        })
+    }
+
+    /// A channel and the workspace it belongs to (empty states when the channel does not exist).
+    async fn channel(
+        &self,
+        channel_id: Uuid,
+    ) -> Result<(Loaded<Channel>, Loaded<Workspace>), StoreError> {
+        let channel: Loaded<Channel> = self.load(&stream::channel(channel_id)).await?;
+        let workspace = match channel.state.id {
+            Some(_) => {
+                self.load(&stream::workspace(channel.state.workspace_id))
+                    .await?
+            }
+            None => Loaded {
+                state: Workspace::default(),
+                version: 0,
+                first_position: 0,
+            },
+        };
+        Ok((channel, workspace))
+    }
+
+    async fn decide(&self, actor: Uuid, command: &Command) -> Result<Decision, CommandError> {
+        use Command::*;
+        let decision = match command {
+            UpdateProfile { display_name } => {
+                let stream_id = stream::user(actor);
+                let user: Loaded<User> = self.load(&stream_id).await?;
+                Decision::new(
+                    stream_id,
+                    user.version,
+                    user.state.update_profile(actor, display_name)?,
+                )
+            }
+            CreateWorkspace { name } => {
+                let id = Uuid::now_v7();
+                Decision::new(
+                    stream::workspace(id),
+                    0,
+                    Workspace::create(id, name, actor)?,
+                )
+                .in_workspace(id)
+                .created("workspace_id", id)
+            }
+            AddWorkspaceMember {
+                workspace_id,
+                user_id,
+                role,
+            } => {
+                let stream_id = stream::workspace(*workspace_id);
+                let workspace: Loaded<Workspace> = self.load(&stream_id).await?;
+                Decision::new(
+                    stream_id,
+                    workspace.version,
+                    workspace.state.add_member(actor, *user_id, *role)?,
+                )
+                .in_workspace(*workspace_id)
+            }
+            CreateChannel {
+                workspace_id,
+                name,
+                private,
+                topic,
+            } => {
+                let workspace: Loaded<Workspace> =
+                    self.load(&stream::workspace(*workspace_id)).await?;
+                let id = Uuid::now_v7();
+                let events = Channel::create(
+                    &workspace.state,
+                    actor,
+                    id,
+                    name,
+                    *private,
+                    topic.as_deref(),
+                )?;
+                let mut decision = Decision::new(stream::channel(id), 0, events)
+                    .provided(stream::workspace(*workspace_id), &workspace)
+                    .created("channel_id", id);
+                decision.workspace_id = Some(*workspace_id);
+                decision.channel_id = Some(id);
+                decision
+                    .claims
+                    .push(channel_name_claim(*workspace_id, name));
+                decision
+            }
+            UpdateChannel {
+                channel_id,
+                name,
+                topic,
+            } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let changes = ChannelChanges {
+                    name: name.as_deref(),
+                    topic: topic.as_deref(),
+                };
+                let events = channel.state.change(&workspace.state, actor, changes)?;
+                let mut decision =
+                    Decision::new(stream::channel(*channel_id), channel.version, events)
+                        .in_channel(&channel);
+                for event in &decision.events {
+                    if let Event::ChannelRenamed(renamed) = event {
+                        decision.claims.push(channel_name_claim(
+                            channel.state.workspace_id,
+                            &renamed.name,
+                        ));
+                        decision.releases.push(channel_name_claim(
+                            channel.state.workspace_id,
+                            &renamed.previous_name,
+                        ));
+                    }
+                }
+                decision
+            }
+            ArchiveChannel { channel_id } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let events = channel.state.archive(&workspace.state, actor)?;
+                Decision::new(stream::channel(*channel_id), channel.version, events)
+                    .in_channel(&channel)
+            }
+            JoinChannel {
+                channel_id,
+                user_id,
+            } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let events = channel.state.join(&workspace.state, actor, *user_id)?;
+                Decision::new(stream::channel(*channel_id), channel.version, events)
+                    .in_channel(&channel)
+            }
+            LeaveChannel {
+                channel_id,
+                user_id,
+            } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let events = channel.state.leave(&workspace.state, actor, *user_id)?;
+                Decision::new(stream::channel(*channel_id), channel.version, events)
+                    .in_channel(&channel)
+            }
+            PostMessage {
+                channel_id,
+                text,
+                thread_root_id,
+            } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let root = match thread_root_id {
+                    Some(root_id) => Some(
+                        self.load::<Message>(&stream::message(*root_id))
+                            .await?
+                            .state,
+                    ),
+                    None => None,
+                };
+                let id = Uuid::now_v7();
+                let events = Message::post(
+                    &channel.state,
+                    &workspace.state,
+                    actor,
+                    id,
+                    text,
+                    root.as_ref(),
+                )?;
+                Decision::new(stream::message(id), 0, events)
+                    .in_channel(&channel)
+                    .guarded_by(stream::channel(*channel_id), &channel)
+                    .created("message_id", id)
+            }
+            EditMessage {
+                channel_id,
+                message_id,
+                text,
+            } => {
+                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
+                    m.edit(c, w, actor, text)
+                })
+                .await?
+            }
+            DeleteMessage {
+                channel_id,
+                message_id,
+            } => {
+                self.decide_on_message(*channel_id, *message_id, |m, c, w| m.delete(c, w, actor))
+                    .await?
+            }
+            AddReaction {
+                channel_id,
+                message_id,
+                emoji,
+            } => {
+                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
+                    m.add_reaction(c, w, actor, emoji)
+                })
+                .await?
+            }
+            RemoveReaction {
+                channel_id,
+                message_id,
+                emoji,
+            } => {
+                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
+                    m.remove_reaction(c, w, actor, emoji)
+                })
+                .await?
+            }
+            MarkRead {
+                channel_id,
+                message_id,
+            } => {
+                let (channel, workspace) = self.channel(*channel_id).await?;
+                let message: Loaded<Message> = self.load(&stream::message(*message_id)).await?;
+                let stream_id = stream::read_mark(*channel_id, actor);
+                let mark: Loaded<ReadMark> = self.load(&stream_id).await?;
+                let events = mark.state.mark(
+                    &channel.state,
+                    &workspace.state,
+                    actor,
+                    &message.state,
+                    message.first_position,
+                )?;
+                Decision::new(stream_id, mark.version, events)
+                    .in_channel(&channel)
+                    .guarded_by(stream::channel(*channel_id), &channel)
+            }
+        };
+        Ok(decision)
+    }
+
+    /// Commands on an existing message: they change its stream, provided its channel is unchanged
+    /// (an archive or a removal decided concurrently must not be overtaken).
+    async fn decide_on_message(
+        &self,
+        channel_id: Uuid,
+        message_id: Uuid,
+        decide: impl FnOnce(&Message, &Channel, &Workspace) -> Result<Vec<Event>, DomainError>,
+    ) -> Result<Decision, CommandError> {
+        let (channel, workspace) = self.channel(channel_id).await?;
+        let message: Loaded<Message> = self.load(&stream::message(message_id)).await?;
+        let events = decide(&message.state, &channel.state, &workspace.state)?;
+        Ok(
+            Decision::new(stream::message(message_id), message.version, events)
+                .in_channel(&channel)
+                .provided(stream::channel(channel_id), &channel),
+        )
+    }
+}
+
+fn replay(idempotency: &Idempotency, stored: StoredReply) -> Result<Reply, CommandError> {
+    if stored.request_hash != idempotency.request_hash {
+        return Err(CommandError::IdempotencyKeyReused);
+    }
+    Ok(Reply::replayed(stored))
+}
+
+fn append_request(context: &CommandContext, decision: Decision) -> AppendRequest {
+    let command_id = Uuid::now_v7();
+    let occurred_at = timestamp::now();
+    let events = decision
+        .events
+        .into_iter()
+        .map(|event| NewEvent {
+            event_id: Uuid::now_v7(),
+            event,
+            workspace_id: decision.workspace_id,
+            channel_id: decision.channel_id,
+            actor_id: context.actor,
+            occurred_at,
+            correlation_id: context.correlation_id,
+            causation_id: command_id,
+        })
+        .collect();
+    let idempotency = context.idempotency.as_ref().map(|i| IdempotencyEntry {
+        key: i.key.clone(),
+        request_hash: i.request_hash.clone(),
+        reply: json!({ "created": decision.created, "ids": decision.ids }),
+    });
+    AppendRequest {
+        stream_id: decision.stream_id,
+        expected_version: decision.expected_version,
+        events,
+        conditions: decision.conditions,
+        claims: decision.claims,
+        releases: decision.releases,
+        idempotency,
+    }
+}

@@ -1,0 +1,87 @@
+//! Bearer tokens: HS256 JWTs whose `sub` is the acting user's id.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::problem::ApiError;
+
+/// How long a minted token stays valid.
+const TOKEN_LIFETIME_SECONDS: u64 = 30 * 24 * 3600;
+
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+impl Tokens {
+    pub fn new(secret: &str) -> Self {
+        Tokens {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation: Validation::new(Algorithm::HS256),
+        }
+    }
+
+    pub fn mint(&self, user: Uuid) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = Claims {
+            sub: user.to_string(),
+            iat: now,
+            exp: now + TOKEN_LIFETIME_SECONDS,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
+    }
+
+    /// The user a token speaks for, if it is valid.
+    pub fn verify(&self, token: &str) -> Option<Uuid> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        Uuid::parse_str(&data.claims.sub).ok()
+    }
+}
+
+/// The acting user, from the request's bearer token; never from the body.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor(pub Uuid);
+
+/// Anything that can check tokens, so every API's state can authenticate.
+pub trait HasTokens {
+    fn tokens(&self) -> &Tokens;
+}
+
+impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or(ApiError::Unauthorized)?;
+        state
+            .tokens()
+            .verify(token.trim())
+            .map(Actor)
+            .ok_or(ApiError::Unauthorized)
+    }
+}

@@ -1,1 +1,173 @@
-fn main() {}
+//! `quikapp`: every role of the QuikApp event platform in one binary (see API.md, One binary).
+//!
+//! # Layout
+//! - `main.rs`: the command line, and how each role is put together from the crates.
+//! - `config.rs`: configuration from a TOML file and `QUIKAPP_*` variables.
+
+mod config;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use quikapp_commands::CommandService;
+use quikapp_commands::store::{EventStore, PostgresStore, SqliteStore};
+use quikapp_write_api::auth::Tokens;
+use quikapp_write_api::{RateLimit, WriteApi};
+use uuid::Uuid;
+
+use crate::config::Config;
+
+/// The secret `quikapp dev` signs tokens with when none is configured. Public by design.
+const DEV_JWT_SECRET: &str = "quikapp-dev-secret-not-for-production";
+
+#[derive(Parser)]
+#[command(
+    name = "quikapp",
+    version,
+    about = "QuikApp event platform: every role in one binary"
+)]
+struct Cli {
+    /// A TOML configuration file (see quikapp.example.toml); QUIKAPP_* variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Every role in one process, on the embedded default unless store URLs are configured.
+    Dev,
+    /// The command REST API.
+    WriteApi,
+    /// Create or upgrade the schemas of every configured store.
+    Migrate,
+    /// Mint a bearer token for local use.
+    Token {
+        /// The user the token speaks for.
+        user_id: Uuid,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref()).context("reading the configuration")?;
+    match cli.role {
+        Role::Token { user_id } => {
+            let secret = config.jwt_secret.clone().unwrap_or_else(|| {
+                eprintln!(
+                    "QUIKAPP_JWT_SECRET is not set: signing with the dev secret of `quikapp dev`"
+                );
+                DEV_JWT_SECRET.to_owned()
+            });
+            println!("{}", Tokens::new(&secret).mint(user_id));
+            Ok(())
+        }
+        Role::Migrate => {
+            init_tracing();
+            open_event_store(&config).await?;
+            println!("migrated the event store ({})", store_description(&config));
+            Ok(())
+        }
+        Role::Dev => {
+            init_tracing();
+            let secret = config.jwt_secret.clone().unwrap_or_else(|| {
+                println!("JWT secret: {DEV_JWT_SECRET:?} (the dev default; set QUIKAPP_JWT_SECRET to choose one)");
+                DEV_JWT_SECRET.to_owned()
+            });
+            println!("event store: {}", store_description(&config));
+            run_write_api(&config, &secret).await
+        }
+        Role::WriteApi => {
+            init_tracing();
+            let Some(secret) = config.jwt_secret.clone() else {
+                bail!(
+                    "QUIKAPP_JWT_SECRET (or jwt_secret in the config file) is required by every role but `dev`"
+                );
+            };
+            run_write_api(&config, &secret).await
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn store_description(config: &Config) -> String {
+    match &config.postgres_url {
+        Some(_) => "PostgreSQL (QUIKAPP_POSTGRES_URL)".into(),
+        None => format!(
+            "embedded SQLite at {}",
+            config.data_dir.join("events.db").display()
+        ),
+    }
+}
+
+/// The configured event store, migrated to the current schema.
+async fn open_event_store(config: &Config) -> Result<Arc<dyn EventStore>> {
+    match &config.postgres_url {
+        Some(url) => {
+            let store = PostgresStore::connect(url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            store
+                .migrate()
+                .await
+                .context("migrating the PostgreSQL event store")?;
+            Ok(Arc::new(store))
+        }
+        None => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("creating {}", config.data_dir.display()))?;
+            let store = SqliteStore::open(&config.data_dir.join("events.db"))
+                .await
+                .context("opening the embedded store")?;
+            store
+                .migrate()
+                .await
+                .context("migrating the embedded event store")?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
+    let store = open_event_store(config).await?;
+    let rate_limit = RateLimit {
+        per_second: config.rate_limit_per_second,
+        burst: config.rate_limit_burst,
+    };
+    let api = WriteApi::new(CommandService::new(store), Tokens::new(secret), rate_limit);
+    let listener = tokio::net::TcpListener::bind(config.write_addr)
+        .await
+        .with_context(|| format!("binding {}", config.write_addr))?;
+    // Tests and scripts read this line to find a port chosen by the system (address :0).
+    println!("write API listening on http://{}", listener.local_addr()?);
+    quikapp_write_api::serve(listener, quikapp_write_api::router(api), shutdown_signal()).await?;
+    println!("write API stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async { tokio::signal::ctrl_c().await.expect("listening for Ctrl-C") };
+    let terminate = async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("listening for SIGTERM")
+            .recv()
+            .await;
+    };
+    tokio::select! {
+        () = interrupt => {}
+        _ = terminate => {}
+    }
+}

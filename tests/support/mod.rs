@@ -1,26 +1,94 @@
-//! What the end-to-end tests share: finding the services `./test` started, and bounded waits.
+//! What the end-to-end tests share: finding the services `./test` started, running the real
+//! `quikapp` binary, and bounded waits. Each test file uses a part of it.
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
-/// The URL of a real service from its `QUIKAPP_*` variable. When it is unset the test is skipped
-/// with a note, unless `QUIKAPP_REQUIRE_SERVICES=1` (as `./test` and CI set it), where a missing
-/// service is a failure rather than a silent pass.
-pub fn service_url(variable: &str) -> Option<String> {
-    match std::env::var(variable) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("QUIKAPP_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("{variable} is not set; run the suite with ./test, which starts the services")
-        }
-        _ => {
-            eprintln!("skipped: {variable} is not set (./test starts the services and sets it)");
-            None
-        }
-    }
-}
+#[allow(unused_imports)]
+pub use quikapp_commands::store::contract::{fresh_postgres_database, scratch_dir, service_url};
 
 /// Runs `work` until it finishes or `limit` passes; `None` means it did not finish in time.
 pub async fn deadline<T>(limit: Duration, work: impl Future<Output = T>) -> Option<T> {
     tokio::time::timeout(limit, work).await.ok()
+}
+
+/// `quikapp` with no `QUIKAPP_*` configuration inherited from the environment.
+pub fn quikapp(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quikapp"));
+    command.args(args);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("QUIKAPP_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A running role; killed when dropped.
+pub struct Running {
+    pub child: Child,
+    /// The base URL it printed, e.g. `http://127.0.0.1:40123`.
+    pub url: String,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    /// Starts `command` and waits (bounded) for the line `<what> listening on <url>`.
+    pub fn start(mut command: Command, what: &str) -> Running {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start quikapp");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let prefix = format!("{what} listening on ");
+        loop {
+            match lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix(&prefix) {
+                        return Running {
+                            child,
+                            url: url.to_owned(),
+                            lines,
+                        };
+                    }
+                }
+                Err(_) => panic!("quikapp did not print `{prefix}…` within a minute"),
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("quikapp did not stop within 30 s of SIGTERM");
+    }
 }

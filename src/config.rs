@@ -1,0 +1,144 @@
+//! Configuration: defaults, then a TOML file (`--config`), then `QUIKAPP_*` environment
+//! variables, the environment winning. `quikapp.example.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The `QUIKAPP_*` variables read into [`Config`] (other `QUIKAPP_*` variables, such as the test
+/// suite's, are not configuration).
+const KEYS: &[&str] = &[
+    "postgres_url",
+    "kafka_brokers",
+    "mongo_url",
+    "elasticsearch_url",
+    "redis_url",
+    "data_dir",
+    "write_addr",
+    "read_addr",
+    "jwt_secret",
+    "rate_limit_per_second",
+    "rate_limit_burst",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The event store's PostgreSQL URL. Unset: the embedded SQLite store under `data_dir`.
+    #[serde(default)]
+    pub postgres_url: Option<String>,
+    /// Kafka bootstrap servers, comma-separated (for the relay and projectors).
+    #[serde(default)]
+    pub kafka_brokers: Option<String>,
+    /// MongoDB URL of the timeline read model.
+    #[serde(default)]
+    pub mongo_url: Option<String>,
+    /// Elasticsearch-API URL of the search read model.
+    #[serde(default)]
+    pub elasticsearch_url: Option<String>,
+    /// Redis URL of the counters read model.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// Where the embedded default keeps its files.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Listen address of the command API.
+    #[serde(default = "default_write_addr")]
+    pub write_addr: SocketAddr,
+    /// Listen address of the query API.
+    #[serde(default = "default_read_addr")]
+    pub read_addr: SocketAddr,
+    /// HS256 secret of bearer tokens. Required by every role but `dev`, which falls back to a
+    /// fixed, printed development secret.
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
+    /// Commands each user may send per second, sustained.
+    #[serde(default = "default_rate_limit_per_second")]
+    pub rate_limit_per_second: u32,
+    /// Commands each user may send in a burst above the sustained rate.
+    #[serde(default = "default_rate_limit_burst")]
+    pub rate_limit_burst: u32,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./quikapp-data")
+}
+
+fn default_write_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_read_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+
+fn default_rate_limit_per_second() -> u32 {
+    200
+}
+
+fn default_rate_limit_burst() -> u32 {
+    400
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            postgres_url: None,
+            kafka_brokers: None,
+            mongo_url: None,
+            elasticsearch_url: None,
+            redis_url: None,
+            data_dir: default_data_dir(),
+            write_addr: default_write_addr(),
+            read_addr: default_read_addr(),
+            jwt_secret: None,
+            rate_limit_per_second: default_rate_limit_per_second(),
+            rate_limit_burst: default_rate_limit_burst(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>) -> Result<Config, figment::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("QUIKAPP_").only(KEYS))
+            .extract()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_parses_and_sets_every_key() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("quikapp.example.toml");
+        let config: Config = Figment::from(Toml::file_exact(&example))
+            .extract()
+            .expect("the example parses");
+        let text = std::fs::read_to_string(&example).unwrap();
+        for key in KEYS {
+            let documented = text.lines().any(|l| {
+                l.trim_start_matches(['#', ' '])
+                    .starts_with(&format!("{key} ="))
+            });
+            assert!(documented, "the example omits {key}");
+        }
+        assert_eq!(config.write_addr, default_write_addr());
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error() {
+        let error = Figment::from(Toml::string("postgress_url = \"x\""))
+            .extract::<Config>()
+            .unwrap_err();
+        assert!(error.to_string().contains("postgress_url"), "{error}");
+    }
+}

@@ -107,9 +107,7 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment
-            .merge(Env::prefixed("QUIKAPP_").only(KEYS))
-            .extract()
+        figment.merge(Env::prefixed("QUIKAPP_").only(KEYS)).extract()
     }
 }
 
@@ -120,15 +118,10 @@ mod tests {
     #[test]
     fn the_documented_example_config_parses_and_sets_every_key() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("quikapp.example.toml");
-        let config: Config = Figment::from(Toml::file_exact(&example))
-            .extract()
-            .expect("the example parses");
+        let config: Config = Figment::from(Toml::file_exact(&example)).extract().expect("the example parses");
         let text = std::fs::read_to_string(&example).unwrap();
         for key in KEYS {
-            let documented = text.lines().any(|l| {
-                l.trim_start_matches(['#', ' '])
-                    .starts_with(&format!("{key} ="))
-            });
+            let documented = text.lines().any(|l| l.trim_start_matches(['#', ' ']).starts_with(&format!("{key} =")));
             assert!(documented, "the example omits {key}");
         }
         assert_eq!(config.write_addr, default_write_addr());
@@ -136,9 +129,7 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_an_error() {
-        let error = Figment::from(Toml::string("postgress_url = \"x\""))
-            .extract::<Config>()
-            .unwrap_err();
+        let error = Figment::from(Toml::string("postgress_url = \"x\"")).extract::<Config>().unwrap_err();
         assert!(error.to_string().contains("postgress_url"), "{error}");
     }
 }

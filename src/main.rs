@@ -23,11 +23,7 @@ use crate::config::Config;
 const DEV_JWT_SECRET: &str = "quikapp-dev-secret-not-for-production";
 
 #[derive(Parser)]
-#[command(
-    name = "quikapp",
-    version,
-    about = "QuikApp event platform: every role in one binary"
-)]
+#[command(name = "quikapp", version, about = "QuikApp event platform: every role in one binary")]
 struct Cli {
     /// A TOML configuration file (see quikapp.example.toml); QUIKAPP_* variables override it.
     #[arg(long, global = true)]
@@ -58,9 +54,7 @@ async fn main() -> Result<()> {
     match cli.role {
         Role::Token { user_id } => {
             let secret = config.jwt_secret.clone().unwrap_or_else(|| {
-                eprintln!(
-                    "QUIKAPP_JWT_SECRET is not set: signing with the dev secret of `quikapp dev`"
-                );
+                eprintln!("QUIKAPP_JWT_SECRET is not set: signing with the dev secret of `quikapp dev`");
                 DEV_JWT_SECRET.to_owned()
             });
             println!("{}", Tokens::new(&secret).mint(user_id));
@@ -84,9 +78,7 @@ async fn main() -> Result<()> {
         Role::WriteApi => {
             init_tracing();
             let Some(secret) = config.jwt_secret.clone() else {
-                bail!(
-                    "QUIKAPP_JWT_SECRET (or jwt_secret in the config file) is required by every role but `dev`"
-                );
+                bail!("QUIKAPP_JWT_SECRET (or jwt_secret in the config file) is required by every role but `dev`");
             };
             run_write_api(&config, &secret).await
         }
@@ -94,21 +86,14 @@ async fn main() -> Result<()> {
 }
 
 fn init_tracing() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn store_description(config: &Config) -> String {
     match &config.postgres_url {
         Some(_) => "PostgreSQL (QUIKAPP_POSTGRES_URL)".into(),
-        None => format!(
-            "embedded SQLite at {}",
-            config.data_dir.join("events.db").display()
-        ),
+        None => format!("embedded SQLite at {}", config.data_dir.join("events.db").display()),
     }
 }
 
@@ -116,25 +101,16 @@ fn store_description(config: &Config) -> String {
 async fn open_event_store(config: &Config) -> Result<Arc<dyn EventStore>> {
     match &config.postgres_url {
         Some(url) => {
-            let store = PostgresStore::connect(url)
-                .await
-                .context("connecting to PostgreSQL")?;
-            store
-                .migrate()
-                .await
-                .context("migrating the PostgreSQL event store")?;
+            let store = PostgresStore::connect(url).await.context("connecting to PostgreSQL")?;
+            store.migrate().await.context("migrating the PostgreSQL event store")?;
             Ok(Arc::new(store))
         }
         None => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
-            let store = SqliteStore::open(&config.data_dir.join("events.db"))
-                .await
-                .context("opening the embedded store")?;
-            store
-                .migrate()
-                .await
-                .context("migrating the embedded event store")?;
+            let store =
+                SqliteStore::open(&config.data_dir.join("events.db")).await.context("opening the embedded store")?;
+            store.migrate().await.context("migrating the embedded event store")?;
             Ok(Arc::new(store))
         }
     }
@@ -142,10 +118,7 @@ async fn open_event_store(config: &Config) -> Result<Arc<dyn EventStore>> {
 
 async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
     let store = open_event_store(config).await?;
-    let rate_limit = RateLimit {
-        per_second: config.rate_limit_per_second,
-        burst: config.rate_limit_burst,
-    };
+    let rate_limit = RateLimit { per_second: config.rate_limit_per_second, burst: config.rate_limit_burst };
     let api = WriteApi::new(CommandService::new(store), Tokens::new(secret), rate_limit);
     let listener = tokio::net::TcpListener::bind(config.write_addr)
         .await

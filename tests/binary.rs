@@ -8,10 +8,7 @@ use support::{Running, quikapp, scratch_dir};
 use uuid::Uuid;
 
 fn token(data_dir: &std::path::Path, user: Uuid) -> String {
-    let output = quikapp(&["token", &user.to_string()])
-        .env("QUIKAPP_DATA_DIR", data_dir)
-        .output()
-        .unwrap();
+    let output = quikapp(&["token", &user.to_string()]).env("QUIKAPP_DATA_DIR", data_dir).output().unwrap();
     assert!(output.status.success());
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
@@ -28,17 +25,12 @@ async fn send(
         request = request.json(&body);
     }
     let response = request.send().await.unwrap();
-    (
-        response.status().as_u16(),
-        response.json().await.unwrap_or(Value::Null),
-    )
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
 fn dev(data_dir: &std::path::Path) -> Running {
     let mut command = quikapp(&["dev"]);
-    command
-        .env("QUIKAPP_DATA_DIR", data_dir)
-        .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0");
+    command.env("QUIKAPP_DATA_DIR", data_dir).env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0");
     Running::start(command, "write API")
 }
 
@@ -51,14 +43,8 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
     let base = server.url.clone();
     use reqwest::Method;
 
-    let (status, workspace) = send(
-        &client,
-        Method::POST,
-        format!("{base}/v1/workspaces"),
-        &alice_token,
-        Some(json!({"name": "Acme"})),
-    )
-    .await;
+    let (status, workspace) =
+        send(&client, Method::POST, format!("{base}/v1/workspaces"), &alice_token, Some(json!({"name": "Acme"}))).await;
     assert_eq!(status, 201, "{workspace}");
     let ws = workspace["workspace_id"].as_str().unwrap();
     let (status, channel) = send(
@@ -80,29 +66,11 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
     )
     .await;
     assert_eq!(status, 201, "{message}");
-    assert!(
-        message["position"]
-            .as_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= 4
-    );
-    assert_eq!(
-        client
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert!(message["position"].as_str().unwrap().parse::<u64>().unwrap() >= 4);
+    assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
 
     assert!(server.stop().success(), "dev stops cleanly on SIGTERM");
-    assert!(
-        data_dir.join("events.db").exists(),
-        "the embedded store lives under QUIKAPP_DATA_DIR"
-    );
+    assert!(data_dir.join("events.db").exists(), "the embedded store lives under QUIKAPP_DATA_DIR");
 
     // The channel survives a restart: posting into it works again.
     let server = dev(&data_dir);
@@ -117,11 +85,7 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
     assert_eq!(status, 201, "{again}");
     assert!(
         again["position"].as_str().unwrap().parse::<u64>().unwrap()
-            > message["position"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
+            > message["position"].as_str().unwrap().parse::<u64>().unwrap()
     );
 }
 
@@ -140,13 +104,7 @@ fn every_role_but_dev_refuses_to_start_without_a_jwt_secret() {
 fn an_unknown_config_key_stops_the_binary_with_its_name() {
     let dir = scratch_dir();
     std::fs::write(dir.join("bad.toml"), "wirte_addr = \"127.0.0.1:1\"\n").unwrap();
-    let output = quikapp(&[
-        "--config",
-        dir.join("bad.toml").to_str().unwrap(),
-        "migrate",
-    ])
-    .output()
-    .unwrap();
+    let output = quikapp(&["--config", dir.join("bad.toml").to_str().unwrap(), "migrate"]).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("wirte_addr"));
 }
@@ -156,15 +114,8 @@ async fn the_write_api_role_serves_on_postgres_after_migrate() {
     let Some(url) = support::fresh_postgres_database().await else {
         return;
     };
-    let migrate = quikapp(&["migrate"])
-        .env("QUIKAPP_POSTGRES_URL", &url)
-        .output()
-        .unwrap();
-    assert!(
-        migrate.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrate.stderr)
-    );
+    let migrate = quikapp(&["migrate"]).env("QUIKAPP_POSTGRES_URL", &url).output().unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
 
     let mut command = quikapp(&["write-api"]);
     command
@@ -173,19 +124,8 @@ async fn the_write_api_role_serves_on_postgres_after_migrate() {
         .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0");
     let server = Running::start(command, "write API");
     let client = reqwest::Client::new();
-    assert_eq!(
-        client
-            .get(format!("{}/readyz", server.url))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let token = quikapp(&["token", &Uuid::now_v7().to_string()])
-        .env("QUIKAPP_JWT_SECRET", "s3cret")
-        .output()
-        .unwrap();
+    assert_eq!(client.get(format!("{}/readyz", server.url)).send().await.unwrap().status(), 200);
+    let token = quikapp(&["token", &Uuid::now_v7().to_string()]).env("QUIKAPP_JWT_SECRET", "s3cret").output().unwrap();
     let token = String::from_utf8(token.stdout).unwrap();
     let (status, body) = send(
         &client,
@@ -198,10 +138,9 @@ async fn the_write_api_role_serves_on_postgres_after_migrate() {
     assert_eq!(status, 201, "{body}");
 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let (count,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM events WHERE event_type = 'WorkspaceCreated'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM events WHERE event_type = 'WorkspaceCreated'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(count, 1);
 }

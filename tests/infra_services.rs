@@ -13,13 +13,8 @@ async fn postgres_answers_a_query() {
     let Some(url) = service_url("QUIKAPP_POSTGRES_URL") else {
         return;
     };
-    let pool = sqlx::PgPool::connect(&url)
-        .await
-        .expect("connect to PostgreSQL");
-    let (answer,): (i32,) = sqlx::query_as("SELECT 40 + 2")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect to PostgreSQL");
+    let (answer,): (i32,) = sqlx::query_as("SELECT 40 + 2").fetch_one(&pool).await.unwrap();
     assert_eq!(answer, 42);
 }
 
@@ -29,26 +24,12 @@ async fn redis_answers_ping_and_keeps_a_value() {
         return;
     };
     let client = redis::Client::open(url).unwrap();
-    let mut con = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
+    let mut con = client.get_multiplexed_async_connection().await.expect("connect to Redis");
     let pong: String = redis::cmd("PING").query_async(&mut con).await.unwrap();
     assert_eq!(pong, "PONG");
     let key = format!("quikapp:probe:{}", uuid::Uuid::now_v7());
-    let () = redis::cmd("SET")
-        .arg(&key)
-        .arg("there")
-        .arg("EX")
-        .arg(60)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let back: String = redis::cmd("GET")
-        .arg(&key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let () = redis::cmd("SET").arg(&key).arg("there").arg("EX").arg(60).query_async(&mut con).await.unwrap();
+    let back: String = redis::cmd("GET").arg(&key).query_async(&mut con).await.unwrap();
     assert_eq!(back, "there");
 }
 
@@ -62,20 +43,10 @@ async fn kafka_has_the_topics_and_round_trips_a_record_through_a_consumer_group(
     let Some(brokers) = service_url("QUIKAPP_KAFKA_BROKERS") else {
         return;
     };
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("producer");
 
-    let metadata = producer
-        .client()
-        .fetch_metadata(None, Duration::from_secs(10))
-        .expect("metadata");
-    for name in [
-        "quikapp.messages.events",
-        "quikapp.workspaces.events",
-        "quikapp.messages.events.dlq",
-    ] {
+    let metadata = producer.client().fetch_metadata(None, Duration::from_secs(10)).expect("metadata");
+    for name in ["quikapp.messages.events", "quikapp.workspaces.events", "quikapp.messages.events.dlq"] {
         let topic = metadata.topics().iter().find(|t| t.name() == name);
         let topic = topic.unwrap_or_else(|| panic!("topic {name} is missing"));
         assert_eq!(topic.partitions().len(), 12, "partitions of {name}");
@@ -84,10 +55,7 @@ async fn kafka_has_the_topics_and_round_trips_a_record_through_a_consumer_group(
     let topic = format!("quikapp.probe.{}", uuid::Uuid::now_v7());
     let token = uuid::Uuid::now_v7().to_string();
     producer
-        .send(
-            FutureRecord::to(&topic).key("probe").payload(&token),
-            Duration::from_secs(10),
-        )
+        .send(FutureRecord::to(&topic).key("probe").payload(&token), Duration::from_secs(10))
         .await
         .map_err(|(e, _)| e)
         .expect("produce");
@@ -109,10 +77,7 @@ async fn kafka_has_the_topics_and_round_trips_a_record_through_a_consumer_group(
         }
     })
     .await;
-    assert!(
-        received.is_some(),
-        "the produced record never reached the consumer group"
-    );
+    assert!(received.is_some(), "the produced record never reached the consumer group");
 }
 
 #[tokio::test]
@@ -125,25 +90,12 @@ async fn opensearch_serves_the_elasticsearch_api() {
         return;
     };
     let pool = SingleNodeConnectionPool::new(Url::parse(&url).unwrap());
-    let transport = TransportBuilder::new(pool)
-        .enable_meta_header(false)
-        .build()
-        .unwrap();
+    let transport = TransportBuilder::new(pool).enable_meta_header(false).build().unwrap();
     let client = Elasticsearch::new(transport);
 
-    let health: serde_json::Value = client
-        .cluster()
-        .health(ClusterHealthParts::None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert!(
-        matches!(health["status"].as_str(), Some("green" | "yellow")),
-        "health: {health}"
-    );
+    let health: serde_json::Value =
+        client.cluster().health(ClusterHealthParts::None).send().await.unwrap().json().await.unwrap();
+    assert!(matches!(health["status"].as_str(), Some("green" | "yellow")), "health: {health}");
 
     let index = format!("quikapp-probe-{}", uuid::Uuid::now_v7());
     let stored = client
@@ -152,19 +104,9 @@ async fn opensearch_serves_the_elasticsearch_api() {
         .send()
         .await
         .unwrap();
-    assert!(
-        stored.status_code().is_success(),
-        "index: {}",
-        stored.status_code()
-    );
-    let fetched: serde_json::Value = client
-        .get(GetParts::IndexId(&index, "1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert!(stored.status_code().is_success(), "index: {}", stored.status_code());
+    let fetched: serde_json::Value =
+        client.get(GetParts::IndexId(&index, "1")).send().await.unwrap().json().await.unwrap();
     assert_eq!(fetched["_source"]["text"], "hello search");
 }
 
@@ -175,28 +117,14 @@ async fn ferretdb_speaks_the_mongodb_protocol() {
     let Some(url) = service_url("QUIKAPP_MONGO_URL") else {
         return;
     };
-    let client = mongodb::Client::with_uri_str(&url)
-        .await
-        .expect("MongoDB client");
+    let client = mongodb::Client::with_uri_str(&url).await.expect("MongoDB client");
     let db = client.database("quikapp_probe");
     let pong = db.run_command(doc! {"ping": 1}).await.expect("ping");
-    assert_eq!(
-        pong.get_f64("ok")
-            .ok()
-            .or(pong.get_i32("ok").ok().map(f64::from)),
-        Some(1.0)
-    );
+    assert_eq!(pong.get_f64("ok").ok().or(pong.get_i32("ok").ok().map(f64::from)), Some(1.0));
 
     let collection = db.collection::<Document>(&format!("probe_{}", uuid::Uuid::now_v7().simple()));
-    collection
-        .insert_one(doc! {"_id": "m1", "text": "hello"})
-        .await
-        .expect("insert");
-    let found = collection
-        .find_one(doc! {"_id": "m1"})
-        .await
-        .expect("find")
-        .expect("the document");
+    collection.insert_one(doc! {"_id": "m1", "text": "hello"}).await.expect("insert");
+    let found = collection.find_one(doc! {"_id": "m1"}).await.expect("find").expect("the document");
     assert_eq!(found.get_str("text").unwrap(), "hello");
     collection.drop().await.unwrap();
 }
@@ -207,16 +135,12 @@ fn status_reports_all_five_services_healthy() {
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/status");
-    let output = std::process::Command::new(script)
-        .output()
-        .expect("run infra/local/status");
+    let output = std::process::Command::new(script).output().expect("run infra/local/status");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "status failed:\n{text}");
     for service in ["postgres", "redis", "kafka", "opensearch", "ferretdb"] {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(service))
-            .unwrap_or_else(|| panic!("no line for {service}:\n{text}"));
+        let line =
+            text.lines().find(|l| l.starts_with(service)).unwrap_or_else(|| panic!("no line for {service}:\n{text}"));
         assert!(line.ends_with(" healthy"), "{line}");
     }
 }

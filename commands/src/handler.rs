@@ -14,8 +14,8 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::store::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, IdempotencyEntry, NewEvent, StoreError,
-    StoredReply, StreamCondition,
+    AppendError, AppendOutcome, AppendRequest, EventStore, IdempotencyEntry, NewEvent, StoreError, StoredReply,
+    StreamCondition,
 };
 
 /// How often a command is decided again after losing a race, before it answers 409.
@@ -24,67 +24,20 @@ const MAX_ATTEMPTS: usize = 8;
 /// Every command of the write API. The acting user is not part of it: it comes from the token.
 #[derive(Debug, Clone)]
 pub enum Command {
-    UpdateProfile {
-        display_name: String,
-    },
-    CreateWorkspace {
-        name: String,
-    },
-    AddWorkspaceMember {
-        workspace_id: Uuid,
-        user_id: Uuid,
-        role: Role,
-    },
-    CreateChannel {
-        workspace_id: Uuid,
-        name: String,
-        private: bool,
-        topic: Option<String>,
-    },
-    UpdateChannel {
-        channel_id: Uuid,
-        name: Option<String>,
-        topic: Option<String>,
-    },
-    ArchiveChannel {
-        channel_id: Uuid,
-    },
-    JoinChannel {
-        channel_id: Uuid,
-        user_id: Uuid,
-    },
-    LeaveChannel {
-        channel_id: Uuid,
-        user_id: Uuid,
-    },
-    PostMessage {
-        channel_id: Uuid,
-        text: String,
-        thread_root_id: Option<Uuid>,
-    },
-    EditMessage {
-        channel_id: Uuid,
-        message_id: Uuid,
-        text: String,
-    },
-    DeleteMessage {
-        channel_id: Uuid,
-        message_id: Uuid,
-    },
-    AddReaction {
-        channel_id: Uuid,
-        message_id: Uuid,
-        emoji: String,
-    },
-    RemoveReaction {
-        channel_id: Uuid,
-        message_id: Uuid,
-        emoji: String,
-    },
-    MarkRead {
-        channel_id: Uuid,
-        message_id: Uuid,
-    },
+    UpdateProfile { display_name: String },
+    CreateWorkspace { name: String },
+    AddWorkspaceMember { workspace_id: Uuid, user_id: Uuid, role: Role },
+    CreateChannel { workspace_id: Uuid, name: String, private: bool, topic: Option<String> },
+    UpdateChannel { channel_id: Uuid, name: Option<String>, topic: Option<String> },
+    ArchiveChannel { channel_id: Uuid },
+    JoinChannel { channel_id: Uuid, user_id: Uuid },
+    LeaveChannel { channel_id: Uuid, user_id: Uuid },
+    PostMessage { channel_id: Uuid, text: String, thread_root_id: Option<Uuid> },
+    EditMessage { channel_id: Uuid, message_id: Uuid, text: String },
+    DeleteMessage { channel_id: Uuid, message_id: Uuid },
+    AddReaction { channel_id: Uuid, message_id: Uuid, emoji: String },
+    RemoveReaction { channel_id: Uuid, message_id: Uuid, emoji: String },
+    MarkRead { channel_id: Uuid, message_id: Uuid },
 }
 
 impl Command {
@@ -150,23 +103,9 @@ impl Reply {
     }
 
     fn replayed(stored: StoredReply) -> Self {
-        let ids = stored
-            .reply
-            .get("ids")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
-        let created = stored
-            .reply
-            .get("created")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        Reply {
-            created,
-            ids,
-            position: stored.position,
-            version: stored.stream_version,
-        }
+        let ids = stored.reply.get("ids").and_then(Value::as_object).cloned().unwrap_or_default();
+        let created = stored.reply.get("created").and_then(Value::as_bool).unwrap_or(false);
+        Reply { created, ids, position: stored.position, version: stored.stream_version }
     }
 }
 
@@ -194,6 +133,34 @@ pub enum CommandError {
 
 pub struct CommandService {
     store: Arc<dyn EventStore>,
+    cache: StateCache,
+}
+
+/// Recently loaded channel and workspace states, so that a command on a busy channel does not
+/// re-read the channel's membership each time. An entry may be stale when another process
+/// wrote; that is safe because every append names the versions its decision relied on as
+/// conditions (a stale entry costs a retry, never a wrong write), and a refusal or a failed
+/// If-Match decided on cached state is decided again on fresh state before it is answered.
+struct StateCache {
+    channels: moka::sync::Cache<String, Arc<Loaded<Channel>>>,
+    workspaces: moka::sync::Cache<String, Arc<Loaded<Workspace>>>,
+}
+
+/// Entries kept per cache.
+const CACHED_STATES: u64 = 50_000;
+
+impl StateCache {
+    fn new() -> Self {
+        StateCache {
+            channels: moka::sync::Cache::new(CACHED_STATES),
+            workspaces: moka::sync::Cache::new(CACHED_STATES),
+        }
+    }
+
+    fn forget(&self, stream_id: &str) {
+        self.channels.invalidate(stream_id);
+        self.workspaces.invalidate(stream_id);
+    }
 }
 
 /// A stream's state as of its version, and where its first event stands in the global order.
@@ -221,10 +188,7 @@ struct Decision {
 
 impl Decision {
     fn new(stream_id: String, expected_version: u64, events: Vec<Event>) -> Self {
-        let guard = StreamCondition {
-            stream_id: stream_id.clone(),
-            version: expected_version,
-        };
+        let guard = StreamCondition { stream_id: stream_id.clone(), version: expected_version };
         Decision {
             stream_id,
             expected_version,
@@ -253,21 +217,23 @@ impl Decision {
 
     /// The append holds only while `stream_id` is still at `version`.
     fn provided<A>(mut self, stream_id: String, loaded: &Loaded<A>) -> Self {
-        self.conditions.push(StreamCondition {
-            stream_id,
-            version: loaded.version,
-        });
+        self.conditions.push(StreamCondition { stream_id, version: loaded.version });
         self
     }
 
     /// Like [`Decision::provided`], and If-Match refers to that stream.
     fn guarded_by<A>(mut self, stream_id: String, loaded: &Loaded<A>) -> Self {
-        self.guard = StreamCondition {
-            stream_id,
-            version: loaded.version,
-        };
+        self.guard = StreamCondition { stream_id, version: loaded.version };
         self.conditions.push(self.guard.clone());
         self
+    }
+
+    /// A change to the channel's own stream, provided its workspace is unchanged.
+    fn on_channel(channel: &Loaded<Channel>, workspace: &Loaded<Workspace>, events: Vec<Event>) -> Self {
+        let channel_id = channel.state.id.expect("the domain refuses commands on absent channels");
+        Decision::new(stream::channel(channel_id), channel.version, events)
+            .in_channel(channel)
+            .provided(stream::workspace(channel.state.workspace_id), workspace)
     }
 
     fn created(mut self, name: &str, id: Uuid) -> Self {
@@ -283,49 +249,46 @@ fn channel_name_claim(workspace_id: Uuid, name: &str) -> String {
 
 impl CommandService {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        CommandService { store }
+        CommandService { store, cache: StateCache::new() }
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.store
     }
 
-    pub async fn execute(
-        &self,
-        context: &CommandContext,
-        command: &Command,
-    ) -> Result<Reply, CommandError> {
+    pub async fn execute(&self, context: &CommandContext, command: &Command) -> Result<Reply, CommandError> {
         if let Some(idempotency) = &context.idempotency
             && let Some(stored) = self.store.idempotent_reply(&idempotency.key).await?
         {
             return replay(idempotency, stored);
         }
+        let mut fresh = false;
         for _ in 0..MAX_ATTEMPTS {
-            let decision = self.decide(context.actor, command).await?;
-            if context
-                .if_match
-                .is_some_and(|version| version != decision.guard.version)
+            let decision = match self.decide(context.actor, command, fresh).await {
+                Err(CommandError::Rejected(_)) if !fresh => {
+                    fresh = true; // confirm the refusal on fresh state
+                    continue;
+                }
+                decision => decision?,
+            };
+            if let Some(version) = context.if_match
+                && version != decision.guard.version
             {
-                return Err(CommandError::PreconditionFailed {
-                    current: decision.guard.version,
-                });
+                if !fresh {
+                    fresh = true;
+                    continue;
+                }
+                return Err(CommandError::PreconditionFailed { current: decision.guard.version });
             }
-            let (created, ids, expected_version) = (
-                decision.created,
-                decision.ids.clone(),
-                decision.expected_version,
-            );
+            let (created, ids, expected_version) = (decision.created, decision.ids.clone(), decision.expected_version);
             if decision.events.is_empty() {
                 let position = self.store.head().await?;
-                return Ok(Reply {
-                    created,
-                    ids,
-                    position,
-                    version: expected_version,
-                });
+                return Ok(Reply { created, ids, position, version: expected_version });
             }
+            let stream_id = decision.stream_id.clone();
             match self.store.append(append_request(context, decision)).await {
                 Ok(AppendOutcome::Appended(appended)) => {
+                    self.cache.forget(&stream_id);
                     return Ok(Reply {
                         created,
                         ids,
@@ -334,23 +297,16 @@ impl CommandService {
                     });
                 }
                 Ok(AppendOutcome::Replayed(stored)) => {
-                    return replay(
-                        context
-                            .idempotency
-                            .as_ref()
-                            .expect("only keyed appends replay"),
-                        stored,
-                    );
+                    return replay(context.idempotency.as_ref().expect("only keyed appends replay"), stored);
                 }
                 // Decide again on fresh state; If-Match is checked against it above.
-                Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                Err(AppendError::WrongExpectedVersion { stream_id, .. }) => {
+                    self.cache.forget(&stream_id);
+                    fresh = true;
+                }
                 Err(AppendError::ClaimTaken { .. }) => return Err(CommandError::NameTaken),
-                Err(AppendError::IdempotencyKeyReused) => {
-                    return Err(CommandError::IdempotencyKeyReused);
-                }
-                Err(AppendError::Invalid(reason)) => {
-                    return Err(StoreError::Failed(reason.into()).into());
-                }
+                Err(AppendError::IdempotencyKeyReused) => return Err(CommandError::IdempotencyKeyReused),
+                Err(AppendError::Invalid(reason)) => return Err(StoreError::Failed(reason.into()).into()),
                 Err(AppendError::Store(error)) => return Err(error.into()),
             }
         }
@@ -365,252 +321,163 @@ impl CommandService {
         }
         let version = events.last().map_or(0, |e| e.stream_version);
         let first_position = events.first().map_or(0, |e| e.global_position);
-        Ok(Loaded {
-            state,
-            version,
-            first_position,
-        })
+        Ok(Loaded { state, version, first_position })
+    }
+
+    /// Loads through `cache` unless `fresh` asks for the store's current state.
+    async fn load_cached<A: Aggregate + Send + Sync + 'static>(
+        &self,
+        cache: &moka::sync::Cache<String, Arc<Loaded<A>>>,
+        stream_id: String,
+        fresh: bool,
+    ) -> Result<Arc<Loaded<A>>, StoreError> {
+        if !fresh && let Some(loaded) = cache.get(&stream_id) {
+            return Ok(loaded);
+        }
+        let loaded = Arc::new(self.load(&stream_id).await?);
+        if loaded.version > 0 {
+            cache.insert(stream_id, loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    async fn workspace(&self, workspace_id: Uuid, fresh: bool) -> Result<Arc<Loaded<Workspace>>, StoreError> {
+        self.load_cached(&self.cache.workspaces, stream::workspace(workspace_id), fresh).await
     }
 
     /// A channel and the workspace it belongs to (empty states when the channel does not exist).
     async fn channel(
         &self,
         channel_id: Uuid,
-    ) -> Result<(Loaded<Channel>, Loaded<Workspace>), StoreError> {
-        let channel: Loaded<Channel> = self.load(&stream::channel(channel_id)).await?;
+        fresh: bool,
+    ) -> Result<(Arc<Loaded<Channel>>, Arc<Loaded<Workspace>>), StoreError> {
+        let channel = self.load_cached(&self.cache.channels, stream::channel(channel_id), fresh).await?;
         let workspace = match channel.state.id {
-            Some(_) => {
-                self.load(&stream::workspace(channel.state.workspace_id))
-                    .await?
-            }
-            None => Loaded {
-                state: Workspace::default(),
-                version: 0,
-                first_position: 0,
-            },
+            Some(_) => self.workspace(channel.state.workspace_id, fresh).await?,
+            None => Arc::new(Loaded { state: Workspace::default(), version: 0, first_position: 0 }),
         };
         Ok((channel, workspace))
     }
 
-    async fn decide(&self, actor: Uuid, command: &Command) -> Result<Decision, CommandError> {
+    async fn decide(&self, actor: Uuid, command: &Command, fresh: bool) -> Result<Decision, CommandError> {
         use Command::*;
         let decision = match command {
             UpdateProfile { display_name } => {
                 let stream_id = stream::user(actor);
                 let user: Loaded<User> = self.load(&stream_id).await?;
-                Decision::new(
-                    stream_id,
-                    user.version,
-                    user.state.update_profile(actor, display_name)?,
-                )
+                Decision::new(stream_id, user.version, user.state.update_profile(actor, display_name)?)
             }
             CreateWorkspace { name } => {
                 let id = Uuid::now_v7();
-                Decision::new(
-                    stream::workspace(id),
-                    0,
-                    Workspace::create(id, name, actor)?,
-                )
-                .in_workspace(id)
-                .created("workspace_id", id)
+                Decision::new(stream::workspace(id), 0, Workspace::create(id, name, actor)?)
+                    .in_workspace(id)
+                    .created("workspace_id", id)
             }
-            AddWorkspaceMember {
-                workspace_id,
-                user_id,
-                role,
-            } => {
-                let stream_id = stream::workspace(*workspace_id);
-                let workspace: Loaded<Workspace> = self.load(&stream_id).await?;
-                Decision::new(
-                    stream_id,
-                    workspace.version,
-                    workspace.state.add_member(actor, *user_id, *role)?,
-                )
-                .in_workspace(*workspace_id)
+            AddWorkspaceMember { workspace_id, user_id, role } => {
+                let workspace = self.workspace(*workspace_id, fresh).await?;
+                let events = workspace.state.add_member(actor, *user_id, *role)?;
+                Decision::new(stream::workspace(*workspace_id), workspace.version, events).in_workspace(*workspace_id)
             }
-            CreateChannel {
-                workspace_id,
-                name,
-                private,
-                topic,
-            } => {
-                let workspace: Loaded<Workspace> =
-                    self.load(&stream::workspace(*workspace_id)).await?;
+            CreateChannel { workspace_id, name, private, topic } => {
+                let workspace = self.workspace(*workspace_id, fresh).await?;
                 let id = Uuid::now_v7();
-                let events = Channel::create(
-                    &workspace.state,
-                    actor,
-                    id,
-                    name,
-                    *private,
-                    topic.as_deref(),
-                )?;
+                let events = Channel::create(&workspace.state, actor, id, name, *private, topic.as_deref())?;
                 let mut decision = Decision::new(stream::channel(id), 0, events)
                     .provided(stream::workspace(*workspace_id), &workspace)
                     .created("channel_id", id);
                 decision.workspace_id = Some(*workspace_id);
                 decision.channel_id = Some(id);
-                decision
-                    .claims
-                    .push(channel_name_claim(*workspace_id, name));
+                decision.claims.push(channel_name_claim(*workspace_id, name));
                 decision
             }
-            UpdateChannel {
-                channel_id,
-                name,
-                topic,
-            } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
-                let changes = ChannelChanges {
-                    name: name.as_deref(),
-                    topic: topic.as_deref(),
-                };
+            UpdateChannel { channel_id, name, topic } => {
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
+                let changes = ChannelChanges { name: name.as_deref(), topic: topic.as_deref() };
                 let events = channel.state.change(&workspace.state, actor, changes)?;
-                let mut decision =
-                    Decision::new(stream::channel(*channel_id), channel.version, events)
-                        .in_channel(&channel);
+                let mut decision = Decision::on_channel(&channel, &workspace, events);
                 for event in &decision.events {
                     if let Event::ChannelRenamed(renamed) = event {
-                        decision.claims.push(channel_name_claim(
-                            channel.state.workspace_id,
-                            &renamed.name,
-                        ));
-                        decision.releases.push(channel_name_claim(
-                            channel.state.workspace_id,
-                            &renamed.previous_name,
-                        ));
+                        decision.claims.push(channel_name_claim(channel.state.workspace_id, &renamed.name));
+                        decision.releases.push(channel_name_claim(channel.state.workspace_id, &renamed.previous_name));
                     }
                 }
                 decision
             }
             ArchiveChannel { channel_id } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let events = channel.state.archive(&workspace.state, actor)?;
-                Decision::new(stream::channel(*channel_id), channel.version, events)
-                    .in_channel(&channel)
+                Decision::on_channel(&channel, &workspace, events)
             }
-            JoinChannel {
-                channel_id,
-                user_id,
-            } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
+            JoinChannel { channel_id, user_id } => {
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let events = channel.state.join(&workspace.state, actor, *user_id)?;
-                Decision::new(stream::channel(*channel_id), channel.version, events)
-                    .in_channel(&channel)
+                Decision::on_channel(&channel, &workspace, events)
             }
-            LeaveChannel {
-                channel_id,
-                user_id,
-            } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
+            LeaveChannel { channel_id, user_id } => {
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let events = channel.state.leave(&workspace.state, actor, *user_id)?;
-                Decision::new(stream::channel(*channel_id), channel.version, events)
-                    .in_channel(&channel)
+                Decision::on_channel(&channel, &workspace, events)
             }
-            PostMessage {
-                channel_id,
-                text,
-                thread_root_id,
-            } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
+            PostMessage { channel_id, text, thread_root_id } => {
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let root = match thread_root_id {
-                    Some(root_id) => Some(
-                        self.load::<Message>(&stream::message(*root_id))
-                            .await?
-                            .state,
-                    ),
+                    Some(root_id) => Some(self.load::<Message>(&stream::message(*root_id)).await?.state),
                     None => None,
                 };
                 let id = Uuid::now_v7();
-                let events = Message::post(
-                    &channel.state,
-                    &workspace.state,
-                    actor,
-                    id,
-                    text,
-                    root.as_ref(),
-                )?;
+                let events = Message::post(&channel.state, &workspace.state, actor, id, text, root.as_ref())?;
                 Decision::new(stream::message(id), 0, events)
                     .in_channel(&channel)
                     .guarded_by(stream::channel(*channel_id), &channel)
+                    .provided(stream::workspace(channel.state.workspace_id), &workspace)
                     .created("message_id", id)
             }
-            EditMessage {
-                channel_id,
-                message_id,
-                text,
-            } => {
-                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
-                    m.edit(c, w, actor, text)
-                })
-                .await?
+            EditMessage { channel_id, message_id, text } => {
+                self.decide_on_message(*channel_id, *message_id, fresh, |m, c, w| m.edit(c, w, actor, text)).await?
             }
-            DeleteMessage {
-                channel_id,
-                message_id,
-            } => {
-                self.decide_on_message(*channel_id, *message_id, |m, c, w| m.delete(c, w, actor))
+            DeleteMessage { channel_id, message_id } => {
+                self.decide_on_message(*channel_id, *message_id, fresh, |m, c, w| m.delete(c, w, actor)).await?
+            }
+            AddReaction { channel_id, message_id, emoji } => {
+                self.decide_on_message(*channel_id, *message_id, fresh, |m, c, w| m.add_reaction(c, w, actor, emoji))
                     .await?
             }
-            AddReaction {
-                channel_id,
-                message_id,
-                emoji,
-            } => {
-                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
-                    m.add_reaction(c, w, actor, emoji)
-                })
-                .await?
+            RemoveReaction { channel_id, message_id, emoji } => {
+                self.decide_on_message(*channel_id, *message_id, fresh, |m, c, w| m.remove_reaction(c, w, actor, emoji))
+                    .await?
             }
-            RemoveReaction {
-                channel_id,
-                message_id,
-                emoji,
-            } => {
-                self.decide_on_message(*channel_id, *message_id, |m, c, w| {
-                    m.remove_reaction(c, w, actor, emoji)
-                })
-                .await?
-            }
-            MarkRead {
-                channel_id,
-                message_id,
-            } => {
-                let (channel, workspace) = self.channel(*channel_id).await?;
+            MarkRead { channel_id, message_id } => {
+                let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let message: Loaded<Message> = self.load(&stream::message(*message_id)).await?;
                 let stream_id = stream::read_mark(*channel_id, actor);
                 let mark: Loaded<ReadMark> = self.load(&stream_id).await?;
-                let events = mark.state.mark(
-                    &channel.state,
-                    &workspace.state,
-                    actor,
-                    &message.state,
-                    message.first_position,
-                )?;
+                let events =
+                    mark.state.mark(&channel.state, &workspace.state, actor, &message.state, message.first_position)?;
                 Decision::new(stream_id, mark.version, events)
                     .in_channel(&channel)
                     .guarded_by(stream::channel(*channel_id), &channel)
+                    .provided(stream::workspace(channel.state.workspace_id), &workspace)
             }
         };
         Ok(decision)
     }
 
-    /// Commands on an existing message: they change its stream, provided its channel is unchanged
-    /// (an archive or a removal decided concurrently must not be overtaken).
+    /// Commands on an existing message: they change its stream, provided its channel and
+    /// workspace are unchanged (an archive or a removal decided concurrently must not be overtaken).
     async fn decide_on_message(
         &self,
         channel_id: Uuid,
         message_id: Uuid,
+        fresh: bool,
         decide: impl FnOnce(&Message, &Channel, &Workspace) -> Result<Vec<Event>, DomainError>,
     ) -> Result<Decision, CommandError> {
-        let (channel, workspace) = self.channel(channel_id).await?;
+        let (channel, workspace) = self.channel(channel_id, fresh).await?;
         let message: Loaded<Message> = self.load(&stream::message(message_id)).await?;
         let events = decide(&message.state, &channel.state, &workspace.state)?;
-        Ok(
-            Decision::new(stream::message(message_id), message.version, events)
-                .in_channel(&channel)
-                .provided(stream::channel(channel_id), &channel),
-        )
+        Ok(Decision::new(stream::message(message_id), message.version, events)
+            .in_channel(&channel)
+            .provided(stream::channel(channel_id), &channel)
+            .provided(stream::workspace(channel.state.workspace_id), &workspace))
     }
 }
 

@@ -5,8 +5,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::event::{
-    ChannelArchived, ChannelCreated, ChannelMemberJoined, ChannelMemberLeft, ChannelRenamed,
-    ChannelTopicChanged,
+    ChannelArchived, ChannelCreated, ChannelMemberJoined, ChannelMemberLeft, ChannelRenamed, ChannelTopicChanged,
 };
 use crate::workspace::Workspace;
 use crate::{Aggregate, DomainError, Event, rules};
@@ -82,20 +81,14 @@ impl Channel {
                 created_by: actor,
             }
             .into(),
-            ChannelMemberJoined {
-                channel_id,
-                user_id: actor,
-                added_by: actor,
-            }
-            .into(),
+            ChannelMemberJoined { channel_id, user_id: actor, added_by: actor }.into(),
         ])
     }
 
     /// Non-members of a private channel, and outsiders of its workspace, are told it does not exist.
     pub fn ensure_visible_to(&self, workspace: &Workspace, actor: Uuid) -> Result<(), DomainError> {
-        let in_workspace = self.id.is_some()
-            && workspace.id == Some(self.workspace_id)
-            && workspace.role_of(actor).is_some();
+        let in_workspace =
+            self.id.is_some() && workspace.id == Some(self.workspace_id) && workspace.role_of(actor).is_some();
         if !in_workspace || (self.private && !self.members.contains(&actor)) {
             return Err(DomainError::NotFound("channel"));
         }
@@ -130,36 +123,17 @@ impl Channel {
         self.ensure_member(workspace, actor)?;
         self.ensure_active()?;
         if changes.name.is_none() && changes.topic.is_none() {
-            return Err(DomainError::invalid(
-                "name",
-                "give a name or a topic to change",
-            ));
+            return Err(DomainError::invalid("name", "give a name or a topic to change"));
         }
         let mut events = Vec::new();
         if let Some(name) = changes.name.filter(|name| *name != self.name) {
             rules::channel_name(name)?;
             let previous_name = self.name.clone();
-            events.push(
-                ChannelRenamed {
-                    channel_id: self.id(),
-                    name: name.to_owned(),
-                    previous_name,
-                }
-                .into(),
-            );
+            events.push(ChannelRenamed { channel_id: self.id(), name: name.to_owned(), previous_name }.into());
         }
-        if let Some(topic) = changes
-            .topic
-            .filter(|topic| Some(*topic) != self.topic.as_deref())
-        {
+        if let Some(topic) = changes.topic.filter(|topic| Some(*topic) != self.topic.as_deref()) {
             rules::topic(topic)?;
-            events.push(
-                ChannelTopicChanged {
-                    channel_id: self.id(),
-                    topic: topic.to_owned(),
-                }
-                .into(),
-            );
+            events.push(ChannelTopicChanged { channel_id: self.id(), topic: topic.to_owned() }.into());
         }
         Ok(events)
     }
@@ -167,75 +141,37 @@ impl Channel {
     pub fn archive(&self, workspace: &Workspace, actor: Uuid) -> Result<Vec<Event>, DomainError> {
         self.ensure_visible_to(workspace, actor)?;
         if actor != self.created_by && !workspace.is_admin(actor) {
-            return Err(DomainError::Forbidden(
-                "only the channel's creator or a workspace admin may archive it",
-            ));
+            return Err(DomainError::Forbidden("only the channel's creator or a workspace admin may archive it"));
         }
         self.ensure_active()?;
-        Ok(vec![
-            ChannelArchived {
-                channel_id: self.id(),
-            }
-            .into(),
-        ])
+        Ok(vec![ChannelArchived { channel_id: self.id() }.into()])
     }
 
     /// A workspace member may join a public channel; anyone else is added by a channel member.
-    pub fn join(
-        &self,
-        workspace: &Workspace,
-        actor: Uuid,
-        user: Uuid,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn join(&self, workspace: &Workspace, actor: Uuid, user: Uuid) -> Result<Vec<Event>, DomainError> {
         self.ensure_visible_to(workspace, actor)?;
         if actor != user && !self.members.contains(&actor) {
-            return Err(DomainError::Forbidden(
-                "only channel members may add others",
-            ));
+            return Err(DomainError::Forbidden("only channel members may add others"));
         }
         self.ensure_active()?;
         if workspace.role_of(user).is_none() {
-            return Err(DomainError::invalid(
-                "user_id",
-                "is not a member of the workspace",
-            ));
+            return Err(DomainError::invalid("user_id", "is not a member of the workspace"));
         }
         if self.members.contains(&user) {
             return Ok(vec![]);
         }
-        Ok(vec![
-            ChannelMemberJoined {
-                channel_id: self.id(),
-                user_id: user,
-                added_by: actor,
-            }
-            .into(),
-        ])
+        Ok(vec![ChannelMemberJoined { channel_id: self.id(), user_id: user, added_by: actor }.into()])
     }
 
     /// Members leave by themselves; workspace admins may remove anyone. Allowed when archived.
-    pub fn leave(
-        &self,
-        workspace: &Workspace,
-        actor: Uuid,
-        user: Uuid,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn leave(&self, workspace: &Workspace, actor: Uuid, user: Uuid) -> Result<Vec<Event>, DomainError> {
         self.ensure_visible_to(workspace, actor)?;
         if actor != user && !workspace.is_admin(actor) {
-            return Err(DomainError::Forbidden(
-                "only workspace admins may remove other members",
-            ));
+            return Err(DomainError::Forbidden("only workspace admins may remove other members"));
         }
         if !self.members.contains(&user) {
             return Ok(vec![]);
         }
-        Ok(vec![
-            ChannelMemberLeft {
-                channel_id: self.id(),
-                user_id: user,
-                removed_by: actor,
-            }
-            .into(),
-        ])
+        Ok(vec![ChannelMemberLeft { channel_id: self.id(), user_id: user, removed_by: actor }.into()])
     }
 }

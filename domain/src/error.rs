@@ -14,17 +14,11 @@ pub enum DomainError {
     Conflict(&'static str),
     /// A field of the command is invalid (HTTP 422, naming the field).
     #[error("{field}: {message}")]
-    Invalid {
-        field: &'static str,
-        message: String,
-    },
+    Invalid { field: &'static str, message: String },
 }
 
 impl DomainError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self::Invalid {
-            field,
-            message: message.into(),
-        }
+        Self::Invalid { field, message: message.into() }
     }
 }

@@ -130,8 +130,7 @@ struct TypedEnvelope<D> {
 fn envelope_schema<D: JsonSchema>(type_name: &str) -> serde_json::Value {
     let mut schema = schemars::schema_for!(TypedEnvelope<D>).to_value();
     schema["title"] = type_name.into();
-    schema["description"] =
-        format!("A QuikApp {type_name} event in its envelope (see API.md, Events).").into();
+    schema["description"] = format!("A QuikApp {type_name} event in its envelope (see API.md, Events).").into();
     schema["properties"]["type"] = serde_json::json!({ "const": type_name });
     schema["properties"]["schema_version"] = serde_json::json!({ "const": SCHEMA_VERSION });
     schema
@@ -150,13 +149,9 @@ pub mod timestamp {
         serializer.serialize_str(&format(at))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<DateTime<Utc>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(deserializer)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|at| at.with_timezone(&Utc))
-            .map_err(serde::de::Error::custom)
+        DateTime::parse_from_rfc3339(&text).map(|at| at.with_timezone(&Utc)).map_err(serde::de::Error::custom)
     }
 
     /// Now, truncated to the microseconds that the format keeps.

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
 use crate::channel::Channel;
-use crate::event::{
-    ChannelReadMarked, MessageDeleted, MessageEdited, MessagePosted, ReactionAdded, ReactionRemoved,
-};
+use crate::event::{ChannelReadMarked, MessageDeleted, MessageEdited, MessagePosted, ReactionAdded, ReactionRemoved};
 use crate::workspace::Workspace;
 use crate::{Aggregate, DomainError, Event, rules};
 
@@ -35,10 +33,7 @@ impl Aggregate for Message {
             Event::MessageEdited(e) => self.text = e.text.clone(),
             Event::MessageDeleted(_) => self.deleted = true,
             Event::ReactionAdded(e) => {
-                self.reactions
-                    .entry(e.emoji.clone())
-                    .or_default()
-                    .insert(e.user_id);
+                self.reactions.entry(e.emoji.clone()).or_default().insert(e.user_id);
             }
             Event::ReactionRemoved(e) => {
                 if let Some(users) = self.reactions.get_mut(&e.emoji) {
@@ -78,39 +73,21 @@ impl Message {
         let thread_root_id = match thread_root {
             None => None,
             Some(root) if !root.is_in(channel) => {
-                return Err(DomainError::invalid(
-                    "thread_root_id",
-                    "is not a message of this channel",
-                ));
+                return Err(DomainError::invalid("thread_root_id", "is not a message of this channel"));
             }
             Some(root) if root.thread_root_id.is_some() => {
-                return Err(DomainError::invalid(
-                    "thread_root_id",
-                    "is a reply; threads have one level",
-                ));
+                return Err(DomainError::invalid("thread_root_id", "is a reply; threads have one level"));
             }
             Some(root) => Some(root.id()),
         };
         let channel_id = channel.id.expect("visible channels exist");
         Ok(vec![
-            MessagePosted {
-                message_id,
-                channel_id,
-                author_id: actor,
-                text: text.to_owned(),
-                thread_root_id,
-            }
-            .into(),
+            MessagePosted { message_id, channel_id, author_id: actor, text: text.to_owned(), thread_root_id }.into(),
         ])
     }
 
     /// The checks every command on an existing message starts with.
-    fn ensure_reachable(
-        &self,
-        channel: &Channel,
-        workspace: &Workspace,
-        actor: Uuid,
-    ) -> Result<(), DomainError> {
+    fn ensure_reachable(&self, channel: &Channel, workspace: &Workspace, actor: Uuid) -> Result<(), DomainError> {
         channel.ensure_visible_to(workspace, actor)?;
         if !self.is_in(channel) {
             return Err(DomainError::NotFound("message"));
@@ -134,27 +111,13 @@ impl Message {
         if text == self.text {
             return Ok(vec![]);
         }
-        Ok(vec![
-            MessageEdited {
-                message_id: self.id(),
-                channel_id: self.channel_id,
-                text: text.to_owned(),
-            }
-            .into(),
-        ])
+        Ok(vec![MessageEdited { message_id: self.id(), channel_id: self.channel_id, text: text.to_owned() }.into()])
     }
 
-    pub fn delete(
-        &self,
-        channel: &Channel,
-        workspace: &Workspace,
-        actor: Uuid,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn delete(&self, channel: &Channel, workspace: &Workspace, actor: Uuid) -> Result<Vec<Event>, DomainError> {
         self.ensure_reachable(channel, workspace, actor)?;
         if actor != self.author_id && !workspace.is_admin(actor) {
-            return Err(DomainError::Forbidden(
-                "only the author or a workspace admin may delete a message",
-            ));
+            return Err(DomainError::Forbidden("only the author or a workspace admin may delete a message"));
         }
         channel.ensure_active()?;
         Ok(vec![
@@ -176,23 +139,11 @@ impl Message {
         emoji: &str,
     ) -> Result<Vec<Event>, DomainError> {
         self.ensure_reaction_allowed(channel, workspace, actor, emoji)?;
-        if self
-            .reactions
-            .get(emoji)
-            .is_some_and(|users| users.contains(&actor))
-        {
+        if self.reactions.get(emoji).is_some_and(|users| users.contains(&actor)) {
             return Ok(vec![]);
         }
         let (message_id, channel_id) = (self.id(), self.channel_id);
-        Ok(vec![
-            ReactionAdded {
-                message_id,
-                channel_id,
-                user_id: actor,
-                emoji: emoji.to_owned(),
-            }
-            .into(),
-        ])
+        Ok(vec![ReactionAdded { message_id, channel_id, user_id: actor, emoji: emoji.to_owned() }.into()])
     }
 
     pub fn remove_reaction(
@@ -203,23 +154,11 @@ impl Message {
         emoji: &str,
     ) -> Result<Vec<Event>, DomainError> {
         self.ensure_reaction_allowed(channel, workspace, actor, emoji)?;
-        if !self
-            .reactions
-            .get(emoji)
-            .is_some_and(|users| users.contains(&actor))
-        {
+        if !self.reactions.get(emoji).is_some_and(|users| users.contains(&actor)) {
             return Ok(vec![]);
         }
         let (message_id, channel_id) = (self.id(), self.channel_id);
-        Ok(vec![
-            ReactionRemoved {
-                message_id,
-                channel_id,
-                user_id: actor,
-                emoji: emoji.to_owned(),
-            }
-            .into(),
-        ])
+        Ok(vec![ReactionRemoved { message_id, channel_id, user_id: actor, emoji: emoji.to_owned() }.into()])
     }
 
     fn ensure_reaction_allowed(
@@ -263,23 +202,12 @@ impl ReadMark {
         channel.ensure_member(workspace, actor)?;
         channel.ensure_active()?;
         if !message.is_in(channel) {
-            return Err(DomainError::invalid(
-                "message_id",
-                "is not a message of this channel",
-            ));
+            return Err(DomainError::invalid("message_id", "is not a message of this channel"));
         }
         if self.message_id == message.id {
             return Ok(vec![]);
         }
         let channel_id = channel.id.expect("visible channels exist");
-        Ok(vec![
-            ChannelReadMarked {
-                channel_id,
-                user_id: actor,
-                message_id: message.id(),
-                message_position,
-            }
-            .into(),
-        ])
+        Ok(vec![ChannelReadMarked { channel_id, user_id: actor, message_id: message.id(), message_position }.into()])
     }
 }

@@ -9,14 +9,9 @@ pub const MAX_EMOJI_CHARS: usize = 64;
 
 /// Channel names: 1-80 characters of lowercase letters, digits, `-` and `_`.
 pub fn channel_name(name: &str) -> Result<(), DomainError> {
-    let valid_chars = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    let valid_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
     if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !valid_chars {
-        return Err(DomainError::invalid(
-            "name",
-            "must be 1-80 characters of a-z, 0-9, - and _",
-        ));
+        return Err(DomainError::invalid("name", "must be 1-80 characters of a-z, 0-9, - and _"));
     }
     Ok(())
 }
@@ -24,20 +19,14 @@ pub fn channel_name(name: &str) -> Result<(), DomainError> {
 /// Free-text names (workspaces, display names): 1-80 characters, not only blanks.
 pub fn display_text(field: &'static str, text: &str) -> Result<(), DomainError> {
     if text.trim().is_empty() || text.chars().count() > MAX_NAME_CHARS {
-        return Err(DomainError::invalid(
-            field,
-            "must be 1-80 characters and not blank",
-        ));
+        return Err(DomainError::invalid(field, "must be 1-80 characters and not blank"));
     }
     Ok(())
 }
 
 pub fn topic(topic: &str) -> Result<(), DomainError> {
     if topic.chars().count() > MAX_TOPIC_CHARS {
-        return Err(DomainError::invalid(
-            "topic",
-            format!("must be at most {MAX_TOPIC_CHARS} characters"),
-        ));
+        return Err(DomainError::invalid("topic", format!("must be at most {MAX_TOPIC_CHARS} characters")));
     }
     Ok(())
 }
@@ -45,10 +34,7 @@ pub fn topic(topic: &str) -> Result<(), DomainError> {
 /// Message text: 1-40,000 characters, not only blanks.
 pub fn message_text(text: &str) -> Result<(), DomainError> {
     if text.trim().is_empty() || text.chars().count() > MAX_MESSAGE_CHARS {
-        return Err(DomainError::invalid(
-            "text",
-            format!("must be 1-{MAX_MESSAGE_CHARS} characters and not blank"),
-        ));
+        return Err(DomainError::invalid("text", format!("must be 1-{MAX_MESSAGE_CHARS} characters and not blank")));
     }
     Ok(())
 }
@@ -57,14 +43,9 @@ pub fn message_text(text: &str) -> Result<(), DomainError> {
 pub fn emoji(emoji: &str) -> Result<(), DomainError> {
     let valid = !emoji.is_empty()
         && emoji.chars().count() <= MAX_EMOJI_CHARS
-        && !emoji
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '/');
+        && !emoji.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/');
     if !valid {
-        return Err(DomainError::invalid(
-            "emoji",
-            "must be 1-64 characters without blanks or slashes",
-        ));
+        return Err(DomainError::invalid("emoji", "must be 1-64 characters without blanks or slashes"));
     }
     Ok(())
 }

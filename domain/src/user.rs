@@ -19,21 +19,11 @@ impl Aggregate for User {
 }
 
 impl User {
-    pub fn update_profile(
-        &self,
-        user_id: Uuid,
-        display_name: &str,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn update_profile(&self, user_id: Uuid, display_name: &str) -> Result<Vec<Event>, DomainError> {
         rules::display_text("display_name", display_name)?;
         if self.display_name.as_deref() == Some(display_name) {
             return Ok(vec![]);
         }
-        Ok(vec![
-            UserProfileUpdated {
-                user_id,
-                display_name: display_name.to_owned(),
-            }
-            .into(),
-        ])
+        Ok(vec![UserProfileUpdated { user_id, display_name: display_name.to_owned() }.into()])
     }
 }

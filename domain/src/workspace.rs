@@ -43,20 +43,9 @@ impl Aggregate for Workspace {
 }
 
 impl Workspace {
-    pub fn create(
-        workspace_id: Uuid,
-        name: &str,
-        owner_id: Uuid,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn create(workspace_id: Uuid, name: &str, owner_id: Uuid) -> Result<Vec<Event>, DomainError> {
         rules::display_text("name", name)?;
-        Ok(vec![
-            WorkspaceCreated {
-                workspace_id,
-                name: name.to_owned(),
-                owner_id,
-            }
-            .into(),
-        ])
+        Ok(vec![WorkspaceCreated { workspace_id, name: name.to_owned(), owner_id }.into()])
     }
 
     pub fn role_of(&self, user: Uuid) -> Option<Role> {
@@ -76,17 +65,10 @@ impl Workspace {
     }
 
     /// Adds a member, or changes a member's role; the owner's role never changes.
-    pub fn add_member(
-        &self,
-        actor: Uuid,
-        user: Uuid,
-        role: Role,
-    ) -> Result<Vec<Event>, DomainError> {
+    pub fn add_member(&self, actor: Uuid, user: Uuid, role: Role) -> Result<Vec<Event>, DomainError> {
         self.ensure_visible_to(actor)?;
         if !self.is_admin(actor) {
-            return Err(DomainError::Forbidden(
-                "only the workspace owner or an admin may add members",
-            ));
+            return Err(DomainError::Forbidden("only the workspace owner or an admin may add members"));
         }
         if role == Role::Owner {
             return Err(DomainError::invalid("role", "must be member or admin"));
@@ -95,15 +77,7 @@ impl Workspace {
             Some(current) if current == role || current == Role::Owner => Ok(vec![]),
             _ => {
                 let workspace_id = self.id.expect("visible workspaces exist");
-                Ok(vec![
-                    WorkspaceMemberAdded {
-                        workspace_id,
-                        user_id: user,
-                        role,
-                        added_by: actor,
-                    }
-                    .into(),
-                ])
+                Ok(vec![WorkspaceMemberAdded { workspace_id, user_id: user, role, added_by: actor }.into()])
             }
         }
     }

@@ -35,11 +35,7 @@ fn then(decided: Result<Vec<Event>, DomainError>, expected: impl IntoIterator<It
 
 #[track_caller]
 fn then_nothing(decided: Result<Vec<Event>, DomainError>) {
-    assert_eq!(
-        decided,
-        Ok(vec![]),
-        "a command that changes nothing appends nothing"
-    );
+    assert_eq!(decided, Ok(vec![]), "a command that changes nothing appends nothing");
 }
 
 #[track_caller]
@@ -86,35 +82,17 @@ impl World {
     }
 
     fn workspace(&self) -> Workspace {
-        let added = |user_id, role| {
-            WorkspaceMemberAdded {
-                workspace_id: self.ws,
-                user_id,
-                role,
-                added_by: self.owner,
-            }
-            .into()
-        };
+        let added =
+            |user_id, role| WorkspaceMemberAdded { workspace_id: self.ws, user_id, role, added_by: self.owner }.into();
         given([
-            WorkspaceCreated {
-                workspace_id: self.ws,
-                name: "Acme".into(),
-                owner_id: self.owner,
-            }
-            .into(),
+            WorkspaceCreated { workspace_id: self.ws, name: "Acme".into(), owner_id: self.owner }.into(),
             added(self.admin, Role::Admin),
             added(self.member, Role::Member),
             added(self.other, Role::Member),
         ])
     }
 
-    fn channel_events(
-        &self,
-        channel_id: Uuid,
-        name: &str,
-        private: bool,
-        creator: Uuid,
-    ) -> Vec<Event> {
+    fn channel_events(&self, channel_id: Uuid, name: &str, private: bool, creator: Uuid) -> Vec<Event> {
         vec![
             ChannelCreated {
                 channel_id,
@@ -125,12 +103,7 @@ impl World {
                 created_by: creator,
             }
             .into(),
-            ChannelMemberJoined {
-                channel_id,
-                user_id: creator,
-                added_by: creator,
-            }
-            .into(),
+            ChannelMemberJoined { channel_id, user_id: creator, added_by: creator }.into(),
         ]
     }
 
@@ -139,11 +112,7 @@ impl World {
     }
 
     fn general_with(&self, more: impl IntoIterator<Item = Event>) -> Channel {
-        given(
-            self.channel_events(self.general, "general", false, self.member)
-                .into_iter()
-                .chain(more),
-        )
+        given(self.channel_events(self.general, "general", false, self.member).into_iter().chain(more))
     }
 
     fn secret(&self) -> Channel {
@@ -166,19 +135,11 @@ impl World {
     }
 
     fn archived(&self) -> Event {
-        ChannelArchived {
-            channel_id: self.general,
-        }
-        .into()
+        ChannelArchived { channel_id: self.general }.into()
     }
 
     fn joined(&self, user_id: Uuid) -> Event {
-        ChannelMemberJoined {
-            channel_id: self.general,
-            user_id,
-            added_by: user_id,
-        }
-        .into()
+        ChannelMemberJoined { channel_id: self.general, user_id, added_by: user_id }.into()
     }
 }
 
@@ -189,31 +150,20 @@ fn a_user_sets_a_display_name() {
     let user = Uuid::now_v7();
     then(
         User::default().update_profile(user, "Ada"),
-        [UserProfileUpdated {
-            user_id: user,
-            display_name: "Ada".into(),
-        }
-        .into()],
+        [UserProfileUpdated { user_id: user, display_name: "Ada".into() }.into()],
     );
 }
 
 #[test]
 fn setting_the_same_display_name_again_changes_nothing() {
     let user = Uuid::now_v7();
-    let profile: User = given([UserProfileUpdated {
-        user_id: user,
-        display_name: "Ada".into(),
-    }
-    .into()]);
+    let profile: User = given([UserProfileUpdated { user_id: user, display_name: "Ada".into() }.into()]);
     then_nothing(profile.update_profile(user, "Ada"));
 }
 
 #[test]
 fn a_blank_display_name_is_invalid() {
-    then_invalid(
-        User::default().update_profile(Uuid::now_v7(), "   "),
-        "display_name",
-    );
+    then_invalid(User::default().update_profile(Uuid::now_v7(), "   "), "display_name");
 }
 
 // ----------------------------------------------------------------------------- workspaces
@@ -222,29 +172,13 @@ fn a_blank_display_name_is_invalid() {
 fn creating_a_workspace_makes_the_caller_its_owner() {
     let (ws, owner) = (Uuid::now_v7(), Uuid::now_v7());
     let created = Workspace::create(ws, "Acme", owner).unwrap();
-    assert_eq!(
-        created,
-        vec![
-            WorkspaceCreated {
-                workspace_id: ws,
-                name: "Acme".into(),
-                owner_id: owner
-            }
-            .into()
-        ]
-    );
-    assert_eq!(
-        given::<Workspace>(created).role_of(owner),
-        Some(Role::Owner)
-    );
+    assert_eq!(created, vec![WorkspaceCreated { workspace_id: ws, name: "Acme".into(), owner_id: owner }.into()]);
+    assert_eq!(given::<Workspace>(created).role_of(owner), Some(Role::Owner));
 }
 
 #[test]
 fn a_workspace_needs_a_name() {
-    then_invalid(
-        Workspace::create(Uuid::now_v7(), "", Uuid::now_v7()),
-        "name",
-    );
+    then_invalid(Workspace::create(Uuid::now_v7(), "", Uuid::now_v7()), "name");
 }
 
 #[test]
@@ -253,13 +187,7 @@ fn an_admin_adds_a_member() {
     let newcomer = Uuid::now_v7();
     then(
         w.workspace().add_member(w.admin, newcomer, Role::Member),
-        [WorkspaceMemberAdded {
-            workspace_id: w.ws,
-            user_id: newcomer,
-            role: Role::Member,
-            added_by: w.admin,
-        }
-        .into()],
+        [WorkspaceMemberAdded { workspace_id: w.ws, user_id: newcomer, role: Role::Member, added_by: w.admin }.into()],
     );
 }
 
@@ -267,8 +195,7 @@ fn an_admin_adds_a_member() {
 fn a_plain_member_may_not_add_members() {
     let w = World::new();
     then_refused(
-        w.workspace()
-            .add_member(w.member, Uuid::now_v7(), Role::Member),
+        w.workspace().add_member(w.member, Uuid::now_v7(), Role::Member),
         DomainError::Forbidden("only the workspace owner or an admin may add members"),
     );
 }
@@ -276,11 +203,7 @@ fn a_plain_member_may_not_add_members() {
 #[test]
 fn an_outsider_cannot_see_the_workspace() {
     let w = World::new();
-    then_refused(
-        w.workspace()
-            .add_member(w.outsider, w.outsider, Role::Member),
-        DomainError::NotFound("workspace"),
-    );
+    then_refused(w.workspace().add_member(w.outsider, w.outsider, Role::Member), DomainError::NotFound("workspace"));
 }
 
 #[test]
@@ -289,23 +212,14 @@ fn adding_a_member_twice_changes_nothing_but_a_new_role_is_recorded() {
     then_nothing(w.workspace().add_member(w.owner, w.member, Role::Member));
     then(
         w.workspace().add_member(w.owner, w.member, Role::Admin),
-        [WorkspaceMemberAdded {
-            workspace_id: w.ws,
-            user_id: w.member,
-            role: Role::Admin,
-            added_by: w.owner,
-        }
-        .into()],
+        [WorkspaceMemberAdded { workspace_id: w.ws, user_id: w.member, role: Role::Admin, added_by: w.owner }.into()],
     );
 }
 
 #[test]
 fn nobody_is_made_owner_by_adding() {
     let w = World::new();
-    then_invalid(
-        w.workspace().add_member(w.owner, w.member, Role::Owner),
-        "role",
-    );
+    then_invalid(w.workspace().add_member(w.owner, w.member, Role::Owner), "role");
 }
 
 // ------------------------------------------------------------------------------- channels
@@ -315,14 +229,7 @@ fn a_workspace_member_creates_a_channel_and_joins_it() {
     let w = World::new();
     let id = Uuid::now_v7();
     then(
-        Channel::create(
-            &w.workspace(),
-            w.member,
-            id,
-            "random",
-            false,
-            Some("anything"),
-        ),
+        Channel::create(&w.workspace(), w.member, id, "random", false, Some("anything")),
         [
             ChannelCreated {
                 channel_id: id,
@@ -333,12 +240,7 @@ fn a_workspace_member_creates_a_channel_and_joins_it() {
                 created_by: w.member,
             }
             .into(),
-            ChannelMemberJoined {
-                channel_id: id,
-                user_id: w.member,
-                added_by: w.member,
-            }
-            .into(),
+            ChannelMemberJoined { channel_id: id, user_id: w.member, added_by: w.member }.into(),
         ],
     );
 }
@@ -356,16 +258,10 @@ fn an_outsider_cannot_create_a_channel() {
 fn channel_names_are_lowercase_letters_digits_dashes_and_underscores() {
     let w = World::new();
     for bad in ["", "General", "has space", "émoji", &"x".repeat(81)] {
-        then_invalid(
-            Channel::create(&w.workspace(), w.member, Uuid::now_v7(), bad, false, None),
-            "name",
-        );
+        then_invalid(Channel::create(&w.workspace(), w.member, Uuid::now_v7(), bad, false, None), "name");
     }
     for good in ["a", "dev-ops_2", &"x".repeat(80)] {
-        assert!(
-            Channel::create(&w.workspace(), w.member, Uuid::now_v7(), good, false, None).is_ok(),
-            "{good}"
-        );
+        assert!(Channel::create(&w.workspace(), w.member, Uuid::now_v7(), good, false, None).is_ok(), "{good}");
     }
 }
 
@@ -373,26 +269,10 @@ fn channel_names_are_lowercase_letters_digits_dashes_and_underscores() {
 fn a_member_renames_the_channel_and_changes_its_topic() {
     let w = World::new();
     then(
-        w.general().change(
-            &w.workspace(),
-            w.member,
-            ChannelChanges {
-                name: Some("lobby"),
-                topic: Some("hi"),
-            },
-        ),
+        w.general().change(&w.workspace(), w.member, ChannelChanges { name: Some("lobby"), topic: Some("hi") }),
         [
-            ChannelRenamed {
-                channel_id: w.general,
-                name: "lobby".into(),
-                previous_name: "general".into(),
-            }
-            .into(),
-            ChannelTopicChanged {
-                channel_id: w.general,
-                topic: "hi".into(),
-            }
-            .into(),
+            ChannelRenamed { channel_id: w.general, name: "lobby".into(), previous_name: "general".into() }.into(),
+            ChannelTopicChanged { channel_id: w.general, topic: "hi".into() }.into(),
         ],
     );
 }
@@ -401,14 +281,7 @@ fn a_member_renames_the_channel_and_changes_its_topic() {
 fn a_non_member_may_not_change_a_public_channel() {
     let w = World::new();
     then_refused(
-        w.general().change(
-            &w.workspace(),
-            w.other,
-            ChannelChanges {
-                name: Some("lobby"),
-                topic: None,
-            },
-        ),
+        w.general().change(&w.workspace(), w.other, ChannelChanges { name: Some("lobby"), topic: None }),
         DomainError::Forbidden("only channel members may do this"),
     );
 }
@@ -416,38 +289,23 @@ fn a_non_member_may_not_change_a_public_channel() {
 #[test]
 fn a_change_must_name_something_to_change() {
     let w = World::new();
-    then_invalid(
-        w.general()
-            .change(&w.workspace(), w.member, ChannelChanges::default()),
-        "name",
-    );
+    then_invalid(w.general().change(&w.workspace(), w.member, ChannelChanges::default()), "name");
 }
 
 #[test]
 fn renaming_to_the_current_name_changes_nothing() {
     let w = World::new();
-    then_nothing(w.general().change(
-        &w.workspace(),
-        w.member,
-        ChannelChanges {
-            name: Some("general"),
-            topic: None,
-        },
-    ));
+    then_nothing(w.general().change(&w.workspace(), w.member, ChannelChanges { name: Some("general"), topic: None }));
 }
 
 #[test]
 fn the_creator_or_an_admin_archives_a_channel_but_not_another_member() {
     let w = World::new();
     let archived = [w.archived()];
-    then(
-        w.general().archive(&w.workspace(), w.member),
-        archived.clone(),
-    );
+    then(w.general().archive(&w.workspace(), w.member), archived.clone());
     then(w.general().archive(&w.workspace(), w.admin), archived);
     then_refused(
-        w.general_with([w.joined(w.other)])
-            .archive(&w.workspace(), w.other),
+        w.general_with([w.joined(w.other)]).archive(&w.workspace(), w.other),
         DomainError::Forbidden("only the channel's creator or a workspace admin may archive it"),
     );
 }
@@ -459,56 +317,23 @@ fn an_archived_channel_refuses_every_command_but_leaving() {
     let channel = w.general_with([w.archived()]);
     let archived = DomainError::Conflict("the channel is archived");
     then_refused(channel.archive(&ws, w.member), archived.clone());
-    then_refused(
-        channel.change(
-            &ws,
-            w.member,
-            ChannelChanges {
-                name: Some("x"),
-                topic: None,
-            },
-        ),
-        archived.clone(),
-    );
+    then_refused(channel.change(&ws, w.member, ChannelChanges { name: Some("x"), topic: None }), archived.clone());
     then_refused(channel.join(&ws, w.other, w.other), archived.clone());
-    then_refused(
-        Message::post(&channel, &ws, w.member, Uuid::now_v7(), "hi", None),
-        archived.clone(),
-    );
-    then_refused(
-        w.message().edit(&channel, &ws, w.member, "edited"),
-        archived.clone(),
-    );
-    then_refused(
-        w.message().delete(&channel, &ws, w.member),
-        archived.clone(),
-    );
-    then_refused(
-        w.message().add_reaction(&channel, &ws, w.member, "tada"),
-        archived.clone(),
-    );
-    then_refused(
-        ReadMark::default().mark(&channel, &ws, w.member, &w.message(), 9),
-        archived,
-    );
+    then_refused(Message::post(&channel, &ws, w.member, Uuid::now_v7(), "hi", None), archived.clone());
+    then_refused(w.message().edit(&channel, &ws, w.member, "edited"), archived.clone());
+    then_refused(w.message().delete(&channel, &ws, w.member), archived.clone());
+    then_refused(w.message().add_reaction(&channel, &ws, w.member, "tada"), archived.clone());
+    then_refused(ReadMark::default().mark(&channel, &ws, w.member, &w.message(), 9), archived);
     then(
         channel.leave(&ws, w.member, w.member),
-        [ChannelMemberLeft {
-            channel_id: w.general,
-            user_id: w.member,
-            removed_by: w.member,
-        }
-        .into()],
+        [ChannelMemberLeft { channel_id: w.general, user_id: w.member, removed_by: w.member }.into()],
     );
 }
 
 #[test]
 fn a_workspace_member_joins_a_public_channel() {
     let w = World::new();
-    then(
-        w.general().join(&w.workspace(), w.other, w.other),
-        [w.joined(w.other)],
-    );
+    then(w.general().join(&w.workspace(), w.other, w.other), [w.joined(w.other)]);
 }
 
 #[test]
@@ -520,19 +345,13 @@ fn joining_twice_changes_nothing() {
 #[test]
 fn an_outsider_cannot_join() {
     let w = World::new();
-    then_refused(
-        w.general().join(&w.workspace(), w.outsider, w.outsider),
-        DomainError::NotFound("channel"),
-    );
+    then_refused(w.general().join(&w.workspace(), w.outsider, w.outsider), DomainError::NotFound("channel"));
 }
 
 #[test]
 fn joining_a_private_channel_uninvited_is_as_if_it_did_not_exist() {
     let w = World::new();
-    then_refused(
-        w.secret().join(&w.workspace(), w.member, w.member),
-        DomainError::NotFound("channel"),
-    );
+    then_refused(w.secret().join(&w.workspace(), w.member, w.member), DomainError::NotFound("channel"));
 }
 
 #[test]
@@ -540,22 +359,14 @@ fn a_member_of_a_private_channel_invites_a_workspace_member() {
     let w = World::new();
     then(
         w.secret().join(&w.workspace(), w.owner, w.member),
-        [ChannelMemberJoined {
-            channel_id: w.secret,
-            user_id: w.member,
-            added_by: w.owner,
-        }
-        .into()],
+        [ChannelMemberJoined { channel_id: w.secret, user_id: w.member, added_by: w.owner }.into()],
     );
 }
 
 #[test]
 fn only_workspace_members_can_be_added_to_a_channel() {
     let w = World::new();
-    then_invalid(
-        w.general().join(&w.workspace(), w.member, w.outsider),
-        "user_id",
-    );
+    then_invalid(w.general().join(&w.workspace(), w.member, w.outsider), "user_id");
 }
 
 #[test]
@@ -565,21 +376,11 @@ fn a_member_leaves_and_an_admin_removes_but_a_member_cannot_remove_another() {
     let ws = w.workspace();
     then(
         channel.leave(&ws, w.other, w.other),
-        [ChannelMemberLeft {
-            channel_id: w.general,
-            user_id: w.other,
-            removed_by: w.other,
-        }
-        .into()],
+        [ChannelMemberLeft { channel_id: w.general, user_id: w.other, removed_by: w.other }.into()],
     );
     then(
         channel.leave(&ws, w.admin, w.other),
-        [ChannelMemberLeft {
-            channel_id: w.general,
-            user_id: w.other,
-            removed_by: w.admin,
-        }
-        .into()],
+        [ChannelMemberLeft { channel_id: w.general, user_id: w.other, removed_by: w.admin }.into()],
     );
     then_refused(
         channel.leave(&ws, w.member, w.other),
@@ -598,31 +399,14 @@ fn leaving_a_channel_one_is_not_in_changes_nothing() {
 #[test]
 fn a_member_posts_a_message() {
     let w = World::new();
-    then(
-        Message::post(
-            &w.general(),
-            &w.workspace(),
-            w.member,
-            w.message,
-            "hello",
-            None,
-        ),
-        [w.posted()],
-    );
+    then(Message::post(&w.general(), &w.workspace(), w.member, w.message, "hello", None), [w.posted()]);
 }
 
 #[test]
 fn a_non_member_may_not_post() {
     let w = World::new();
     then_refused(
-        Message::post(
-            &w.general(),
-            &w.workspace(),
-            w.other,
-            Uuid::now_v7(),
-            "hi",
-            None,
-        ),
+        Message::post(&w.general(), &w.workspace(), w.other, Uuid::now_v7(), "hi", None),
         DomainError::Forbidden("only channel members may do this"),
     );
 }
@@ -631,14 +415,7 @@ fn a_non_member_may_not_post() {
 fn a_non_member_cannot_see_a_private_channel_to_post_in() {
     let w = World::new();
     then_refused(
-        Message::post(
-            &w.secret(),
-            &w.workspace(),
-            w.member,
-            Uuid::now_v7(),
-            "hi",
-            None,
-        ),
+        Message::post(&w.secret(), &w.workspace(), w.member, Uuid::now_v7(), "hi", None),
         DomainError::NotFound("channel"),
     );
 }
@@ -648,22 +425,9 @@ fn message_text_is_one_to_forty_thousand_characters() {
     let w = World::new();
     let (channel, ws) = (w.general(), w.workspace());
     for bad in [String::new(), " \n ".into(), "é".repeat(40_001)] {
-        then_invalid(
-            Message::post(&channel, &ws, w.member, Uuid::now_v7(), &bad, None),
-            "text",
-        );
+        then_invalid(Message::post(&channel, &ws, w.member, Uuid::now_v7(), &bad, None), "text");
     }
-    assert!(
-        Message::post(
-            &channel,
-            &ws,
-            w.member,
-            Uuid::now_v7(),
-            &"é".repeat(40_000),
-            None
-        )
-        .is_ok()
-    );
+    assert!(Message::post(&channel, &ws, w.member, Uuid::now_v7(), &"é".repeat(40_000), None).is_ok());
 }
 
 #[test]
@@ -691,25 +455,11 @@ fn a_reply_names_a_top_level_message_of_the_same_channel() {
     }
     .into()]);
     then_invalid(
-        Message::post(
-            &channel,
-            &ws,
-            w.member,
-            Uuid::now_v7(),
-            "re re",
-            Some(&reply_message),
-        ),
+        Message::post(&channel, &ws, w.member, Uuid::now_v7(), "re re", Some(&reply_message)),
         "thread_root_id",
     );
     then_invalid(
-        Message::post(
-            &channel,
-            &ws,
-            w.member,
-            Uuid::now_v7(),
-            "re",
-            Some(&Message::default()),
-        ),
+        Message::post(&channel, &ws, w.member, Uuid::now_v7(), "re", Some(&Message::default())),
         "thread_root_id",
     );
 }
@@ -720,12 +470,7 @@ fn the_author_edits_a_message_and_nobody_else_may() {
     let (channel, ws) = (w.general_with([w.joined(w.other)]), w.workspace());
     then(
         w.message().edit(&channel, &ws, w.member, "hello!"),
-        [MessageEdited {
-            message_id: w.message,
-            channel_id: w.general,
-            text: "hello!".into(),
-        }
-        .into()],
+        [MessageEdited { message_id: w.message, channel_id: w.general, text: "hello!".into() }.into()],
     );
     then_refused(
         w.message().edit(&channel, &ws, w.other, "mine now"),
@@ -741,13 +486,9 @@ fn the_author_edits_a_message_and_nobody_else_may() {
 fn the_author_or_a_workspace_admin_deletes_a_message_but_no_other_member() {
     let w = World::new();
     let (channel, ws) = (w.general_with([w.joined(w.other)]), w.workspace());
-    let deleted = [MessageDeleted {
-        message_id: w.message,
-        channel_id: w.general,
-        author_id: w.member,
-        thread_root_id: None,
-    }
-    .into()];
+    let deleted =
+        [MessageDeleted { message_id: w.message, channel_id: w.general, author_id: w.member, thread_root_id: None }
+            .into()];
     then(w.message().delete(&channel, &ws, w.member), deleted.clone());
     then(w.message().delete(&channel, &ws, w.admin), deleted);
     then_refused(
@@ -762,62 +503,32 @@ fn a_deleted_message_is_gone_for_every_command() {
     let (channel, ws) = (w.general(), w.workspace());
     let gone: Message = given([
         w.posted(),
-        MessageDeleted {
-            message_id: w.message,
-            channel_id: w.general,
-            author_id: w.member,
-            thread_root_id: None,
-        }
-        .into(),
+        MessageDeleted { message_id: w.message, channel_id: w.general, author_id: w.member, thread_root_id: None }
+            .into(),
     ]);
-    then_refused(
-        gone.edit(&channel, &ws, w.member, "x"),
-        DomainError::NotFound("message"),
-    );
-    then_refused(
-        gone.delete(&channel, &ws, w.member),
-        DomainError::NotFound("message"),
-    );
-    then_refused(
-        gone.add_reaction(&channel, &ws, w.member, "x"),
-        DomainError::NotFound("message"),
-    );
+    then_refused(gone.edit(&channel, &ws, w.member, "x"), DomainError::NotFound("message"));
+    then_refused(gone.delete(&channel, &ws, w.member), DomainError::NotFound("message"));
+    then_refused(gone.add_reaction(&channel, &ws, w.member, "x"), DomainError::NotFound("message"));
 }
 
 #[test]
 fn a_message_of_another_channel_is_not_found_here() {
     let w = World::new();
-    then_refused(
-        w.message().edit(&w.secret(), &w.workspace(), w.owner, "x"),
-        DomainError::NotFound("message"),
-    );
+    then_refused(w.message().edit(&w.secret(), &w.workspace(), w.owner, "x"), DomainError::NotFound("message"));
 }
 
 #[test]
 fn a_reaction_added_twice_is_a_no_op_and_removing_an_absent_one_too() {
     let w = World::new();
     let (channel, ws) = (w.general(), w.workspace());
-    let added = ReactionAdded {
-        message_id: w.message,
-        channel_id: w.general,
-        user_id: w.member,
-        emoji: "tada".into(),
-    };
-    then(
-        w.message().add_reaction(&channel, &ws, w.member, "tada"),
-        [added.clone().into()],
-    );
+    let added = ReactionAdded { message_id: w.message, channel_id: w.general, user_id: w.member, emoji: "tada".into() };
+    then(w.message().add_reaction(&channel, &ws, w.member, "tada"), [added.clone().into()]);
     let reacted: Message = given([w.posted(), added.into()]);
     then_nothing(reacted.add_reaction(&channel, &ws, w.member, "tada"));
     then(
         reacted.remove_reaction(&channel, &ws, w.member, "tada"),
-        [ReactionRemoved {
-            message_id: w.message,
-            channel_id: w.general,
-            user_id: w.member,
-            emoji: "tada".into(),
-        }
-        .into()],
+        [ReactionRemoved { message_id: w.message, channel_id: w.general, user_id: w.member, emoji: "tada".into() }
+            .into()],
     );
     then_nothing(w.message().remove_reaction(&channel, &ws, w.member, "tada"));
 }
@@ -830,35 +541,21 @@ fn only_channel_members_react_and_emoji_have_no_blanks() {
         w.message().add_reaction(&channel, &ws, w.other, "tada"),
         DomainError::Forbidden("only channel members may do this"),
     );
-    then_invalid(
-        w.message()
-            .add_reaction(&channel, &ws, w.member, "two words"),
-        "emoji",
-    );
+    then_invalid(w.message().add_reaction(&channel, &ws, w.member, "two words"), "emoji");
 }
 
 #[test]
 fn a_member_marks_a_channel_read_up_to_a_message_once() {
     let w = World::new();
     let (channel, ws) = (w.general(), w.workspace());
-    let marked = ChannelReadMarked {
-        channel_id: w.general,
-        user_id: w.member,
-        message_id: w.message,
-        message_position: 7,
-    };
-    then(
-        ReadMark::default().mark(&channel, &ws, w.member, &w.message(), 7),
-        [marked.clone().into()],
-    );
+    let marked =
+        ChannelReadMarked { channel_id: w.general, user_id: w.member, message_id: w.message, message_position: 7 };
+    then(ReadMark::default().mark(&channel, &ws, w.member, &w.message(), 7), [marked.clone().into()]);
     let mark: ReadMark = given([marked.into()]);
     then_nothing(mark.mark(&channel, &ws, w.member, &w.message(), 7));
     then_refused(
         ReadMark::default().mark(&channel, &ws, w.other, &w.message(), 7),
         DomainError::Forbidden("only channel members may do this"),
     );
-    then_invalid(
-        ReadMark::default().mark(&channel, &ws, w.member, &Message::default(), 7),
-        "message_id",
-    );
+    then_invalid(ReadMark::default().mark(&channel, &ws, w.member, &Message::default(), 7), "message_id");
 }

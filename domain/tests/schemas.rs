@@ -17,8 +17,7 @@ fn checked_in_schemas_match_the_event_types() {
         if bless {
             fs::write(&path, &text).unwrap();
         }
-        let checked_in =
-            fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing", path.display()));
+        let checked_in = fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing", path.display()));
         assert!(
             checked_in == text,
             "{} differs from the {type_name} type; re-bless it if the change is deliberate",
@@ -26,36 +25,20 @@ fn checked_in_schemas_match_the_event_types() {
         );
     }
     let files = fs::read_dir(schema_check::schema_dir()).unwrap().count();
-    assert_eq!(
-        files, 15,
-        "schemas/ holds a file for a type that no longer exists"
-    );
+    assert_eq!(files, 15, "schemas/ holds a file for a type that no longer exists");
 }
 
 #[test]
 fn a_schema_rejects_an_event_with_the_wrong_data() {
     use quikapp_domain::event::{ChannelArchived, MessageEdited};
-    let mut envelope = schema_check::envelope_of(
-        ChannelArchived {
-            channel_id: uuid::Uuid::now_v7(),
-        }
-        .into(),
-    );
+    let mut envelope = schema_check::envelope_of(ChannelArchived { channel_id: uuid::Uuid::now_v7() }.into());
     assert!(schema_check::validate(&envelope).is_ok());
     envelope["data"] = serde_json::json!({"channel": "not a uuid"});
     assert!(schema_check::validate(&envelope).is_err());
     let edited = schema_check::envelope_of(
-        MessageEdited {
-            message_id: uuid::Uuid::now_v7(),
-            channel_id: uuid::Uuid::now_v7(),
-            text: "x".into(),
-        }
-        .into(),
+        MessageEdited { message_id: uuid::Uuid::now_v7(), channel_id: uuid::Uuid::now_v7(), text: "x".into() }.into(),
     );
     let mut mislabeled = edited.clone();
     mislabeled["type"] = "MessagePosted".into();
-    assert!(
-        schema_check::validate(&mislabeled).is_err(),
-        "MessageEdited data is not MessagePosted data"
-    );
+    assert!(schema_check::validate(&mislabeled).is_err(), "MessageEdited data is not MessagePosted data");
 }

@@ -46,11 +46,7 @@ impl Drop for Running {
 impl Running {
     /// Starts `command` and waits (bounded) for the line `<what> listening on <url>`.
     pub fn start(mut command: Command, what: &str) -> Running {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start quikapp");
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start quikapp");
         let stdout = child.stdout.take().unwrap();
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -65,11 +61,7 @@ impl Running {
             match lines.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
                     if let Some(url) = line.strip_prefix(&prefix) {
-                        return Running {
-                            child,
-                            url: url.to_owned(),
-                            lines,
-                        };
+                        return Running { child, url: url.to_owned(), lines };
                     }
                 }
                 Err(_) => panic!("quikapp did not print `{prefix}…` within a minute"),
@@ -79,10 +71,7 @@ impl Running {
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         for _ in 0..600 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;

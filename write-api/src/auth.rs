@@ -38,14 +38,8 @@ impl Tokens {
     }
 
     pub fn mint(&self, user: Uuid) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let claims = Claims {
-            sub: user.to_string(),
-            iat: now,
-            exp: now + TOKEN_LIFETIME_SECONDS,
-        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let claims = Claims { sub: user.to_string(), iat: now, exp: now + TOKEN_LIFETIME_SECONDS };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
@@ -70,18 +64,8 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or(ApiError::Unauthorized)?;
-        state
-            .tokens()
-            .verify(token.trim())
-            .map(Actor)
-            .ok_or(ApiError::Unauthorized)
+        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or(ApiError::Unauthorized)?;
+        let token = header.strip_prefix("Bearer ").ok_or(ApiError::Unauthorized)?;
+        state.tokens().verify(token.trim()).map(Actor).ok_or(ApiError::Unauthorized)
     }
 }

@@ -53,10 +53,7 @@ pub struct RateLimit {
 
 impl Default for RateLimit {
     fn default() -> Self {
-        RateLimit {
-            per_second: 200,
-            burst: 400,
-        }
+        RateLimit { per_second: 200, burst: 400 }
     }
 }
 
@@ -82,17 +79,9 @@ impl HasTokens for WriteApi {
 impl WriteApi {
     pub fn new(service: CommandService, tokens: Tokens, rate_limit: RateLimit) -> Self {
         let per_second = NonZeroU32::new(rate_limit.per_second.max(1)).expect("positive");
-        let burst =
-            NonZeroU32::new(rate_limit.burst.max(rate_limit.per_second).max(1)).expect("positive");
+        let burst = NonZeroU32::new(rate_limit.burst.max(rate_limit.per_second).max(1)).expect("positive");
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
-        WriteApi {
-            inner: Arc::new(Inner {
-                service,
-                tokens,
-                limiter,
-                metrics: ops::metrics_handle(),
-            }),
-        }
+        WriteApi { inner: Arc::new(Inner { service, tokens, limiter, metrics: ops::metrics_handle() }) }
     }
 
     /// Runs one command for `actor`: rate limit, idempotency scope, execution, metrics.
@@ -105,9 +94,7 @@ impl WriteApi {
     ) -> Result<CommandResponse, ApiError> {
         if let Err(not_until) = self.inner.limiter.check_key(&actor.0) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(ApiError::TooManyRequests {
-                retry_after_seconds: wait.as_secs().max(1),
-            });
+            return Err(ApiError::TooManyRequests { retry_after_seconds: wait.as_secs().max(1) });
         }
         let context = CommandContext {
             actor: actor.0,
@@ -140,19 +127,15 @@ struct BearerAuth;
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        let scheme = HttpBuilder::new()
-            .scheme(HttpAuthScheme::Bearer)
-            .bearer_format("JWT")
-            .build();
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build();
         components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
     }
 }
 
 /// The whole write API: commands, `/openapi.json`, health, readiness and metrics.
 pub fn router(api: WriteApi) -> Router {
-    let (commands, openapi) = utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(routes::commands())
-        .split_for_parts();
+    let (commands, openapi) =
+        utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::commands()).split_for_parts();
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");
     commands
@@ -172,14 +155,7 @@ pub fn router(api: WriteApi) -> Router {
 }
 
 async fn readyz(State(api): State<WriteApi>) -> axum::response::Response {
-    ops::readiness(
-        api.inner
-            .service
-            .store()
-            .ping()
-            .await
-            .map_err(|e| e.to_string()),
-    )
+    ops::readiness(api.inner.service.store().ping().await.map_err(|e| e.to_string()))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight finish.
@@ -188,7 +164,5 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
 }

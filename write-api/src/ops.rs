@@ -13,11 +13,7 @@ use serde_json::json;
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .install_recorder()
-                .expect("no other metrics recorder is installed")
-        })
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().expect("no other metrics recorder is installed"))
         .clone()
 }
 
@@ -29,21 +25,12 @@ pub async fn healthz() -> impl IntoResponse {
 pub fn readiness(check: Result<(), String>) -> Response {
     match check {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "error": error })),
-        )
-            .into_response(),
+        Err(error) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "unavailable", "error": error }))).into_response()
+        }
     }
 }
 
 pub fn render_metrics(handle: &PrometheusHandle) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        handle.render(),
-    )
-        .into_response()
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
 }

@@ -37,59 +37,36 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError::Invalid {
-            field: field.into(),
-            message: message.into(),
-        }
+        ApiError::Invalid { field: field.into(), message: message.into() }
     }
 
     fn parts(&self) -> (StatusCode, &'static str, String) {
         use ApiError::*;
         match self {
             BadRequest(detail) => (StatusCode::BAD_REQUEST, "bad-request", detail.clone()),
-            Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid bearer token is required".into(),
-            ),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into()),
             Forbidden(detail) => (StatusCode::FORBIDDEN, "forbidden", detail.clone()),
             NotFound(detail) => (StatusCode::NOT_FOUND, "not-found", detail.clone()),
             Conflict(detail) => (StatusCode::CONFLICT, "conflict", detail.clone()),
-            PreconditionFailed(detail) => (
-                StatusCode::PRECONDITION_FAILED,
-                "precondition-failed",
-                detail.clone(),
-            ),
-            PayloadTooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload-too-large",
-                "the request body is too large".into(),
-            ),
+            PreconditionFailed(detail) => (StatusCode::PRECONDITION_FAILED, "precondition-failed", detail.clone()),
+            PayloadTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "the request body is too large".into())
+            }
             UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "send the body as application/json".into(),
             ),
-            Invalid { field, message } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid-field",
-                format!("{field}: {message}"),
-            ),
-            TooManyRequests { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate-limited",
-                "too many commands; slow down".into(),
-            ),
-            Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "a store is unavailable; retry shortly".into(),
-            ),
-            Internal => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "something went wrong on our side".into(),
-            ),
+            Invalid { field, message } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-field", format!("{field}: {message}"))
+            }
+            TooManyRequests { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "too many commands; slow down".into())
+            }
+            Unavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a store is unavailable; retry shortly".into())
+            }
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side".into()),
         }
     }
 }
@@ -108,14 +85,9 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         let retry_after = match self {
-            ApiError::TooManyRequests {
-                retry_after_seconds,
-            } => Some(retry_after_seconds),
+            ApiError::TooManyRequests { retry_after_seconds } => Some(retry_after_seconds),
             ApiError::Unavailable => Some(RETRY_AFTER_UNAVAILABLE),
             _ => None,
         };
@@ -151,16 +123,11 @@ impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {
             CommandError::Rejected(domain) => domain.into(),
-            CommandError::PreconditionFailed { .. } => {
-                ApiError::PreconditionFailed(error.to_string())
+            CommandError::PreconditionFailed { .. } => ApiError::PreconditionFailed(error.to_string()),
+            CommandError::NameTaken | CommandError::Contention => ApiError::Conflict(error.to_string()),
+            CommandError::IdempotencyKeyReused => {
+                ApiError::invalid("Idempotency-Key", "was used before with a different request")
             }
-            CommandError::NameTaken | CommandError::Contention => {
-                ApiError::Conflict(error.to_string())
-            }
-            CommandError::IdempotencyKeyReused => ApiError::invalid(
-                "Idempotency-Key",
-                "was used before with a different request",
-            ),
             CommandError::Store(store) => store.into(),
         }
     }

@@ -27,27 +27,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let content_type = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
         if !(essence == "application/json" || essence.ends_with("+json")) {
             return Err(ApiError::UnsupportedMediaType);
         }
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection| match rejection.status() {
-                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-                    _ => ApiError::BadRequest(rejection.body_text()),
-                })?;
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            _ => ApiError::BadRequest(rejection.body_text()),
+        })?;
         let json: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
         let digest = format!("{:x}", Sha256::digest(json.to_string().as_bytes()));
@@ -60,15 +48,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 /// in that field), or for a missing field the name serde quotes in backticks.
 fn field_error(error: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let message = error.inner().to_string();
-    let message = message
-        .split(" at line ")
-        .next()
-        .unwrap_or(&message)
-        .to_owned();
+    let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
     let path = error.path().to_string();
-    let missing = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
     let field = match (missing, path.as_str()) {
         (Some(name), ".") => name.to_owned(),
         (Some(name), parent) => format!("{parent}.{name}"),
@@ -94,13 +76,9 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
         let text = |name: &str| parts.headers.get(name).map(|v| v.to_str().map(str::trim));
         let idempotency_key = match text("idempotency-key") {
             None => None,
-            Some(Ok(key)) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN => {
-                Some(key.to_owned())
-            }
+            Some(Ok(key)) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(key.to_owned()),
             Some(_) => {
-                return Err(ApiError::BadRequest(
-                    "Idempotency-Key must be 1-255 visible characters".into(),
-                ));
+                return Err(ApiError::BadRequest("Idempotency-Key must be 1-255 visible characters".into()));
             }
         };
         let if_match = match text("if-match") {
@@ -110,16 +88,10 @@ impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
                     .trim_start_matches("W/")
                     .trim_matches('"')
                     .parse()
-                    .map_err(|_| {
-                        ApiError::BadRequest(
-                            "If-Match must be a quoted version, such as \"3\"".into(),
-                        )
-                    })?,
+                    .map_err(|_| ApiError::BadRequest("If-Match must be a quoted version, such as \"3\"".into()))?,
             ),
             Some(Err(_)) => {
-                return Err(ApiError::BadRequest(
-                    "If-Match must be a quoted version, such as \"3\"".into(),
-                ));
+                return Err(ApiError::BadRequest("If-Match must be a quoted version, such as \"3\"".into()));
             }
         };
         let request_id = text("x-request-id")

@@ -54,15 +54,9 @@ pub struct CommandResponse(pub Reply);
 
 impl IntoResponse for CommandResponse {
     fn into_response(self) -> Response {
-        let status = if self.0.created {
-            StatusCode::CREATED
-        } else {
-            StatusCode::OK
-        };
+        let status = if self.0.created { StatusCode::CREATED } else { StatusCode::OK };
         let mut response = (status, axum::Json(self.0.body())).into_response();
-        response
-            .headers_mut()
-            .insert("x-position", HeaderValue::from(self.0.position));
+        response.headers_mut().insert("x-position", HeaderValue::from(self.0.position));
         response
     }
 }
@@ -191,15 +185,7 @@ async fn update_profile(
     headers: CommandHeaders,
     body: JsonBody<ProfileBody>,
 ) -> Result<CommandResponse, ApiError> {
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::UpdateProfile {
-            display_name: body.value.display_name,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::UpdateProfile { display_name: body.value.display_name }).await
 }
 
 #[utoipa::path(post, path = "/v1/workspaces", tag = "workspaces", request_body = WorkspaceBody,
@@ -210,15 +196,7 @@ async fn create_workspace(
     headers: CommandHeaders,
     body: JsonBody<WorkspaceBody>,
 ) -> Result<CommandResponse, ApiError> {
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::CreateWorkspace {
-            name: body.value.name,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::CreateWorkspace { name: body.value.name }).await
 }
 
 #[utoipa::path(post, path = "/v1/workspaces/{workspace_id}/members", tag = "workspaces", request_body = MemberBody,
@@ -235,11 +213,7 @@ async fn add_workspace_member(
         MemberRole::Member => Role::Member,
         MemberRole::Admin => Role::Admin,
     };
-    let command = Command::AddWorkspaceMember {
-        workspace_id,
-        user_id: body.value.user_id,
-        role,
-    };
+    let command = Command::AddWorkspaceMember { workspace_id, user_id: body.value.user_id, role };
     api.run(actor, headers, &body.digest, command).await
 }
 
@@ -253,23 +227,8 @@ async fn create_channel(
     Ids(workspace_id): Ids<Uuid>,
     body: JsonBody<ChannelBody>,
 ) -> Result<CommandResponse, ApiError> {
-    let ChannelBody {
-        name,
-        private,
-        topic,
-    } = body.value;
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::CreateChannel {
-            workspace_id,
-            name,
-            private,
-            topic,
-        },
-    )
-    .await
+    let ChannelBody { name, private, topic } = body.value;
+    api.run(actor, headers, &body.digest, Command::CreateChannel { workspace_id, name, private, topic }).await
 }
 
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", request_body = ChannelChangesBody,
@@ -283,17 +242,7 @@ async fn update_channel(
     body: JsonBody<ChannelChangesBody>,
 ) -> Result<CommandResponse, ApiError> {
     let ChannelChangesBody { name, topic } = body.value;
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::UpdateChannel {
-            channel_id,
-            name,
-            topic,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::UpdateChannel { channel_id, name, topic }).await
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/archive", tag = "channels", params(("channel_id" = Uuid, Path)),
@@ -317,16 +266,7 @@ async fn join_channel(
     Ids(channel_id): Ids<Uuid>,
     body: JsonBody<UserBody>,
 ) -> Result<CommandResponse, ApiError> {
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::JoinChannel {
-            channel_id,
-            user_id: body.value.user_id,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::JoinChannel { channel_id, user_id: body.value.user_id }).await
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "channels",
@@ -338,16 +278,7 @@ async fn leave_channel(
     headers: CommandHeaders,
     Ids((channel_id, user_id)): Ids<(Uuid, Uuid)>,
 ) -> Result<CommandResponse, ApiError> {
-    bodiless(
-        api,
-        actor,
-        headers,
-        Command::LeaveChannel {
-            channel_id,
-            user_id,
-        },
-    )
-    .await
+    bodiless(api, actor, headers, Command::LeaveChannel { channel_id, user_id }).await
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", request_body = PostMessageBody,
@@ -360,21 +291,8 @@ async fn post_message(
     Ids(channel_id): Ids<Uuid>,
     body: JsonBody<PostMessageBody>,
 ) -> Result<CommandResponse, ApiError> {
-    let PostMessageBody {
-        text,
-        thread_root_id,
-    } = body.value;
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::PostMessage {
-            channel_id,
-            text,
-            thread_root_id,
-        },
-    )
-    .await
+    let PostMessageBody { text, thread_root_id } = body.value;
+    api.run(actor, headers, &body.digest, Command::PostMessage { channel_id, text, thread_root_id }).await
 }
 
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages", request_body = TextBody,
@@ -387,17 +305,7 @@ async fn edit_message(
     Ids((channel_id, message_id)): Ids<(Uuid, Uuid)>,
     body: JsonBody<TextBody>,
 ) -> Result<CommandResponse, ApiError> {
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::EditMessage {
-            channel_id,
-            message_id,
-            text: body.value.text,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::EditMessage { channel_id, message_id, text: body.value.text }).await
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
@@ -409,16 +317,7 @@ async fn delete_message(
     headers: CommandHeaders,
     Ids((channel_id, message_id)): Ids<(Uuid, Uuid)>,
 ) -> Result<CommandResponse, ApiError> {
-    bodiless(
-        api,
-        actor,
-        headers,
-        Command::DeleteMessage {
-            channel_id,
-            message_id,
-        },
-    )
-    .await
+    bodiless(api, actor, headers, Command::DeleteMessage { channel_id, message_id }).await
 }
 
 #[utoipa::path(put, path = "/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}", tag = "messages",
@@ -430,17 +329,7 @@ async fn add_reaction(
     headers: CommandHeaders,
     Ids((channel_id, message_id, emoji)): Ids<(Uuid, Uuid, String)>,
 ) -> Result<CommandResponse, ApiError> {
-    bodiless(
-        api,
-        actor,
-        headers,
-        Command::AddReaction {
-            channel_id,
-            message_id,
-            emoji,
-        },
-    )
-    .await
+    bodiless(api, actor, headers, Command::AddReaction { channel_id, message_id, emoji }).await
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}", tag = "messages",
@@ -452,17 +341,7 @@ async fn remove_reaction(
     headers: CommandHeaders,
     Ids((channel_id, message_id, emoji)): Ids<(Uuid, Uuid, String)>,
 ) -> Result<CommandResponse, ApiError> {
-    bodiless(
-        api,
-        actor,
-        headers,
-        Command::RemoveReaction {
-            channel_id,
-            message_id,
-            emoji,
-        },
-    )
-    .await
+    bodiless(api, actor, headers, Command::RemoveReaction { channel_id, message_id, emoji }).await
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/read", tag = "channels", request_body = ReadBody,
@@ -475,14 +354,5 @@ async fn mark_read(
     Ids(channel_id): Ids<Uuid>,
     body: JsonBody<ReadBody>,
 ) -> Result<CommandResponse, ApiError> {
-    api.run(
-        actor,
-        headers,
-        &body.digest,
-        Command::MarkRead {
-            channel_id,
-            message_id: body.value.message_id,
-        },
-    )
-    .await
+    api.run(actor, headers, &body.digest, Command::MarkRead { channel_id, message_id: body.value.message_id }).await
 }

@@ -31,20 +31,11 @@ struct Answer {
 
 impl Answer {
     fn id(&self, name: &str) -> Uuid {
-        Uuid::parse_str(
-            self.body[name]
-                .as_str()
-                .unwrap_or_else(|| panic!("no {name} in {}", self.body)),
-        )
-        .unwrap()
+        Uuid::parse_str(self.body[name].as_str().unwrap_or_else(|| panic!("no {name} in {}", self.body))).unwrap()
     }
 
     fn position(&self) -> u64 {
-        self.body["position"]
-            .as_str()
-            .expect("position is a string")
-            .parse()
-            .unwrap()
+        self.body["position"].as_str().expect("position is a string").parse().unwrap()
     }
 
     #[track_caller]
@@ -60,11 +51,7 @@ impl Answer {
         assert_eq!(self.headers["content-type"], "application/problem+json");
         assert_eq!(self.body["status"], status.as_u16());
         for key in ["type", "title", "detail"] {
-            assert!(
-                self.body[key].is_string(),
-                "problem without {key}: {}",
-                self.body
-            );
+            assert!(self.body[key].is_string(), "problem without {key}: {}", self.body);
         }
         if let Some(field) = field {
             assert_eq!(self.body["errors"][0]["field"], field, "{}", self.body);
@@ -98,58 +85,32 @@ impl Call<'_> {
     }
 
     async fn send(self) -> Answer {
-        let response = self
-            .api
-            .router
-            .clone()
-            .oneshot(self.request.body(self.body).unwrap())
-            .await
-            .unwrap();
+        let response = self.api.router.clone().oneshot(self.request.body(self.body).unwrap()).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
         };
-        Answer {
-            status,
-            headers,
-            body,
-        }
+        Answer { status, headers, body }
     }
 }
 
 impl Api {
     fn new(store: Arc<dyn EventStore>, rate_limit: RateLimit) -> Self {
         let tokens = Tokens::new("test secret");
-        let api = WriteApi::new(
-            CommandService::new(store.clone()),
-            tokens.clone(),
-            rate_limit,
-        );
-        Api {
-            router: router(api),
-            tokens,
-            store,
-        }
+        let api = WriteApi::new(CommandService::new(store.clone()), tokens.clone(), rate_limit);
+        Api { router: router(api), tokens, store }
     }
 
     fn call(&self, method: Method, path: &str, user: Option<Uuid>) -> Call<'_> {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(user) = user {
-            request = request.header(
-                "authorization",
-                format!("Bearer {}", self.tokens.mint(user)),
-            );
+            request = request.header("authorization", format!("Bearer {}", self.tokens.mint(user)));
         }
-        Call {
-            api: self,
-            request,
-            body: Body::empty(),
-        }
+        Call { api: self, request, body: Body::empty() }
     }
 
     async fn head(&self) -> u64 {
@@ -167,22 +128,14 @@ impl Api {
             .expect(StatusCode::CREATED)
             .id("workspace_id");
         for member in members {
-            self.call(
-                Method::POST,
-                &format!("/v1/workspaces/{ws}/members"),
-                Some(owner),
-            )
-            .json(json!({"user_id": member, "role": "member"}))
-            .send()
-            .await
-            .expect(StatusCode::OK);
+            self.call(Method::POST, &format!("/v1/workspaces/{ws}/members"), Some(owner))
+                .json(json!({"user_id": member, "role": "member"}))
+                .send()
+                .await
+                .expect(StatusCode::OK);
         }
         let channel = self
-            .call(
-                Method::POST,
-                &format!("/v1/workspaces/{ws}/channels"),
-                Some(owner),
-            )
+            .call(Method::POST, &format!("/v1/workspaces/{ws}/channels"), Some(owner))
             .json(json!({"name": "general"}))
             .send()
             .await
@@ -192,14 +145,10 @@ impl Api {
     }
 
     async fn post(&self, channel: Uuid, user: Uuid, text: &str) -> Answer {
-        self.call(
-            Method::POST,
-            &format!("/v1/channels/{channel}/messages"),
-            Some(user),
-        )
-        .json(json!({"text": text}))
-        .send()
-        .await
+        self.call(Method::POST, &format!("/v1/channels/{channel}/messages"), Some(user))
+            .json(json!({"text": text}))
+            .send()
+            .await
     }
 
     /// Every stored event, each validated against its checked-in schema.
@@ -209,19 +158,12 @@ impl Api {
         for envelope in &events {
             let json = serde_json::to_value(envelope).unwrap();
             let schema: Value = serde_json::from_str(
-                &std::fs::read_to_string(dir.join(format!("{}.json", envelope.event.type_name())))
-                    .unwrap(),
+                &std::fs::read_to_string(dir.join(format!("{}.json", envelope.event.type_name()))).unwrap(),
             )
             .unwrap();
             let validator = jsonschema::validator_for(&schema).unwrap();
-            let errors: Vec<String> = validator
-                .iter_errors(&json)
-                .map(|e| e.to_string())
-                .collect();
-            assert!(
-                errors.is_empty(),
-                "{json} does not match its schema: {errors:?}"
-            );
+            let errors: Vec<String> = validator.iter_errors(&json).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "{json} does not match its schema: {errors:?}");
         }
         events.len()
     }
@@ -244,74 +186,45 @@ async fn a_conversation_goes_through_every_command(api: Api) {
         .await
         .expect(StatusCode::CREATED);
     let ws = created.id("workspace_id");
-    assert_eq!(
-        created.headers["x-position"].to_str().unwrap(),
-        created.body["position"].as_str().unwrap()
-    );
+    assert_eq!(created.headers["x-position"].to_str().unwrap(), created.body["position"].as_str().unwrap());
     assert_eq!(created.position(), 2);
     assert_eq!(created.body["version"], 1);
 
-    api.call(
-        Method::POST,
-        &format!("/v1/workspaces/{ws}/members"),
-        Some(owner),
-    )
-    .json(json!({"user_id": member, "role": "admin"}))
-    .send()
-    .await
-    .expect(StatusCode::OK);
+    api.call(Method::POST, &format!("/v1/workspaces/{ws}/members"), Some(owner))
+        .json(json!({"user_id": member, "role": "admin"}))
+        .send()
+        .await
+        .expect(StatusCode::OK);
     let channel = api
-        .call(
-            Method::POST,
-            &format!("/v1/workspaces/{ws}/channels"),
-            Some(owner),
-        )
+        .call(Method::POST, &format!("/v1/workspaces/{ws}/channels"), Some(owner))
         .json(json!({"name": "general", "topic": "all things", "private": false}))
         .send()
         .await
         .expect(StatusCode::CREATED);
-    assert_eq!(
-        channel.body["version"], 2,
-        "ChannelCreated and the creator's ChannelMemberJoined"
-    );
+    assert_eq!(channel.body["version"], 2, "ChannelCreated and the creator's ChannelMemberJoined");
     let ch = channel.id("channel_id");
-    api.call(
-        Method::POST,
-        &format!("/v1/channels/{ch}/members"),
-        Some(member),
-    )
-    .json(json!({"user_id": member}))
-    .send()
-    .await
-    .expect(StatusCode::OK);
+    api.call(Method::POST, &format!("/v1/channels/{ch}/members"), Some(member))
+        .json(json!({"user_id": member}))
+        .send()
+        .await
+        .expect(StatusCode::OK);
     api.call(Method::PATCH, &format!("/v1/channels/{ch}"), Some(member))
         .json(json!({"topic": "news"}))
         .send()
         .await
         .expect(StatusCode::OK);
 
-    let posted = api
-        .post(ch, owner, "hello")
-        .await
-        .expect(StatusCode::CREATED);
+    let posted = api.post(ch, owner, "hello").await.expect(StatusCode::CREATED);
     let msg = posted.id("message_id");
     assert_eq!(posted.body["version"], 1);
     let reply = api
-        .call(
-            Method::POST,
-            &format!("/v1/channels/{ch}/messages"),
-            Some(member),
-        )
+        .call(Method::POST, &format!("/v1/channels/{ch}/messages"), Some(member))
         .json(json!({"text": "hi back", "thread_root_id": msg}))
         .send()
         .await
         .expect(StatusCode::CREATED);
     let edited = api
-        .call(
-            Method::PATCH,
-            &format!("/v1/channels/{ch}/messages/{msg}"),
-            Some(owner),
-        )
+        .call(Method::PATCH, &format!("/v1/channels/{ch}/messages/{msg}"), Some(owner))
         .json(json!({"text": "hello!"}))
         .send()
         .await
@@ -319,73 +232,30 @@ async fn a_conversation_goes_through_every_command(api: Api) {
     assert_eq!(edited.body["version"], 2);
 
     let reaction = format!("/v1/channels/{ch}/messages/{msg}/reactions/tada");
-    let reacted = api
-        .call(Method::PUT, &reaction, Some(member))
-        .send()
-        .await
-        .expect(StatusCode::OK);
+    let reacted = api.call(Method::PUT, &reaction, Some(member)).send().await.expect(StatusCode::OK);
     let head = api.head().await;
-    let again = api
-        .call(Method::PUT, &reaction, Some(member))
-        .send()
-        .await
-        .expect(StatusCode::OK);
-    assert_eq!(
-        api.head().await,
-        head,
-        "a reaction already there appends nothing"
-    );
-    assert_eq!(
-        (again.position(), &again.body["version"]),
-        (head, &reacted.body["version"])
-    );
-    api.call(Method::DELETE, &reaction, Some(member))
-        .send()
-        .await
-        .expect(StatusCode::OK);
-    let absent = api
-        .call(Method::DELETE, &reaction, Some(member))
-        .send()
-        .await
-        .expect(StatusCode::OK);
+    let again = api.call(Method::PUT, &reaction, Some(member)).send().await.expect(StatusCode::OK);
+    assert_eq!(api.head().await, head, "a reaction already there appends nothing");
+    assert_eq!((again.position(), &again.body["version"]), (head, &reacted.body["version"]));
+    api.call(Method::DELETE, &reaction, Some(member)).send().await.expect(StatusCode::OK);
+    let absent = api.call(Method::DELETE, &reaction, Some(member)).send().await.expect(StatusCode::OK);
     assert_eq!(absent.position(), api.head().await);
 
-    api.call(
-        Method::POST,
-        &format!("/v1/channels/{ch}/read"),
-        Some(member),
-    )
-    .json(json!({"message_id": msg}))
-    .send()
-    .await
-    .expect(StatusCode::OK);
-    api.call(
-        Method::DELETE,
-        &format!("/v1/channels/{ch}/messages/{}", reply.id("message_id")),
-        Some(owner),
-    )
-    .send()
-    .await
-    .expect(StatusCode::OK);
-    api.call(
-        Method::POST,
-        &format!("/v1/channels/{ch}/archive"),
-        Some(owner),
-    )
-    .send()
-    .await
-    .expect(StatusCode::OK);
-    api.post(ch, owner, "too late")
+    api.call(Method::POST, &format!("/v1/channels/{ch}/read"), Some(member))
+        .json(json!({"message_id": msg}))
+        .send()
         .await
-        .problem(StatusCode::CONFLICT, None);
-    api.call(
-        Method::DELETE,
-        &format!("/v1/channels/{ch}/members/{member}"),
-        Some(member),
-    )
-    .send()
-    .await
-    .expect(StatusCode::OK);
+        .expect(StatusCode::OK);
+    api.call(Method::DELETE, &format!("/v1/channels/{ch}/messages/{}", reply.id("message_id")), Some(owner))
+        .send()
+        .await
+        .expect(StatusCode::OK);
+    api.call(Method::POST, &format!("/v1/channels/{ch}/archive"), Some(owner)).send().await.expect(StatusCode::OK);
+    api.post(ch, owner, "too late").await.problem(StatusCode::CONFLICT, None);
+    api.call(Method::DELETE, &format!("/v1/channels/{ch}/members/{member}"), Some(member))
+        .send()
+        .await
+        .expect(StatusCode::OK);
 
     let events = api.store.read_all(0, 100).await.unwrap();
     let types: Vec<&str> = events.iter().map(|e| e.event.type_name()).collect();
@@ -411,16 +281,10 @@ async fn a_conversation_goes_through_every_command(api: Api) {
         ]
     );
     for event in &events {
-        let is_channel_event = !matches!(
-            event.event.type_name(),
-            "UserProfileUpdated" | "WorkspaceCreated" | "WorkspaceMemberAdded"
-        );
+        let is_channel_event =
+            !matches!(event.event.type_name(), "UserProfileUpdated" | "WorkspaceCreated" | "WorkspaceMemberAdded");
         assert_eq!(event.channel_id.is_some(), is_channel_event, "{event:?}");
-        assert_eq!(
-            event.workspace_id.is_some(),
-            event.event.type_name() != "UserProfileUpdated",
-            "{event:?}"
-        );
+        assert_eq!(event.workspace_id.is_some(), event.event.type_name() != "UserProfileUpdated", "{event:?}");
     }
     assert_eq!(events[7].actor_id, owner, "the actor comes from the token");
     assert_eq!(api.validate_all_events().await, 16);
@@ -480,15 +344,9 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
         .send()
         .await
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("thread_root_id"));
-    api.post(ch, owner, "")
-        .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
-    api.post(ch, owner, &"x".repeat(40_001))
-        .await
-        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
-    api.post(ch, owner, &"x".repeat(300_000))
-        .await
-        .problem(StatusCode::PAYLOAD_TOO_LARGE, None);
+    api.post(ch, owner, "").await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
+    api.post(ch, owner, &"x".repeat(40_001)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
+    api.post(ch, owner, &"x".repeat(300_000)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, None);
     api.call(Method::POST, &messages, Some(owner))
         .json(json!({"text": "x", "thread_root_id": Uuid::now_v7()}))
         .send()
@@ -511,52 +369,30 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
         .send()
         .await
         .problem(StatusCode::NOT_FOUND, None);
-    api.call(
-        Method::POST,
-        &format!("/v1/workspaces/{ws}/members"),
-        Some(member),
-    )
-    .json(json!({"user_id": outsider, "role": "member"}))
-    .send()
-    .await
-    .problem(StatusCode::FORBIDDEN, None);
-    api.call(
-        Method::POST,
-        &format!("/v1/workspaces/{ws}/members"),
-        Some(owner),
-    )
-    .json(json!({"user_id": outsider, "role": "owner"}))
-    .send()
-    .await
-    .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("role"));
-
-    api.post(ch, outsider, "hi")
-        .await
-        .problem(StatusCode::NOT_FOUND, None);
-    api.post(ch, member, "not joined yet")
+    api.call(Method::POST, &format!("/v1/workspaces/{ws}/members"), Some(member))
+        .json(json!({"user_id": outsider, "role": "member"}))
+        .send()
         .await
         .problem(StatusCode::FORBIDDEN, None);
-    api.post(Uuid::now_v7(), owner, "nowhere")
+    api.call(Method::POST, &format!("/v1/workspaces/{ws}/members"), Some(owner))
+        .json(json!({"user_id": outsider, "role": "owner"}))
+        .send()
+        .await
+        .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("role"));
+
+    api.post(ch, outsider, "hi").await.problem(StatusCode::NOT_FOUND, None);
+    api.post(ch, member, "not joined yet").await.problem(StatusCode::FORBIDDEN, None);
+    api.post(Uuid::now_v7(), owner, "nowhere").await.problem(StatusCode::NOT_FOUND, None);
+    api.call(Method::POST, "/v1/channels/not-a-uuid/messages", Some(owner))
+        .json(json!({"text": "x"}))
+        .send()
         .await
         .problem(StatusCode::NOT_FOUND, None);
-    api.call(
-        Method::POST,
-        "/v1/channels/not-a-uuid/messages",
-        Some(owner),
-    )
-    .json(json!({"text": "x"}))
-    .send()
-    .await
-    .problem(StatusCode::NOT_FOUND, None);
-    api.call(
-        Method::PATCH,
-        &format!("/v1/channels/{ch}/messages/{}", Uuid::now_v7()),
-        Some(owner),
-    )
-    .json(json!({"text": "x"}))
-    .send()
-    .await
-    .problem(StatusCode::NOT_FOUND, None);
+    api.call(Method::PATCH, &format!("/v1/channels/{ch}/messages/{}", Uuid::now_v7()), Some(owner))
+        .json(json!({"text": "x"}))
+        .send()
+        .await
+        .problem(StatusCode::NOT_FOUND, None);
     api.call(Method::PATCH, &format!("/v1/channels/{ch}"), Some(owner))
         .header("if-match", "soon")
         .json(json!({"topic": "x"}))
@@ -574,30 +410,18 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
         .await
         .expect(StatusCode::CREATED)
         .id("channel_id");
-    api.post(secret, member, "let me in")
+    api.post(secret, member, "let me in").await.problem(StatusCode::NOT_FOUND, None);
+    api.call(Method::POST, &format!("/v1/channels/{secret}/members"), Some(member))
+        .json(json!({"user_id": member}))
+        .send()
         .await
         .problem(StatusCode::NOT_FOUND, None);
-    api.call(
-        Method::POST,
-        &format!("/v1/channels/{secret}/members"),
-        Some(member),
-    )
-    .json(json!({"user_id": member}))
-    .send()
-    .await
-    .problem(StatusCode::NOT_FOUND, None);
-    api.call(
-        Method::POST,
-        &format!("/v1/channels/{secret}/members"),
-        Some(owner),
-    )
-    .json(json!({"user_id": member}))
-    .send()
-    .await
-    .expect(StatusCode::OK);
-    api.post(secret, member, "thanks")
+    api.call(Method::POST, &format!("/v1/channels/{secret}/members"), Some(owner))
+        .json(json!({"user_id": member}))
+        .send()
         .await
-        .expect(StatusCode::CREATED);
+        .expect(StatusCode::OK);
+    api.post(secret, member, "thanks").await.expect(StatusCode::CREATED);
 }
 
 async fn an_idempotency_key_returns_the_first_answer_for_the_same_body_only(api: Api) {
@@ -655,16 +479,10 @@ async fn an_idempotency_key_returns_the_first_answer_for_the_same_body_only(api:
 
     // Concurrent repeats of one key append once.
     let racers = (0..8).map(|_| {
-        api.call(Method::POST, &path, Some(owner))
-            .header("idempotency-key", "k3")
-            .json(json!({"text": "raced"}))
-            .send()
+        api.call(Method::POST, &path, Some(owner)).header("idempotency-key", "k3").json(json!({"text": "raced"})).send()
     });
     let answers = futures::future::join_all(racers).await;
-    let ids: std::collections::HashSet<_> = answers
-        .iter()
-        .map(|a| a.body["message_id"].clone())
-        .collect();
+    let ids: std::collections::HashSet<_> = answers.iter().map(|a| a.body["message_id"].clone()).collect();
     assert_eq!(ids.len(), 1, "every repeat answers the same message");
     assert!(answers.iter().all(|a| a.status == StatusCode::CREATED));
 }
@@ -696,21 +514,11 @@ async fn if_match_makes_a_command_conditional_on_the_version(api: Api) {
             .send()
     });
     let answers = futures::future::join_all(racers).await;
-    let won = answers
-        .iter()
-        .filter(|a| a.status == StatusCode::OK)
-        .count();
-    let lost = answers
-        .iter()
-        .filter(|a| a.status == StatusCode::PRECONDITION_FAILED)
-        .count();
+    let won = answers.iter().filter(|a| a.status == StatusCode::OK).count();
+    let lost = answers.iter().filter(|a| a.status == StatusCode::PRECONDITION_FAILED).count();
     assert_eq!((won, lost), (1, 11));
 
-    let msg = api
-        .post(ch, owner, "v1")
-        .await
-        .expect(StatusCode::CREATED)
-        .id("message_id");
+    let msg = api.post(ch, owner, "v1").await.expect(StatusCode::CREATED).id("message_id");
     let message = format!("/v1/channels/{ch}/messages/{msg}");
     api.call(Method::PATCH, &message, Some(owner))
         .header("if-match", "\"1\"")
@@ -732,38 +540,17 @@ async fn concurrent_posts_and_renames_to_one_name_are_all_decided_once(api: Api)
     let head = api.head().await;
     let texts: Vec<String> = (0..30).map(|i| format!("message {i}")).collect();
     let posts = texts.iter().map(|text| api.post(ch, owner, text));
-    assert!(
-        futures::future::join_all(posts)
-            .await
-            .iter()
-            .all(|a| a.status == StatusCode::CREATED)
-    );
+    assert!(futures::future::join_all(posts).await.iter().all(|a| a.status == StatusCode::CREATED));
     assert_eq!(api.head().await, head + 30);
 
     let creations = (0..6).map(|_| {
-        api.call(
-            Method::POST,
-            &format!("/v1/workspaces/{ws}/channels"),
-            Some(owner),
-        )
-        .json(json!({"name": "contested"}))
-        .send()
+        api.call(Method::POST, &format!("/v1/workspaces/{ws}/channels"), Some(owner))
+            .json(json!({"name": "contested"}))
+            .send()
     });
     let answers = futures::future::join_all(creations).await;
-    assert_eq!(
-        answers
-            .iter()
-            .filter(|a| a.status == StatusCode::CREATED)
-            .count(),
-        1
-    );
-    assert_eq!(
-        answers
-            .iter()
-            .filter(|a| a.status == StatusCode::CONFLICT)
-            .count(),
-        5
-    );
+    assert_eq!(answers.iter().filter(|a| a.status == StatusCode::CREATED).count(), 1);
+    assert_eq!(answers.iter().filter(|a| a.status == StatusCode::CONFLICT).count(), 5);
 
     // A renamed channel frees its old name.
     api.call(Method::PATCH, &format!("/v1/channels/{ch}"), Some(owner))
@@ -771,32 +558,20 @@ async fn concurrent_posts_and_renames_to_one_name_are_all_decided_once(api: Api)
         .send()
         .await
         .expect(StatusCode::OK);
-    api.call(
-        Method::POST,
-        &format!("/v1/workspaces/{ws}/channels"),
-        Some(owner),
-    )
-    .json(json!({"name": "general"}))
-    .send()
-    .await
-    .expect(StatusCode::CREATED);
-    api.call(
-        Method::POST,
-        &format!("/v1/workspaces/{ws}/channels"),
-        Some(owner),
-    )
-    .json(json!({"name": "lobby"}))
-    .send()
-    .await
-    .problem(StatusCode::CONFLICT, None);
+    api.call(Method::POST, &format!("/v1/workspaces/{ws}/channels"), Some(owner))
+        .json(json!({"name": "general"}))
+        .send()
+        .await
+        .expect(StatusCode::CREATED);
+    api.call(Method::POST, &format!("/v1/workspaces/{ws}/channels"), Some(owner))
+        .json(json!({"name": "lobby"}))
+        .send()
+        .await
+        .problem(StatusCode::CONFLICT, None);
 }
 
 async fn the_service_documents_itself_and_reports_health(api: Api) {
-    let openapi = api
-        .call(Method::GET, "/openapi.json", None)
-        .send()
-        .await
-        .expect(StatusCode::OK);
+    let openapi = api.call(Method::GET, "/openapi.json", None).send().await.expect(StatusCode::OK);
     let paths = openapi.body["paths"].as_object().expect("paths");
     for (path, methods) in [
         ("/v1/users/me", &["put"][..]),
@@ -808,59 +583,24 @@ async fn the_service_documents_itself_and_reports_health(api: Api) {
         ("/v1/channels/{channel_id}/members", &["post"]),
         ("/v1/channels/{channel_id}/members/{user_id}", &["delete"]),
         ("/v1/channels/{channel_id}/messages", &["post"]),
-        (
-            "/v1/channels/{channel_id}/messages/{message_id}",
-            &["patch", "delete"],
-        ),
-        (
-            "/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}",
-            &["put", "delete"],
-        ),
+        ("/v1/channels/{channel_id}/messages/{message_id}", &["patch", "delete"]),
+        ("/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}", &["put", "delete"]),
         ("/v1/channels/{channel_id}/read", &["post"]),
     ] {
         for method in methods {
-            assert!(
-                paths.get(path).and_then(|p| p.get(method)).is_some(),
-                "{method} {path} is not documented"
-            );
+            assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} is not documented");
         }
     }
-    api.call(Method::GET, "/healthz", None)
-        .send()
-        .await
-        .expect(StatusCode::OK);
-    assert_eq!(
-        api.call(Method::GET, "/readyz", None)
-            .send()
-            .await
-            .expect(StatusCode::OK)
-            .body["status"],
-        "ready"
-    );
+    api.call(Method::GET, "/healthz", None).send().await.expect(StatusCode::OK);
+    assert_eq!(api.call(Method::GET, "/readyz", None).send().await.expect(StatusCode::OK).body["status"], "ready");
     api.call(Method::POST, "/v1/workspaces", Some(Uuid::now_v7()))
         .json(json!({"name": "Metered"}))
         .send()
         .await
         .expect(StatusCode::CREATED);
-    let metrics = api
-        .call(Method::GET, "/metrics", None)
-        .send()
-        .await
-        .expect(StatusCode::OK);
-    assert!(
-        metrics
-            .body
-            .as_str()
-            .unwrap()
-            .contains("quikapp_commands_total"),
-        "{}",
-        metrics.body
-    );
-    let answer = api
-        .call(Method::GET, "/healthz", None)
-        .header("x-request-id", "trace-me")
-        .send()
-        .await;
+    let metrics = api.call(Method::GET, "/metrics", None).send().await.expect(StatusCode::OK);
+    assert!(metrics.body.as_str().unwrap().contains("quikapp_commands_total"), "{}", metrics.body);
+    let answer = api.call(Method::GET, "/healthz", None).header("x-request-id", "trace-me").send().await;
     assert_eq!(answer.headers["x-request-id"], "trace-me");
 }
 
@@ -899,13 +639,7 @@ against_both_stores!(
 
 #[tokio::test]
 async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
-    let api = Api::new(
-        contract::fresh_sqlite().await,
-        RateLimit {
-            per_second: 1,
-            burst: 2,
-        },
-    );
+    let api = Api::new(contract::fresh_sqlite().await, RateLimit { per_second: 1, burst: 2 });
     let user = Uuid::now_v7();
     for _ in 0..2 {
         api.call(Method::PUT, "/v1/users/me", Some(user))
@@ -914,20 +648,9 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
             .await
             .expect(StatusCode::OK);
     }
-    let limited = api
-        .call(Method::PUT, "/v1/users/me", Some(user))
-        .json(json!({"display_name": "Quick"}))
-        .send()
-        .await;
+    let limited = api.call(Method::PUT, "/v1/users/me", Some(user)).json(json!({"display_name": "Quick"})).send().await;
     let limited = limited.problem(StatusCode::TOO_MANY_REQUESTS, None);
-    assert!(
-        limited.headers["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= 1
-    );
+    assert!(limited.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     api.call(Method::PUT, "/v1/users/me", Some(Uuid::now_v7()))
         .json(json!({"display_name": "Other"}))
         .send()

@@ -10,8 +10,8 @@ use quikapp_domain::event::{MessagePosted, timestamp};
 use uuid::Uuid;
 
 use super::{
-    AppendError, AppendOutcome, AppendRequest, Appended, EventStore, IdempotencyEntry, NewEvent,
-    PostgresStore, SqliteStore, StreamCondition,
+    AppendError, AppendOutcome, AppendRequest, Appended, EventStore, IdempotencyEntry, NewEvent, PostgresStore,
+    SqliteStore, StreamCondition,
 };
 
 pub type Store = Arc<dyn EventStore>;
@@ -64,14 +64,7 @@ pub async fn appends_and_reads_a_stream_in_order(store: Store) {
     let request = append_to(&stream, 0, &["one", "two", "three"]);
     let sent = request.events.clone();
     let result = appended(store.append(request).await);
-    assert_eq!(
-        result,
-        Appended {
-            first_position: 1,
-            last_position: 3,
-            stream_version: 3
-        }
-    );
+    assert_eq!(result, Appended { first_position: 1, last_position: 3, stream_version: 3 });
 
     let read = store.read_stream(&stream, 0).await.unwrap();
     assert_eq!(read.len(), 3);
@@ -79,34 +72,16 @@ pub async fn appends_and_reads_a_stream_in_order(store: Store) {
         assert_eq!(envelope.stream_version, i as u64 + 1);
         assert_eq!(envelope.global_position, i as u64 + 1);
         assert_eq!(envelope.stream_id, stream);
-        assert_eq!(
-            (envelope.event_id, &envelope.event, envelope.actor_id),
-            (new.event_id, &new.event, new.actor_id)
-        );
-        assert_eq!(
-            (envelope.workspace_id, envelope.channel_id),
-            (new.workspace_id, new.channel_id)
-        );
-        assert_eq!(
-            (envelope.correlation_id, envelope.causation_id),
-            (new.correlation_id, new.causation_id)
-        );
+        assert_eq!((envelope.event_id, &envelope.event, envelope.actor_id), (new.event_id, &new.event, new.actor_id));
+        assert_eq!((envelope.workspace_id, envelope.channel_id), (new.workspace_id, new.channel_id));
+        assert_eq!((envelope.correlation_id, envelope.causation_id), (new.correlation_id, new.causation_id));
         assert_eq!(envelope.occurred_at, new.occurred_at);
     }
     let tail = store.read_stream(&stream, 1).await.unwrap();
-    assert_eq!(
-        tail.iter().map(|e| e.stream_version).collect::<Vec<_>>(),
-        vec![2, 3]
-    );
+    assert_eq!(tail.iter().map(|e| e.stream_version).collect::<Vec<_>>(), vec![2, 3]);
     appended(store.append(append_to(&stream, 3, &["four"])).await);
     assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 4);
-    assert!(
-        store
-            .read_stream(&unique_stream(), 0)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(store.read_stream(&unique_stream(), 0).await.unwrap().is_empty());
 }
 
 pub async fn a_second_append_at_the_same_version_is_a_conflict(store: Store) {
@@ -116,27 +91,11 @@ pub async fn a_second_append_at_the_same_version_is_a_conflict(store: Store) {
         let request = append_to(&stream, 0, &[&format!("racer {i}")]);
         tokio::spawn(async move { store.append(request).await })
     });
-    let outcomes: Vec<_> = futures::future::join_all(racers)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let winners = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(AppendOutcome::Appended(_))))
-        .count();
+    let outcomes: Vec<_> = futures::future::join_all(racers).await.into_iter().map(Result::unwrap).collect();
+    let winners = outcomes.iter().filter(|o| matches!(o, Ok(AppendOutcome::Appended(_)))).count();
     let conflicts = outcomes
         .iter()
-        .filter(|o| {
-            matches!(
-                o,
-                Err(AppendError::WrongExpectedVersion {
-                    expected: 0,
-                    actual: 1,
-                    ..
-                })
-            )
-        })
+        .filter(|o| matches!(o, Err(AppendError::WrongExpectedVersion { expected: 0, actual: 1, .. })))
         .count();
     assert_eq!((winners, conflicts), (1, 15), "{outcomes:?}");
     assert_eq!(store.read_stream(&stream, 0).await.unwrap().len(), 1);
@@ -147,58 +106,22 @@ pub async fn an_append_to_an_existing_stream_at_version_zero_is_a_conflict(store
     let stream = unique_stream();
     appended(store.append(append_to(&stream, 0, &["first"])).await);
     let again = store.append(append_to(&stream, 0, &["again"])).await;
-    assert!(
-        matches!(
-            again,
-            Err(AppendError::WrongExpectedVersion {
-                expected: 0,
-                actual: 1,
-                ..
-            })
-        ),
-        "{again:?}"
-    );
+    assert!(matches!(again, Err(AppendError::WrongExpectedVersion { expected: 0, actual: 1, .. })), "{again:?}");
     let ahead = store.append(append_to(&stream, 5, &["ahead"])).await;
-    assert!(
-        matches!(
-            ahead,
-            Err(AppendError::WrongExpectedVersion {
-                expected: 5,
-                actual: 1,
-                ..
-            })
-        ),
-        "{ahead:?}"
-    );
+    assert!(matches!(ahead, Err(AppendError::WrongExpectedVersion { expected: 5, actual: 1, .. })), "{ahead:?}");
 }
 
 pub async fn conditions_on_other_streams_guard_the_append(store: Store) {
     let (guard, target) = (unique_stream(), unique_stream());
     appended(store.append(append_to(&guard, 0, &["a", "b"])).await);
     let mut stale = append_to(&target, 0, &["decided on a stale guard"]);
-    stale.conditions = vec![StreamCondition {
-        stream_id: guard.clone(),
-        version: 1,
-    }];
+    stale.conditions = vec![StreamCondition { stream_id: guard.clone(), version: 1 }];
     let refused = store.append(stale).await;
-    assert!(
-        matches!(
-            refused,
-            Err(AppendError::WrongExpectedVersion {
-                expected: 1,
-                actual: 2,
-                ..
-            })
-        ),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(AppendError::WrongExpectedVersion { expected: 1, actual: 2, .. })), "{refused:?}");
     assert!(store.read_stream(&target, 0).await.unwrap().is_empty());
 
     let mut fresh = append_to(&target, 0, &["decided on the current guard"]);
-    fresh.conditions = vec![StreamCondition {
-        stream_id: guard,
-        version: 2,
-    }];
+    fresh.conditions = vec![StreamCondition { stream_id: guard, version: 2 }];
     appended(store.append(fresh).await);
 }
 
@@ -218,34 +141,17 @@ pub async fn an_idempotent_repeat_returns_the_first_reply_and_appends_nothing(st
     match store.append(repeat).await {
         Ok(AppendOutcome::Replayed(stored)) => {
             assert_eq!(stored.reply, entry.reply);
-            assert_eq!(
-                (stored.position, stored.stream_version),
-                (result.last_position, result.stream_version)
-            );
+            assert_eq!((stored.position, stored.stream_version), (result.last_position, result.stream_version));
         }
         other => panic!("expected the first reply again, got {other:?}"),
     }
-    let stored = store
-        .idempotent_reply(&entry.key)
-        .await
-        .unwrap()
-        .expect("the key is remembered");
+    let stored = store.idempotent_reply(&entry.key).await.unwrap().expect("the key is remembered");
     assert_eq!(stored.request_hash, "hash-a");
 
     let mut reused = append_to(&unique_stream(), 0, &["other body"]);
-    reused.idempotency = Some(IdempotencyEntry {
-        request_hash: "hash-b".into(),
-        ..entry
-    });
-    assert_eq!(
-        store.append(reused).await,
-        Err(AppendError::IdempotencyKeyReused)
-    );
-    assert_eq!(
-        store.head().await.unwrap(),
-        1,
-        "neither the repeat nor the reuse appended"
-    );
+    reused.idempotency = Some(IdempotencyEntry { request_hash: "hash-b".into(), ..entry });
+    assert_eq!(store.append(reused).await, Err(AppendError::IdempotencyKeyReused));
+    assert_eq!(store.head().await.unwrap(), 1, "neither the repeat nor the reuse appended");
 }
 
 pub async fn concurrent_repeats_of_one_idempotency_key_append_once(store: Store) {
@@ -253,26 +159,13 @@ pub async fn concurrent_repeats_of_one_idempotency_key_append_once(store: Store)
     let repeats = (0..8).map(|_| {
         let store = store.clone();
         let mut request = append_to(&unique_stream(), 0, &["same"]);
-        request.idempotency = Some(IdempotencyEntry {
-            key: key.clone(),
-            request_hash: "h".into(),
-            reply: serde_json::json!({}),
-        });
+        request.idempotency =
+            Some(IdempotencyEntry { key: key.clone(), request_hash: "h".into(), reply: serde_json::json!({}) });
         tokio::spawn(async move { store.append(request).await })
     });
-    let outcomes: Vec<_> = futures::future::join_all(repeats)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let appends = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(AppendOutcome::Appended(_))))
-        .count();
-    let replays = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(AppendOutcome::Replayed(_))))
-        .count();
+    let outcomes: Vec<_> = futures::future::join_all(repeats).await.into_iter().map(Result::unwrap).collect();
+    let appends = outcomes.iter().filter(|o| matches!(o, Ok(AppendOutcome::Appended(_)))).count();
+    let replays = outcomes.iter().filter(|o| matches!(o, Ok(AppendOutcome::Replayed(_)))).count();
     assert_eq!((appends, replays), (1, 7), "{outcomes:?}");
     assert_eq!(store.head().await.unwrap(), 1);
 }
@@ -286,12 +179,7 @@ pub async fn a_claim_is_exclusive_until_released(store: Store) {
 
     let mut steal = append_to(&rival, 0, &["steal"]);
     steal.claims = vec![claim.clone()];
-    assert_eq!(
-        store.append(steal.clone()).await,
-        Err(AppendError::ClaimTaken {
-            claim: claim.clone()
-        })
-    );
+    assert_eq!(store.append(steal.clone()).await, Err(AppendError::ClaimTaken { claim: claim.clone() }));
     assert!(store.read_stream(&rival, 0).await.unwrap().is_empty());
 
     let mut keep = append_to(&owner, 1, &["the owner claims again"]);
@@ -313,16 +201,10 @@ pub async fn reading_all_from_a_position_pages_in_order(store: Store) {
     }
     assert_eq!(store.head().await.unwrap(), 12);
     let page = store.read_all(5, 4).await.unwrap();
-    assert_eq!(
-        page.iter().map(|e| e.global_position).collect::<Vec<_>>(),
-        vec![6, 7, 8, 9]
-    );
+    assert_eq!(page.iter().map(|e| e.global_position).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
     let all = store.read_all(0, 100).await.unwrap();
     assert_eq!(all.len(), 12);
-    assert!(
-        all.windows(2)
-            .all(|w| w[1].global_position == w[0].global_position + 1)
-    );
+    assert!(all.windows(2).all(|w| w[1].global_position == w[0].global_position + 1));
     assert!(store.read_all(12, 10).await.unwrap().is_empty());
 }
 
@@ -345,36 +227,20 @@ pub async fn a_failed_append_leaves_nothing_behind(store: Store) {
     let key = format!("key-{}", Uuid::now_v7());
     let mut doomed = append_to(&stream, 0, &["a", "b", "c"]);
     doomed.claims = vec![claim.clone()];
-    doomed.conditions = vec![StreamCondition {
-        stream_id: guard,
-        version: 3,
-    }];
-    doomed.idempotency = Some(IdempotencyEntry {
-        key: key.clone(),
-        request_hash: "h".into(),
-        reply: serde_json::json!({}),
-    });
-    assert!(matches!(
-        store.append(doomed).await,
-        Err(AppendError::WrongExpectedVersion { .. })
-    ));
+    doomed.conditions = vec![StreamCondition { stream_id: guard, version: 3 }];
+    doomed.idempotency =
+        Some(IdempotencyEntry { key: key.clone(), request_hash: "h".into(), reply: serde_json::json!({}) });
+    assert!(matches!(store.append(doomed).await, Err(AppendError::WrongExpectedVersion { .. })));
 
     assert_eq!(store.head().await.unwrap(), 0);
     assert!(store.read_stream(&stream, 0).await.unwrap().is_empty());
-    assert_eq!(
-        store.idempotent_reply(&key).await.unwrap(),
-        None,
-        "a failed append is not remembered"
-    );
+    assert_eq!(store.idempotent_reply(&key).await.unwrap(), None, "a failed append is not remembered");
     let mut rival = append_to(&unique_stream(), 0, &["the claim is still free"]);
     rival.claims = vec![claim];
     appended(store.append(rival).await);
 
     let empty = append_to(&unique_stream(), 0, &[]);
-    assert!(matches!(
-        store.append(empty).await,
-        Err(AppendError::Invalid(_))
-    ));
+    assert!(matches!(store.append(empty).await, Err(AppendError::Invalid(_))));
 }
 
 pub async fn a_refused_append_does_not_fail_the_appends_committed_with_it(store: Store) {
@@ -388,20 +254,10 @@ pub async fn a_refused_append_does_not_fail_the_appends_committed_with_it(store:
         };
         tokio::spawn(async move { (i, store.append(request).await) })
     });
-    for (i, outcome) in futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-    {
+    for (i, outcome) in futures::future::join_all(tasks).await.into_iter().map(Result::unwrap) {
         match i % 2 {
-            0 => assert!(
-                matches!(outcome, Err(AppendError::WrongExpectedVersion { .. })),
-                "{outcome:?}"
-            ),
-            _ => assert!(
-                matches!(outcome, Ok(AppendOutcome::Appended(_))),
-                "{outcome:?}"
-            ),
+            0 => assert!(matches!(outcome, Err(AppendError::WrongExpectedVersion { .. })), "{outcome:?}"),
+            _ => assert!(matches!(outcome, Ok(AppendOutcome::Appended(_))), "{outcome:?}"),
         }
     }
     assert_eq!(store.head().await.unwrap(), 21);
@@ -430,20 +286,14 @@ pub async fn a_follower_never_skips_an_event_that_commits_late(store: Store) {
     let follow = async {
         while last < total {
             for envelope in store.read_all(last, 7).await.unwrap() {
-                assert_eq!(
-                    envelope.global_position,
-                    last + 1,
-                    "the follower skipped a position"
-                );
+                assert_eq!(envelope.global_position, last + 1, "the follower skipped a position");
                 assert!(seen.insert(envelope.event_id), "an event came twice");
                 last = envelope.global_position;
             }
             tokio::task::yield_now().await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(60), follow)
-        .await
-        .expect("the follower caught up");
+    tokio::time::timeout(std::time::Duration::from_secs(60), follow).await.expect("the follower caught up");
     for writer in writers {
         writer.await.unwrap();
     }
@@ -479,9 +329,7 @@ pub async fn fresh_sqlite() -> Arc<SqliteStore> {
 /// An empty PostgreSQL store in a database of its own, on the server `QUIKAPP_POSTGRES_URL` names.
 pub async fn fresh_postgres() -> Option<Arc<PostgresStore>> {
     let url = fresh_postgres_database().await?;
-    let store = PostgresStore::connect(&url)
-        .await
-        .expect("connect to the test database");
+    let store = PostgresStore::connect(&url).await.expect("connect to the test database");
     store.migrate().await.expect("migrate PostgreSQL");
     Some(Arc::new(store))
 }
@@ -490,21 +338,14 @@ pub async fn fresh_postgres() -> Option<Arc<PostgresStore>> {
 pub async fn fresh_postgres_database() -> Option<String> {
     let server = service_url("QUIKAPP_POSTGRES_URL")?;
     let name = format!("quikapp_test_{}", Uuid::now_v7().simple());
-    let admin = sqlx::PgPool::connect(&server)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .expect("create the test database");
+    let admin = sqlx::PgPool::connect(&server).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create the test database");
     admin.close().await;
     Some(with_database(&server, &name))
 }
 
 fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
     let base = base.rsplit_once('/').map_or(base, |(server, _)| server);
     match query {
         Some(query) => format!("{base}/{database}?{query}"),

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{AppendError, AppendOutcome, AppendRequest, StoreError};
 
@@ -27,23 +27,18 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn start(writer: impl BatchWriter) -> Self {
+    /// Starts the committing task, with up to `in_flight` batches committing at once. Batches
+    /// are taken only when a slot is free, so requests pile up into the next batch meanwhile.
+    pub fn start(writer: impl BatchWriter, in_flight: usize) -> Self {
         let (queue, requests) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(run(Arc::new(writer), requests));
+        tokio::spawn(run(Arc::new(writer), requests, Arc::new(Semaphore::new(in_flight))));
         GroupCommit { queue }
     }
 
     pub async fn append(&self, request: AppendRequest) -> Outcome {
-        let stopped = || {
-            AppendError::Store(StoreError::Unavailable(
-                "the event store writer has stopped".into(),
-            ))
-        };
+        let stopped = || AppendError::Store(StoreError::Unavailable("the event store writer has stopped".into()));
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send((request, reply))
-            .await
-            .map_err(|_| stopped())?;
+        self.queue.send((request, reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
@@ -51,15 +46,33 @@ impl GroupCommit {
 async fn run(
     writer: Arc<dyn BatchWriter>,
     mut requests: mpsc::Receiver<(AppendRequest, oneshot::Sender<Outcome>)>,
+    slots: Arc<Semaphore>,
 ) {
-    let mut queued = Vec::with_capacity(MAX_BATCH);
-    while requests.recv_many(&mut queued, MAX_BATCH).await > 0 {
-        let (batch, replies): (Vec<_>, Vec<_>) = queued.drain(..).unzip();
-        let outcomes = commit(writer.as_ref(), &batch).await;
-        for (reply, outcome) in replies.into_iter().zip(outcomes) {
-            // The caller may have gone away (a dropped request); the append stands regardless.
-            let _ = reply.send(outcome);
+    loop {
+        let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let mut queued = Vec::with_capacity(MAX_BATCH);
+        if requests.recv_many(&mut queued, MAX_BATCH).await == 0 {
+            return; // every handle is gone
         }
+        // The replies to the last batch woke its writers; let them queue their next appends
+        // before this batch is closed, or the first of them would commit alone.
+        tokio::task::yield_now().await;
+        while queued.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => queued.push(request),
+                Err(_) => break,
+            }
+        }
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let (batch, replies): (Vec<_>, Vec<_>) = queued.into_iter().unzip();
+            let outcomes = commit(writer.as_ref(), &batch).await;
+            drop(slot);
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // The caller may have gone away (a dropped request); the append stands regardless.
+                let _ = reply.send(outcome);
+            }
+        });
     }
 }
 

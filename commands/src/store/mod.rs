@@ -35,11 +35,7 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError>;
 
     /// The events of one stream with a version above `after_version`, oldest first.
-    async fn read_stream(
-        &self,
-        stream_id: &str,
-        after_version: u64,
-    ) -> Result<Vec<Envelope>, StoreError>;
+    async fn read_stream(&self, stream_id: &str, after_version: u64) -> Result<Vec<Envelope>, StoreError>;
 
     /// Up to `limit` events with a global position above `after_position`, in position order.
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError>;
@@ -124,11 +120,7 @@ pub struct Appended {
 pub enum AppendError {
     /// The stream, or a stream in the conditions, has moved on (retry on fresh state, or 412).
     #[error("stream {stream_id} is at version {actual}, not {expected}")]
-    WrongExpectedVersion {
-        stream_id: String,
-        expected: u64,
-        actual: u64,
-    },
+    WrongExpectedVersion { stream_id: String, expected: u64, actual: u64 },
     /// A unique value is owned by another stream (409).
     #[error("{claim} is taken")]
     ClaimTaken { claim: String },
@@ -156,10 +148,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(error.to_string()),
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(error.to_string())
+            }
             other => StoreError::Failed(other.to_string()),
         }
     }
@@ -185,9 +176,8 @@ pub(crate) struct StoredEvent {
 impl StoredEvent {
     pub fn into_envelope(self) -> Result<Envelope, StoreError> {
         let tagged = serde_json::json!({ "type": self.event_type, "data": self.data });
-        let event: Event = serde_json::from_value(tagged).map_err(|e| {
-            StoreError::Failed(format!("event at position {}: {e}", self.global_position))
-        })?;
+        let event: Event = serde_json::from_value(tagged)
+            .map_err(|e| StoreError::Failed(format!("event at position {}: {e}", self.global_position)))?;
         Ok(Envelope {
             event_id: self.event_id,
             event,

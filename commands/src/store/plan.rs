@@ -28,28 +28,14 @@ pub struct Lookups {
 
 impl Lookups {
     pub fn of(batch: &[AppendRequest]) -> Self {
-        let mut lookups = Lookups {
-            streams: vec![],
-            claims: vec![],
-            idempotency_keys: vec![],
-        };
+        let mut lookups = Lookups { streams: vec![], claims: vec![], idempotency_keys: vec![] };
         for request in batch {
             lookups.streams.push(request.stream_id.clone());
-            lookups
-                .streams
-                .extend(request.conditions.iter().map(|c| c.stream_id.clone()));
-            lookups
-                .claims
-                .extend(request.claims.iter().chain(&request.releases).cloned());
-            lookups
-                .idempotency_keys
-                .extend(request.idempotency.iter().map(|i| i.key.clone()));
+            lookups.streams.extend(request.conditions.iter().map(|c| c.stream_id.clone()));
+            lookups.claims.extend(request.claims.iter().chain(&request.releases).cloned());
+            lookups.idempotency_keys.extend(request.idempotency.iter().map(|i| i.key.clone()));
         }
-        for keys in [
-            &mut lookups.streams,
-            &mut lookups.claims,
-            &mut lookups.idempotency_keys,
-        ] {
+        for keys in [&mut lookups.streams, &mut lookups.claims, &mut lookups.idempotency_keys] {
             keys.sort_unstable();
             keys.dedup();
         }
@@ -71,11 +57,7 @@ pub struct BatchPlan {
 
 impl BatchPlan {
     pub fn new(state: CurrentState) -> Self {
-        BatchPlan {
-            initial_claims: state.claims.clone(),
-            state,
-            ..Default::default()
-        }
+        BatchPlan { initial_claims: state.claims.clone(), state, ..Default::default() }
     }
 
     /// Judges one request against the state as earlier requests of the batch left it.
@@ -96,19 +78,13 @@ impl BatchPlan {
         for (stream_id, expected) in expectations {
             let actual = self.version_of(stream_id);
             if actual != expected {
-                return Err(AppendError::WrongExpectedVersion {
-                    stream_id: stream_id.clone(),
-                    expected,
-                    actual,
-                });
+                return Err(AppendError::WrongExpectedVersion { stream_id: stream_id.clone(), expected, actual });
             }
         }
         for claim in &request.claims {
             match self.state.claims.get(claim) {
                 Some(owner) if *owner != request.stream_id => {
-                    return Err(AppendError::ClaimTaken {
-                        claim: claim.clone(),
-                    });
+                    return Err(AppendError::ClaimTaken { claim: claim.clone() });
                 }
                 _ => {}
             }
@@ -134,9 +110,7 @@ impl BatchPlan {
                 causation_id: new.causation_id,
             });
         }
-        self.state
-            .stream_versions
-            .insert(request.stream_id.clone(), version);
+        self.state.stream_versions.insert(request.stream_id.clone(), version);
         for released in request.releases {
             if self.state.claims.get(&released) == Some(&request.stream_id) {
                 self.state.claims.remove(&released);
@@ -145,11 +119,7 @@ impl BatchPlan {
         for claim in request.claims {
             self.state.claims.insert(claim, request.stream_id.clone());
         }
-        let appended = Appended {
-            first_position,
-            last_position: self.state.head,
-            stream_version: version,
-        };
+        let appended = Appended { first_position, last_position: self.state.head, stream_version: version };
         if let Some(entry) = request.idempotency {
             let stored = StoredReply {
                 request_hash: entry.request_hash,
@@ -164,11 +134,7 @@ impl BatchPlan {
     }
 
     fn version_of(&self, stream_id: &str) -> u64 {
-        self.state
-            .stream_versions
-            .get(stream_id)
-            .copied()
-            .unwrap_or(0)
+        self.state.stream_versions.get(stream_id).copied().unwrap_or(0)
     }
 
     /// Settles the claim changes as differences from what the store held at the start.

@@ -12,12 +12,15 @@ use uuid::Uuid;
 
 use super::group_commit::{BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
-use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply,
-};
+use super::{AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply};
 
 /// The advisory lock every writer of the event log holds while it appends.
 const WRITER_LOCK: i64 = 0x5155_494b_4150_5031; // "QUIKAPP1"
+
+/// The current version of each named stream: one index probe per stream, whatever its length.
+const STREAM_VERSIONS: &str = "SELECT s.stream_id, e.stream_version FROM unnest($1::text[]) AS s(stream_id) \
+     CROSS JOIN LATERAL (SELECT stream_version FROM events WHERE events.stream_id = s.stream_id \
+     ORDER BY stream_version DESC LIMIT 1) AS e";
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
      schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
@@ -30,25 +33,19 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(32)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await?;
+        let pool =
+            PgPoolOptions::new().max_connections(32).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
         Ok(Self::new(pool))
     }
 
     pub fn new(pool: PgPool) -> Self {
-        let writer = GroupCommit::start(PgBatchWriter { pool: pool.clone() });
+        let writer = GroupCommit::start(PgBatchWriter { pool: pool.clone() }, 1);
         PostgresStore { pool, writer }
     }
 
     /// Creates or upgrades the event store's tables.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Failed(e.to_string()))
+        sqlx::migrate!("./migrations/postgres").run(&self.pool).await.map_err(|e| StoreError::Failed(e.to_string()))
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -62,50 +59,32 @@ impl EventStore for PostgresStore {
         self.writer.append(request).await
     }
 
-    async fn read_stream(
-        &self,
-        stream_id: &str,
-        after_version: u64,
-    ) -> Result<Vec<Envelope>, StoreError> {
-        let sql = format!(
-            "{SELECT_EVENTS} WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(stream_id)
-            .bind(after_version as i64)
-            .fetch_all(&self.pool)
-            .await?;
+    async fn read_stream(&self, stream_id: &str, after_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        let sql = format!("{SELECT_EVENTS} WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version");
+        let rows = sqlx::query(&sql).bind(stream_id).bind(after_version as i64).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
-        let sql =
-            format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
-        let rows = sqlx::query(&sql)
-            .bind(after_position as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
+        let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
+        let head: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&self.pool).await?;
         Ok(head as u64)
     }
 
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
-        let row = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(decode_reply)
-            .transpose()?
-            .map(|(_, reply)| reply))
+        let row = sqlx::query(
+            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(decode_reply).transpose()?.map(|(_, reply)| reply))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -151,17 +130,10 @@ struct PgBatchWriter {
 impl BatchWriter for PgBatchWriter {
     async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(WRITER_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITER_LOCK).execute(&mut *tx).await?;
         let state = read_current_state(&mut tx, &Lookups::of(batch)).await?;
         let mut plan = BatchPlan::new(state);
-        let outcomes: Vec<Outcome> = batch
-            .iter()
-            .cloned()
-            .map(|request| plan.add(request))
-            .collect();
+        let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
         let plan = plan.finish();
         if plan.events.is_empty() {
             return Ok(outcomes); // nothing to write: the transaction rolls back on drop
@@ -172,25 +144,14 @@ impl BatchWriter for PgBatchWriter {
     }
 }
 
-async fn read_current_state(
-    tx: &mut Transaction<'_, Postgres>,
-    lookups: &Lookups,
-) -> Result<CurrentState, StoreError> {
+async fn read_current_state(tx: &mut Transaction<'_, Postgres>, lookups: &Lookups) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
-    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-        .fetch_one(&mut **tx)
-        .await?;
+    let head: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&mut **tx).await?;
     state.head = head as u64;
-    let versions: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT stream_id, max(stream_version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
-    )
-    .bind(&lookups.streams)
-    .fetch_all(&mut **tx)
-    .await?;
-    state.stream_versions = versions
-        .into_iter()
-        .map(|(stream, version)| (stream, version as u64))
-        .collect();
+    let versions: Vec<(String, i64)> =
+        sqlx::query_as(STREAM_VERSIONS).bind(&lookups.streams).fetch_all(&mut **tx).await?;
+    state.stream_versions = versions.into_iter().map(|(stream, version)| (stream, version as u64)).collect();
     if !lookups.claims.is_empty() {
         let claims: Vec<(String, String)> =
             sqlx::query_as("SELECT claim, owner_stream FROM unique_claims WHERE claim = ANY($1)")
@@ -200,24 +161,22 @@ async fn read_current_state(
         state.claims = claims.into_iter().collect();
     }
     if !lookups.idempotency_keys.is_empty() {
-        let rows = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ANY($1)")
-            .bind(&lookups.idempotency_keys)
-            .fetch_all(&mut **tx)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ANY($1)",
+        )
+        .bind(&lookups.idempotency_keys)
+        .fetch_all(&mut **tx)
+        .await?;
         state.replies = rows.iter().map(decode_reply).collect::<Result<_, _>>()?;
     }
     Ok(state)
 }
 
-async fn write_plan(
-    tx: &mut Transaction<'_, Postgres>,
-    plan: &BatchPlan,
-) -> Result<(), StoreError> {
+async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Result<(), StoreError> {
     let rows: Vec<StoredEvent> = plan.events.iter().map(StoredEvent::from_envelope).collect();
     let column = |f: fn(&StoredEvent) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
     let uuids = |f: fn(&StoredEvent) -> Uuid| rows.iter().map(f).collect::<Vec<Uuid>>();
-    let optional_uuids =
-        |f: fn(&StoredEvent) -> Option<Uuid>| rows.iter().map(f).collect::<Vec<Option<Uuid>>>();
+    let optional_uuids = |f: fn(&StoredEvent) -> Option<Uuid>| rows.iter().map(f).collect::<Vec<Option<Uuid>>>();
     sqlx::query(
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
          workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) \
@@ -262,36 +221,11 @@ async fn write_plan(
             "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bigint[], $5::bigint[])",
         )
-        .bind(
-            plan.replies
-                .iter()
-                .map(|(key, _)| key.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.replies
-                .iter()
-                .map(|(_, r)| r.request_hash.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.replies
-                .iter()
-                .map(|(_, r)| r.reply.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.replies
-                .iter()
-                .map(|(_, r)| r.position as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            plan.replies
-                .iter()
-                .map(|(_, r)| r.stream_version as i64)
-                .collect::<Vec<_>>(),
-        )
+        .bind(plan.replies.iter().map(|(key, _)| key.clone()).collect::<Vec<_>>())
+        .bind(plan.replies.iter().map(|(_, r)| r.request_hash.clone()).collect::<Vec<_>>())
+        .bind(plan.replies.iter().map(|(_, r)| r.reply.clone()).collect::<Vec<_>>())
+        .bind(plan.replies.iter().map(|(_, r)| r.position as i64).collect::<Vec<_>>())
+        .bind(plan.replies.iter().map(|(_, r)| r.stream_version as i64).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }

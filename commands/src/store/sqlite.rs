@@ -11,17 +11,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quikapp_domain::Envelope;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::group_commit::{BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
-use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply,
-};
+use super::{AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply};
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
      schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
@@ -41,19 +38,14 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        let writer = GroupCommit::start(SqliteBatchWriter { pool: pool.clone() });
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        // One batch at a time: a second would only poll SQLite's busy handler.
+        let writer = GroupCommit::start(SqliteBatchWriter { pool: pool.clone() }, 1);
         Ok(SqliteStore { pool, writer })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Failed(e.to_string()))
+        sqlx::migrate!("./migrations/sqlite").run(&self.pool).await.map_err(|e| StoreError::Failed(e.to_string()))
     }
 }
 
@@ -63,50 +55,32 @@ impl EventStore for SqliteStore {
         self.writer.append(request).await
     }
 
-    async fn read_stream(
-        &self,
-        stream_id: &str,
-        after_version: u64,
-    ) -> Result<Vec<Envelope>, StoreError> {
-        let sql = format!(
-            "{SELECT_EVENTS} WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(stream_id)
-            .bind(after_version as i64)
-            .fetch_all(&self.pool)
-            .await?;
+    async fn read_stream(&self, stream_id: &str, after_version: u64) -> Result<Vec<Envelope>, StoreError> {
+        let sql = format!("{SELECT_EVENTS} WHERE stream_id = ? AND stream_version > ? ORDER BY stream_version");
+        let rows = sqlx::query(&sql).bind(stream_id).bind(after_version as i64).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
-        let sql =
-            format!("{SELECT_EVENTS} WHERE global_position > ? ORDER BY global_position LIMIT ?");
-        let rows = sqlx::query(&sql)
-            .bind(after_position as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let sql = format!("{SELECT_EVENTS} WHERE global_position > ? ORDER BY global_position LIMIT ?");
+        let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 
     async fn head(&self) -> Result<u64, StoreError> {
-        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
+        let head: i64 =
+            sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&self.pool).await?;
         Ok(head as u64)
     }
 
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
-        let row = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(decode_reply)
-            .transpose()?
-            .map(|(_, reply)| reply))
+        let row = sqlx::query(
+            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(decode_reply).transpose()?.map(|(_, reply)| reply))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -122,8 +96,7 @@ fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, StoreError> {
 
 fn optional_uuid_column(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, StoreError> {
     let text: Option<String> = row.try_get(column)?;
-    text.map(|t| Uuid::from_str(&t).map_err(|e| StoreError::Failed(format!("{column}: {e}"))))
-        .transpose()
+    text.map(|t| Uuid::from_str(&t).map_err(|e| StoreError::Failed(format!("{column}: {e}")))).transpose()
 }
 
 fn decode_event(row: &SqliteRow) -> Result<Envelope, StoreError> {
@@ -153,8 +126,7 @@ fn decode_reply(row: &SqliteRow) -> Result<(String, StoredReply), StoreError> {
     let reply: String = row.try_get("reply")?;
     let stored = StoredReply {
         request_hash: row.try_get("request_hash")?,
-        reply: serde_json::from_str(&reply)
-            .map_err(|e| StoreError::Failed(format!("reply: {e}")))?,
+        reply: serde_json::from_str(&reply).map_err(|e| StoreError::Failed(format!("reply: {e}")))?,
         position: row.try_get::<i64, _>("position")? as u64,
         stream_version: row.try_get::<i64, _>("stream_version")? as u64,
     };
@@ -171,11 +143,7 @@ impl BatchWriter for SqliteBatchWriter {
         let mut conn = self.pool.acquire().await?;
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
         let written = write_in_transaction(&mut conn, batch).await;
-        let end = if matches!(written, Ok((_, true))) {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
+        let end = if matches!(written, Ok((_, true))) { "COMMIT" } else { "ROLLBACK" };
         sqlx::query(end).execute(&mut *conn).await?;
         written.map(|(outcomes, _)| outcomes)
     }
@@ -188,11 +156,7 @@ async fn write_in_transaction(
 ) -> Result<(Vec<Outcome>, bool), StoreError> {
     let state = read_current_state(conn, &Lookups::of(batch)).await?;
     let mut plan = BatchPlan::new(state);
-    let outcomes: Vec<Outcome> = batch
-        .iter()
-        .cloned()
-        .map(|request| plan.add(request))
-        .collect();
+    let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
     let plan = plan.finish();
     if plan.events.is_empty() {
         return Ok((outcomes, false));
@@ -203,31 +167,25 @@ async fn write_in_transaction(
             "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
              workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) ",
         );
-        insert.push_values(
-            chunk.iter().map(StoredEvent::from_envelope),
-            |mut row, e| {
-                row.push_bind(e.global_position as i64)
-                    .push_bind(e.stream_id)
-                    .push_bind(e.stream_version as i64)
-                    .push_bind(e.event_id.to_string())
-                    .push_bind(e.event_type)
-                    .push_bind(i64::from(e.schema_version))
-                    .push_bind(e.workspace_id.map(|id| id.to_string()))
-                    .push_bind(e.channel_id.map(|id| id.to_string()))
-                    .push_bind(e.actor_id.to_string())
-                    .push_bind(quikapp_domain::event::timestamp::format(&e.occurred_at))
-                    .push_bind(e.correlation_id.to_string())
-                    .push_bind(e.causation_id.to_string())
-                    .push_bind(e.data.to_string());
-            },
-        );
+        insert.push_values(chunk.iter().map(StoredEvent::from_envelope), |mut row, e| {
+            row.push_bind(e.global_position as i64)
+                .push_bind(e.stream_id)
+                .push_bind(e.stream_version as i64)
+                .push_bind(e.event_id.to_string())
+                .push_bind(e.event_type)
+                .push_bind(i64::from(e.schema_version))
+                .push_bind(e.workspace_id.map(|id| id.to_string()))
+                .push_bind(e.channel_id.map(|id| id.to_string()))
+                .push_bind(e.actor_id.to_string())
+                .push_bind(quikapp_domain::event::timestamp::format(&e.occurred_at))
+                .push_bind(e.correlation_id.to_string())
+                .push_bind(e.causation_id.to_string())
+                .push_bind(e.data.to_string());
+        });
         insert.build().execute(&mut *conn).await?;
     }
     for claim in &plan.claims_released {
-        sqlx::query("DELETE FROM unique_claims WHERE claim = ?")
-            .bind(claim)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query("DELETE FROM unique_claims WHERE claim = ?").bind(claim).execute(&mut *conn).await?;
     }
     for (claim, owner) in &plan.claims_set {
         sqlx::query("INSERT INTO unique_claims (claim, owner_stream) VALUES (?, ?) ON CONFLICT (claim) DO UPDATE SET owner_stream = excluded.owner_stream")
@@ -237,52 +195,50 @@ async fn write_in_transaction(
             .await?;
     }
     for (key, reply) in &plan.replies {
-        sqlx::query("INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) VALUES (?, ?, ?, ?, ?)")
-            .bind(key)
-            .bind(&reply.request_hash)
-            .bind(reply.reply.to_string())
-            .bind(reply.position as i64)
-            .bind(reply.stream_version as i64)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(key)
+        .bind(&reply.request_hash)
+        .bind(reply.reply.to_string())
+        .bind(reply.position as i64)
+        .bind(reply.stream_version as i64)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok((outcomes, true))
 }
 
-async fn read_current_state(
-    conn: &mut SqliteConnection,
-    lookups: &Lookups,
-) -> Result<CurrentState, StoreError> {
+async fn read_current_state(conn: &mut SqliteConnection, lookups: &Lookups) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
-    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events")
-        .fetch_one(&mut *conn)
-        .await?;
+    let head: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&mut *conn).await?;
     state.head = head as u64;
     for stream in &lookups.streams {
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = ?")
-                .bind(stream)
-                .fetch_one(&mut *conn)
-                .await?;
+        let version: Option<i64> = sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = ?")
+            .bind(stream)
+            .fetch_one(&mut *conn)
+            .await?;
         if let Some(version) = version {
             state.stream_versions.insert(stream.clone(), version as u64);
         }
     }
     for claim in &lookups.claims {
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT owner_stream FROM unique_claims WHERE claim = ?")
-                .bind(claim)
-                .fetch_optional(&mut *conn)
-                .await?;
+        let owner: Option<String> = sqlx::query_scalar("SELECT owner_stream FROM unique_claims WHERE claim = ?")
+            .bind(claim)
+            .fetch_optional(&mut *conn)
+            .await?;
         if let Some(owner) = owner {
             state.claims.insert(claim.clone(), owner);
         }
     }
     for key in &lookups.idempotency_keys {
-        let row = sqlx::query("SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let row = sqlx::query(
+            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?",
+        )
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
         if let Some(row) = row {
             let (key, reply) = decode_reply(&row)?;
             state.replies.insert(key, reply);

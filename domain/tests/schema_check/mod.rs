@@ -36,18 +36,10 @@ pub fn envelope_of(event: Event) -> serde_json::Value {
 /// Validates an envelope against the checked-in schema of its `type`.
 pub fn validate(envelope: &serde_json::Value) -> Result<(), String> {
     let type_name = envelope["type"].as_str().ok_or("no type")?;
-    let schema: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(schema_path(type_name)).map_err(|e| e.to_string())?,
-    )
-    .unwrap();
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(schema_path(type_name)).map_err(|e| e.to_string())?).unwrap();
     let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = validator
-        .iter_errors(envelope)
-        .map(|e| format!("{} at {}", e, e.instance_path))
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
+    let errors: Vec<String> =
+        validator.iter_errors(envelope).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
 }

@@ -2,7 +2,7 @@
 //! decided with optimistic concurrency, and start over on fresh state when another write got
 //! there first.
 
-use quikapp_domain::channel::{Channel, ChannelChanges};
+use quikapp_domain::channel::{Channel, ChannelChanges, name_claims};
 use quikapp_domain::event::timestamp;
 use quikapp_domain::message::{Message, ReadMark};
 use quikapp_domain::user::User;
@@ -180,8 +180,6 @@ struct Decision {
     /// The stream whose version If-Match is compared with.
     guard: StreamCondition,
     conditions: Vec<StreamCondition>,
-    claims: Vec<String>,
-    releases: Vec<String>,
     created: bool,
     ids: Map<String, Value>,
 }
@@ -197,8 +195,6 @@ impl Decision {
             channel_id: None,
             guard,
             conditions: vec![],
-            claims: vec![],
-            releases: vec![],
             created: false,
             ids: Map::new(),
         }
@@ -241,10 +237,6 @@ impl Decision {
         self.ids.insert(name.into(), id.to_string().into());
         self
     }
-}
-
-fn channel_name_claim(workspace_id: Uuid, name: &str) -> String {
-    format!("channel-name/{workspace_id}/{name}")
 }
 
 impl CommandService {
@@ -387,21 +379,13 @@ impl CommandService {
                     .created("channel_id", id);
                 decision.workspace_id = Some(*workspace_id);
                 decision.channel_id = Some(id);
-                decision.claims.push(channel_name_claim(*workspace_id, name));
                 decision
             }
             UpdateChannel { channel_id, name, topic } => {
                 let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let changes = ChannelChanges { name: name.as_deref(), topic: topic.as_deref() };
                 let events = channel.state.change(&workspace.state, actor, changes)?;
-                let mut decision = Decision::on_channel(&channel, &workspace, events);
-                for event in &decision.events {
-                    if let Event::ChannelRenamed(renamed) = event {
-                        decision.claims.push(channel_name_claim(channel.state.workspace_id, &renamed.name));
-                        decision.releases.push(channel_name_claim(channel.state.workspace_id, &renamed.previous_name));
-                    }
-                }
-                decision
+                Decision::on_channel(&channel, &workspace, events)
             }
             ArchiveChannel { channel_id } => {
                 let (channel, workspace) = self.channel(*channel_id, fresh).await?;
@@ -489,6 +473,14 @@ fn replay(idempotency: &Idempotency, stored: StoredReply) -> Result<Reply, Comma
 }
 
 fn append_request(context: &CommandContext, decision: Decision) -> AppendRequest {
+    let (mut claims, mut releases) = (vec![], vec![]);
+    if let Some(workspace_id) = decision.workspace_id {
+        for event in &decision.events {
+            let event_claims = name_claims(workspace_id, event);
+            claims.extend(event_claims.take);
+            releases.extend(event_claims.release);
+        }
+    }
     let command_id = Uuid::now_v7();
     let occurred_at = timestamp::now();
     let events = decision
@@ -515,8 +507,8 @@ fn append_request(context: &CommandContext, decision: Decision) -> AppendRequest
         expected_version: decision.expected_version,
         events,
         conditions: decision.conditions,
-        claims: decision.claims,
-        releases: decision.releases,
+        claims,
+        releases,
         idempotency,
     }
 }

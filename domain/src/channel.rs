@@ -47,6 +47,25 @@ impl Aggregate for Channel {
     }
 }
 
+/// The unique values an event takes and gives up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claims {
+    pub take: Vec<String>,
+    pub release: Vec<String>,
+}
+
+/// Channel names are unique within their workspace. The rule spans channels, hence streams, so
+/// the domain states it as claims that each event takes or gives up; the event store enforces
+/// them atomically with the append, and a name another channel holds refuses the command (409).
+pub fn name_claims(workspace_id: Uuid, event: &Event) -> Claims {
+    let claim = |name: &str| format!("channel-name/{workspace_id}/{name}");
+    match event {
+        Event::ChannelCreated(e) => Claims { take: vec![claim(&e.name)], release: vec![] },
+        Event::ChannelRenamed(e) => Claims { take: vec![claim(&e.name)], release: vec![claim(&e.previous_name)] },
+        _ => Claims::default(),
+    }
+}
+
 /// What a channel command may change; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default)]
 pub struct ChannelChanges<'a> {

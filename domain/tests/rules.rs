@@ -4,7 +4,7 @@
 
 mod schema_check;
 
-use quikapp_domain::channel::{Channel, ChannelChanges};
+use quikapp_domain::channel::{Channel, ChannelChanges, Claims, name_claims};
 use quikapp_domain::event::*;
 use quikapp_domain::message::{Message, ReadMark};
 use quikapp_domain::user::User;
@@ -263,6 +263,46 @@ fn channel_names_are_lowercase_letters_digits_dashes_and_underscores() {
     for good in ["a", "dev-ops_2", &"x".repeat(80)] {
         assert!(Channel::create(&w.workspace(), w.member, Uuid::now_v7(), good, false, None).is_ok(), "{good}");
     }
+}
+
+/// The claims of every event a decision produced.
+fn claims_of(workspace_id: Uuid, decided: Result<Vec<Event>, DomainError>) -> Claims {
+    let mut all = Claims::default();
+    for event in decided.expect("the command is accepted") {
+        let claims = name_claims(workspace_id, &event);
+        all.take.extend(claims.take);
+        all.release.extend(claims.release);
+    }
+    all
+}
+
+#[test]
+fn a_new_channel_claims_its_name_in_its_workspace_only() {
+    let w = World::new();
+    let claims = claims_of(w.ws, Channel::create(&w.workspace(), w.member, Uuid::now_v7(), "general", false, None));
+    assert_eq!(claims, Claims { take: vec![format!("channel-name/{}/general", w.ws)], release: vec![] });
+    let elsewhere =
+        claims_of(Uuid::now_v7(), Channel::create(&w.workspace(), w.member, Uuid::now_v7(), "general", false, None));
+    assert_ne!(claims.take, elsewhere.take, "the same name in another workspace is another claim");
+}
+
+#[test]
+fn a_rename_moves_the_claim_and_a_topic_change_claims_nothing() {
+    let w = World::new();
+    let renamed = claims_of(
+        w.ws,
+        w.general().change(&w.workspace(), w.member, ChannelChanges { name: Some("lobby"), topic: None }),
+    );
+    assert_eq!(
+        renamed,
+        Claims {
+            take: vec![format!("channel-name/{}/lobby", w.ws)],
+            release: vec![format!("channel-name/{}/general", w.ws)]
+        }
+    );
+    let topic =
+        claims_of(w.ws, w.general().change(&w.workspace(), w.member, ChannelChanges { name: None, topic: Some("t") }));
+    assert_eq!(topic, Claims::default());
 }
 
 #[test]

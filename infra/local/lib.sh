@@ -152,7 +152,7 @@ install_kafka() {
   [ -f "$KAFKA_HOME/.complete" ] && return 0
   log "fetching Apache Kafka $KAFKA_VERSION jars from Maven Central"
   mkdir -p "$KAFKA_HOME/libs"
-  mvn -q -f "$INFRA_DIR/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+  mvn -q -B -f "$INFRA_DIR/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
     dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs"
   cp "$INFRA_DIR/kafka/log4j2.properties" "$INFRA_DIR/kafka/log4j2-tools.properties" "$KAFKA_HOME/"
   touch "$KAFKA_HOME/.complete"
@@ -206,7 +206,7 @@ install_opensearch() {
   [ -f "$OPENSEARCH_HOME/.complete" ] && return 0
   log "fetching OpenSearch $OPENSEARCH_VERSION from Maven Central"
   local zip=org.opensearch.distribution.integ-test-zip:opensearch:$OPENSEARCH_VERSION:zip
-  mvn -q dependency:copy -Dartifact="$zip" -DoutputDirectory="$DIST" -Dmdep.overWriteIfNewer=true
+  mvn -q -B dependency:copy -Dartifact="$zip" -DoutputDirectory="$DIST" -Dmdep.overWriteIfNewer=true
   rm -rf "$OPENSEARCH_HOME"
   (cd "$DIST" && unzip -q "opensearch-$OPENSEARCH_VERSION.zip" && rm "opensearch-$OPENSEARCH_VERSION.zip")
   touch "$OPENSEARCH_HOME/.complete"

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use quikapp_commands::CommandService;
-use quikapp_commands::store::{AppendOutcome, AppendRequest, EventStore, NewEvent, PostgresStore};
-use quikapp_domain::event::{MessagePosted, timestamp};
+use quikapp_commands::store::{AppendOutcome, AppendRequest, EventStore, PostgresStore, contract};
+use quikapp_domain::event::timestamp;
 use quikapp_write_api::auth::Tokens;
 use quikapp_write_api::{RateLimit, WriteApi};
 use serde_json::json;
@@ -113,26 +113,6 @@ where
     Ok(figures)
 }
 
-fn new_event(channel_id: Uuid, text: String) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::now_v7(),
-        event: MessagePosted {
-            message_id: Uuid::now_v7(),
-            channel_id,
-            author_id: Uuid::now_v7(),
-            text,
-            thread_root_id: None,
-        }
-        .into(),
-        workspace_id: Some(Uuid::now_v7()),
-        channel_id: Some(channel_id),
-        actor_id: Uuid::now_v7(),
-        occurred_at: timestamp::now(),
-        correlation_id: Uuid::now_v7(),
-        causation_id: Uuid::now_v7(),
-    }
-}
-
 /// A table of the same shape as `events`, for the raw baselines.
 async fn baseline_table(pool: &PgPool) -> Result<()> {
     sqlx::query("CREATE TABLE baseline (LIKE events INCLUDING ALL)").execute(pool).await?;
@@ -210,22 +190,15 @@ async fn run(args: &Args, url: &str) -> Result<()> {
 
     let append = |store: Arc<PostgresStore>| {
         // Each writer appends to a stream of its own, at the version its previous append left.
-        let streams: Arc<Vec<(String, Uuid)>> = Arc::new(
-            (0..args.writers)
-                .map(|_| {
-                    let channel = Uuid::now_v7();
-                    (format!("bench-{channel}"), channel)
-                })
-                .collect(),
-        );
+        let streams: Arc<Vec<String>> =
+            Arc::new((0..args.writers).map(|_| format!("bench-{}", Uuid::now_v7())).collect());
         move |writer: usize, round: u64| {
             let (store, streams) = (store.clone(), streams.clone());
             async move {
-                let (stream_id, channel) = &streams[writer];
                 let request = AppendRequest {
-                    stream_id: stream_id.clone(),
+                    stream_id: streams[writer].clone(),
                     expected_version: round,
-                    events: vec![new_event(*channel, format!("message {round} of writer {writer}"))],
+                    events: vec![contract::new_event(&format!("message {round} of writer {writer}"))],
                     ..Default::default()
                 };
                 match store.append(request).await? {
@@ -271,30 +244,18 @@ async fn http_phase(args: &Args, store: Arc<PostgresStore>) -> Result<Figures> {
     tokio::spawn(quikapp_write_api::serve(listener, quikapp_write_api::router(api), std::future::pending()));
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.writers * 2).build()?;
+    // Creates something through the API and answers the id it names.
+    let create = async |url: String, token: &str, id: &str| -> Result<String> {
+        let answer: serde_json::Value =
+            client.post(url).bearer_auth(token).json(&json!({"name": "bench"})).send().await?.json().await?;
+        Ok(answer[id].as_str().with_context(|| format!("no {id} in {answer}"))?.to_owned())
+    };
     let mut targets = Vec::new();
     for _ in 0..args.writers {
         let token = tokens.mint(Uuid::now_v7());
-        let ws: serde_json::Value = client
-            .post(format!("{base}/v1/workspaces"))
-            .bearer_auth(&token)
-            .json(&json!({"name": "bench"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let ws = ws["workspace_id"].as_str().context("workspace_id")?.to_owned();
-        let channel: serde_json::Value = client
-            .post(format!("{base}/v1/workspaces/{ws}/channels"))
-            .bearer_auth(&token)
-            .json(&json!({"name": "bench"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        targets.push((
-            token,
-            format!("{base}/v1/channels/{}/messages", channel["channel_id"].as_str().context("channel_id")?),
-        ));
+        let ws = create(format!("{base}/v1/workspaces"), &token, "workspace_id").await?;
+        let channel = create(format!("{base}/v1/workspaces/{ws}/channels"), &token, "channel_id").await?;
+        targets.push((token, format!("{base}/v1/channels/{channel}/messages")));
     }
     let targets = Arc::new(targets);
     measure(args.writers, args.seconds, None, move |writer, round| {

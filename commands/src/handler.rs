@@ -139,8 +139,8 @@ pub struct CommandService {
 /// Recently loaded channel and workspace states, so that a command on a busy channel does not
 /// re-read the channel's membership each time. An entry may be stale when another process
 /// wrote; that is safe because every append names the versions its decision relied on as
-/// conditions (a stale entry costs a retry, never a wrong write), and a refusal or a failed
-/// If-Match decided on cached state is decided again on fresh state before it is answered.
+/// conditions (a stale entry costs a retry, never a wrong write), and an answer that appends
+/// nothing (a refusal, a no-op, a failed If-Match) is decided again on fresh state first.
 struct StateCache {
     channels: moka::sync::Cache<String, Arc<Loaded<Channel>>>,
     workspaces: moka::sync::Cache<String, Arc<Loaded<Workspace>>>,
@@ -274,6 +274,10 @@ impl CommandService {
             }
             let (created, ids, expected_version) = (decision.created, decision.ids.clone(), decision.expected_version);
             if decision.events.is_empty() {
+                if !fresh {
+                    fresh = true; // "nothing to do" is an answer about state: confirm it too
+                    continue;
+                }
                 let position = self.store.head().await?;
                 return Ok(Reply { created, ids, position, version: expected_version });
             }

@@ -41,6 +41,11 @@ async fn another_process_changes_are_never_overtaken_by_a_cached_decision(store:
         .await
         .expect("a refusal is confirmed on fresh state");
 
+    // A leave seen only by `there`: joining again through `here` is not the no-op its cache says.
+    run(&there, member, Command::LeaveChannel { channel_id, user_id: member }).await.unwrap();
+    let rejoined = run(&here, member, Command::JoinChannel { channel_id, user_id: member }).await.unwrap();
+    assert_eq!(rejoined.version, 5, "the join was appended");
+
     // An archive seen only by `there`: `here` must not post into the archived channel.
     run(&there, owner, Command::ArchiveChannel { channel_id }).await.unwrap();
     let late =
@@ -48,10 +53,10 @@ async fn another_process_changes_are_never_overtaken_by_a_cached_decision(store:
     assert_eq!(late, Err(CommandError::Rejected(DomainError::Conflict("the channel is archived"))));
 
     // If-Match against a version `here` has cached but `there` moved on from.
-    let context = CommandContext { if_match: Some(3), ..as_user(member) };
+    let context = CommandContext { if_match: Some(5), ..as_user(member) };
     let leave = Command::LeaveChannel { channel_id, user_id: member };
     let current = here.execute(&context, &leave).await;
-    assert!(matches!(current, Err(CommandError::PreconditionFailed { current: 4 })), "{current:?}");
+    assert!(matches!(current, Err(CommandError::PreconditionFailed { current: 6 })), "{current:?}");
 }
 
 #[tokio::test]

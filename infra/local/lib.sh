@@ -144,9 +144,10 @@ address_redis() { echo "redis://127.0.0.1:$REDIS_PORT"; }
 # -------------------------------------------------------- Apache Kafka (Maven Central, KRaft)
 KAFKA_HOME=$DIST/kafka-$KAFKA_VERSION
 
-kafka_java() { # main-class args...
-  java -Xms128m -Xmx256m -cp "$KAFKA_HOME/libs/*" -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2-tools.properties" "$@"
-}
+# The Kafka command-line tools' JVM; an array, so a tool can also be started as a background
+# process of its own (whose PID is then $!).
+KAFKA_JAVA=(java -Xms128m -Xmx256m -cp "$KAFKA_HOME/libs/*" -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2-tools.properties")
+kafka_java() { "${KAFKA_JAVA[@]}" "$@"; } # main-class args...
 
 install_kafka() {
   [ -f "$KAFKA_HOME/.complete" ] && return 0
@@ -186,15 +187,23 @@ kafka_topics() { kafka_java org.apache.kafka.tools.TopicCommand --bootstrap-serv
 kafka_listening() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
 stop_kafka() { stop_pid kafka; }
 
-# A real round trip: produce a unique record, then read it back in a consumer group, which
-# starts from its committed offset and so reads only the records of recent checks.
+# A real round trip: produce a unique record, then read it back in a consumer group. The group
+# starts from its committed offset, so it reads only the records of recent checks; the consumer
+# is stopped (and commits) as soon as the record shows up, within a bound.
 health_kafka() {
-  local token; token=health-$(date +%s%N)
+  local token out pid
+  token=health-$(date +%s%N)
   echo "$token" | kafka_java org.apache.kafka.tools.ConsoleProducer --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
-    --topic quikapp.healthcheck --property parse.key=false >/dev/null 2>&1 || return 1
-  kafka_java org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
-    --topic quikapp.healthcheck --group quikapp-healthcheck --from-beginning --timeout-ms 4000 2>/dev/null \
-    | grep -qx "$token"
+    --topic quikapp.healthcheck >/dev/null 2>&1 || return 1
+  out=$(mktemp)
+  "${KAFKA_JAVA[@]}" org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "127.0.0.1:$KAFKA_PORT" \
+    --topic quikapp.healthcheck --group quikapp-healthcheck --from-beginning --timeout-ms 30000 > "$out" 2>/dev/null &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && ! grep -qx "$token" "$out"; do sleep 0.2; done
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  grep -qx "$token" "$out"; local found=$?
+  rm -f "$out"
+  return $found
 }
 version_kafka() { echo "$KAFKA_VERSION"; }
 address_kafka() { echo "127.0.0.1:$KAFKA_PORT"; }

@@ -657,3 +657,18 @@ async fn a_user_over_the_rate_limit_gets_429_with_retry_after() {
         .await
         .expect(StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_store_that_is_down_answers_503_with_retry_after_and_readyz_says_so() {
+    let unreachable = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_lazy("postgres://quikapp@127.0.0.1:1/nowhere")
+        .unwrap();
+    let api = Api::new(Arc::new(quikapp_commands::store::PostgresStore::new(unreachable)), RateLimit::default());
+    let answer =
+        api.call(Method::POST, "/v1/workspaces", Some(Uuid::now_v7())).json(json!({"name": "Acme"})).send().await;
+    let answer = answer.problem(StatusCode::SERVICE_UNAVAILABLE, None);
+    assert!(answer.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    api.call(Method::GET, "/readyz", None).send().await.expect(StatusCode::SERVICE_UNAVAILABLE);
+    api.call(Method::GET, "/healthz", None).send().await.expect(StatusCode::OK);
+}

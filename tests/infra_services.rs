@@ -144,3 +144,32 @@ fn status_reports_all_five_services_healthy() {
         assert!(line.ends_with(" healthy"), "{line}");
     }
 }
+
+/// `infra/compose.yaml` must be a valid compose file publishing the same loopback ports as
+/// `infra/local`. Checked with `docker compose` or `docker-compose`, where either exists.
+#[test]
+fn the_compose_file_validates_and_publishes_the_local_ports() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let file = format!("{root}/infra/compose.yaml");
+    let clients: [&[&str]; 2] = [&["docker", "compose"], &["docker-compose"]];
+    let works = |client: &&&[&str]| {
+        let version = std::process::Command::new(client[0]).args(&client[1..]).arg("version").output();
+        version.is_ok_and(|output| output.status.success())
+    };
+    let config = clients.iter().find(works).map(|client| {
+        std::process::Command::new(client[0]).args(&client[1..]).args(["-f", &file, "config"]).output().unwrap()
+    });
+    let Some(config) = config else {
+        eprintln!("skipped: no compose client on this machine");
+        return;
+    };
+    let text = String::from_utf8_lossy(&config.stdout);
+    assert!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
+
+    let lib = std::fs::read_to_string(format!("{root}/infra/local/lib.sh")).unwrap();
+    for variable in ["PG_PORT", "REDIS_PORT", "KAFKA_PORT", "OPENSEARCH_PORT", "FERRETDB_PORT"] {
+        let line = lib.lines().find(|l| l.starts_with(&format!("{variable}="))).expect(variable);
+        let port = line.split(":-").nth(1).and_then(|rest| rest.strip_suffix('}')).expect(line);
+        assert!(text.contains(&format!("127.0.0.1:{port}:")), "compose does not publish {variable} {port}:\n{text}");
+    }
+}

@@ -173,29 +173,29 @@ async fn read_current_state(tx: &mut Transaction<'_, Postgres>, lookups: &Lookup
 }
 
 async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Result<(), StoreError> {
-    let rows: Vec<StoredEvent> = plan.events.iter().map(StoredEvent::from_envelope).collect();
-    let column = |f: fn(&StoredEvent) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
-    let uuids = |f: fn(&StoredEvent) -> Uuid| rows.iter().map(f).collect::<Vec<Uuid>>();
-    let optional_uuids = |f: fn(&StoredEvent) -> Option<Uuid>| rows.iter().map(f).collect::<Vec<Option<Uuid>>>();
+    let mut columns = EventColumns::default();
+    for row in plan.events.iter().map(StoredEvent::from_envelope) {
+        columns.push(row);
+    }
     sqlx::query(
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
          workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) \
          SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
          $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::jsonb[])",
     )
-    .bind(column(|r| r.global_position as i64))
-    .bind(rows.iter().map(|r| r.stream_id.clone()).collect::<Vec<_>>())
-    .bind(column(|r| r.stream_version as i64))
-    .bind(uuids(|r| r.event_id))
-    .bind(rows.iter().map(|r| r.event_type.clone()).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.schema_version as i32).collect::<Vec<_>>())
-    .bind(optional_uuids(|r| r.workspace_id))
-    .bind(optional_uuids(|r| r.channel_id))
-    .bind(uuids(|r| r.actor_id))
-    .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
-    .bind(uuids(|r| r.correlation_id))
-    .bind(uuids(|r| r.causation_id))
-    .bind(rows.iter().map(|r| r.data.clone()).collect::<Vec<_>>())
+    .bind(columns.global_position)
+    .bind(columns.stream_id)
+    .bind(columns.stream_version)
+    .bind(columns.event_id)
+    .bind(columns.event_type)
+    .bind(columns.schema_version)
+    .bind(columns.workspace_id)
+    .bind(columns.channel_id)
+    .bind(columns.actor_id)
+    .bind(columns.occurred_at)
+    .bind(columns.correlation_id)
+    .bind(columns.causation_id)
+    .bind(columns.data)
     .execute(&mut **tx)
     .await?;
 
@@ -230,4 +230,40 @@ async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Res
         .await?;
     }
     Ok(())
+}
+
+/// A batch's events as one array per column, for a single `INSERT … SELECT FROM UNNEST`.
+#[derive(Default)]
+struct EventColumns {
+    global_position: Vec<i64>,
+    stream_id: Vec<String>,
+    stream_version: Vec<i64>,
+    event_id: Vec<Uuid>,
+    event_type: Vec<String>,
+    schema_version: Vec<i32>,
+    workspace_id: Vec<Option<Uuid>>,
+    channel_id: Vec<Option<Uuid>>,
+    actor_id: Vec<Uuid>,
+    occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
+    correlation_id: Vec<Uuid>,
+    causation_id: Vec<Uuid>,
+    data: Vec<serde_json::Value>,
+}
+
+impl EventColumns {
+    fn push(&mut self, row: StoredEvent) {
+        self.global_position.push(row.global_position as i64);
+        self.stream_id.push(row.stream_id);
+        self.stream_version.push(row.stream_version as i64);
+        self.event_id.push(row.event_id);
+        self.event_type.push(row.event_type);
+        self.schema_version.push(row.schema_version as i32);
+        self.workspace_id.push(row.workspace_id);
+        self.channel_id.push(row.channel_id);
+        self.actor_id.push(row.actor_id);
+        self.occurred_at.push(row.occurred_at);
+        self.correlation_id.push(row.correlation_id);
+        self.causation_id.push(row.causation_id);
+        self.data.push(row.data);
+    }
 }

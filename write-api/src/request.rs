@@ -6,6 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -19,11 +20,12 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// JSON, 422 naming the field when it does not fit `T`.
 pub struct JsonBody<T> {
     pub value: T,
-    /// SHA-256 of the body's canonical JSON (keys sorted, no blanks).
+    /// SHA-256 of the request as `T` reads it, so that key order, spacing and a null spelled as
+    /// an absent field do not make the same request look different to an idempotency key.
     pub digest: String,
 }
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
@@ -38,9 +40,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         })?;
         let json: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
-        let digest = format!("{:x}", Sha256::digest(json.to_string().as_bytes()));
-        let value = serde_path_to_error::deserialize(&json).map_err(|e| field_error(&e))?;
-        Ok(JsonBody { value, digest })
+        let value: T = serde_path_to_error::deserialize(&json).map_err(|e| field_error(&e))?;
+        let typed = serde_json::to_vec(&value).expect("request bodies serialize");
+        Ok(JsonBody { digest: format!("{:x}", Sha256::digest(&typed)), value })
     }
 }
 

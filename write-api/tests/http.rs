@@ -431,16 +431,25 @@ async fn an_idempotency_key_returns_the_first_answer_for_the_same_body_only(api:
     let first = api
         .call(Method::POST, &path, Some(owner))
         .header("idempotency-key", "k1")
-        .json(json!({"text": "once"}))
+        .raw("application/json", r#"{"text":"once","thread_root_id":null}"#)
         .send()
         .await
         .expect(StatusCode::CREATED);
     let head = api.head().await;
-    // The same body, with keys in another order and other spacing, is the same request.
+    // The same body with its keys in another order, other spacing, or a null spelled as an
+    // absent field, is the same request.
     let repeat = api
         .call(Method::POST, &path, Some(owner))
         .header("idempotency-key", "k1")
-        .raw("application/json", r#"{ "text" : "once" }"#)
+        .raw("application/json", r#"{ "thread_root_id" : null , "text" : "once" }"#)
+        .send()
+        .await
+        .expect(StatusCode::CREATED);
+    assert_eq!(repeat.body, first.body);
+    let repeat = api
+        .call(Method::POST, &path, Some(owner))
+        .header("idempotency-key", "k1")
+        .raw("application/json", r#"{"text": "once"}"#)
         .send()
         .await
         .expect(StatusCode::CREATED);

@@ -19,7 +19,7 @@ pub mod routes;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -81,7 +81,20 @@ impl WriteApi {
         let per_second = NonZeroU32::new(rate_limit.per_second.max(1)).expect("positive");
         let burst = NonZeroU32::new(rate_limit.burst.max(rate_limit.per_second).max(1)).expect("positive");
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
-        WriteApi { inner: Arc::new(Inner { service, tokens, limiter, metrics: ops::metrics_handle() }) }
+        let inner = Arc::new(Inner { service, tokens, limiter, metrics: ops::metrics_handle() });
+        // The limiter keeps a state per user; forget those whose bucket has refilled, so that
+        // memory follows the active users, not every user ever seen.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every_minute.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                inner.limiter.retain_recent();
+                inner.limiter.shrink_to_fit();
+            }
+        });
+        WriteApi { inner }
     }
 
     /// Runs one command for `actor`: rate limit, idempotency scope, execution, metrics.

@@ -75,7 +75,23 @@ wait_healthy() { # service check-function
   done
 }
 
-pid_alive() { [ -f "$DATA/$1.pid" ] && kill -0 "$(cat "$DATA/$1.pid")" 2>/dev/null; }
+# Whether the service's recorded process runs, and is that service: after a machine restart a
+# stale pid file can name an unrelated process that reused the number.
+pid_alive() { # service
+  local pid
+  pid=$(cat "$DATA/$1.pid" 2>/dev/null) || return 1
+  kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "$(process_marker "$1")"
+}
+
+process_marker() { # service: a word every command line of that service's process contains
+  case $1 in
+    postgres) echo "postgres" ;;
+    redis) echo "redis-server" ;;
+    kafka) echo "kafka.Kafka" ;;
+    opensearch) echo "org.opensearch.bootstrap.OpenSearch" ;;
+    ferretdb) echo "$FERRETDB_BIN" ;;
+  esac
+}
 
 stop_pid() { # service
   local svc=$1
@@ -242,6 +258,7 @@ YML
   [ "$(id -u)" = 0 ] && chown -R "$SERVICE_USER" "$dir"
   if ! pid_alive opensearch; then
     : > "$DATA/opensearch.log"; [ "$(id -u)" = 0 ] && chown "$SERVICE_USER" "$DATA/opensearch.log"
+    rm -f "$dir/opensearch.pid" # a killed node leaves it behind; wait for the new one below
     (as_service_user env OPENSEARCH_JAVA_HOME="$(java_home)" OPENSEARCH_PATH_CONF="$dir/config" \
       OPENSEARCH_JAVA_OPTS="-Xms1g -Xmx1g" \
       "$OPENSEARCH_HOME/bin/opensearch" -d -p "$dir/opensearch.pid" >> "$DATA/opensearch.log" 2>&1 \

@@ -16,19 +16,27 @@ pub fn channel_name(name: &str) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// No free text may hold U+0000: PostgreSQL cannot store it in JSON, and no client means it.
+fn no_nul(field: &'static str, text: &str) -> Result<(), DomainError> {
+    if text.contains('\0') {
+        return Err(DomainError::invalid(field, "must not contain the NUL character (U+0000)"));
+    }
+    Ok(())
+}
+
 /// Free-text names (workspaces, display names): 1-80 characters, not only blanks.
 pub fn display_text(field: &'static str, text: &str) -> Result<(), DomainError> {
     if text.trim().is_empty() || text.chars().count() > MAX_NAME_CHARS {
         return Err(DomainError::invalid(field, "must be 1-80 characters and not blank"));
     }
-    Ok(())
+    no_nul(field, text)
 }
 
 pub fn topic(topic: &str) -> Result<(), DomainError> {
     if topic.chars().count() > MAX_TOPIC_CHARS {
         return Err(DomainError::invalid("topic", format!("must be at most {MAX_TOPIC_CHARS} characters")));
     }
-    Ok(())
+    no_nul("topic", topic)
 }
 
 /// Message text: 1-40,000 characters, not only blanks.
@@ -36,7 +44,7 @@ pub fn message_text(text: &str) -> Result<(), DomainError> {
     if text.trim().is_empty() || text.chars().count() > MAX_MESSAGE_CHARS {
         return Err(DomainError::invalid("text", format!("must be 1-{MAX_MESSAGE_CHARS} characters and not blank")));
     }
-    Ok(())
+    no_nul("text", text)
 }
 
 /// Emoji are names such as `thumbsup` or a single emoji character: no blanks, no slashes.

@@ -166,6 +166,17 @@ fn a_blank_display_name_is_invalid() {
     then_invalid(User::default().update_profile(Uuid::now_v7(), "   "), "display_name");
 }
 
+#[test]
+fn no_free_text_may_hold_a_nul_character() {
+    let w = World::new();
+    then_invalid(User::default().update_profile(Uuid::now_v7(), "A\u{0}da"), "display_name");
+    then_invalid(Workspace::create(Uuid::now_v7(), "Ac\u{0}me", w.owner), "name");
+    then_invalid(
+        w.general().change(&w.workspace(), w.member, ChannelChanges { name: None, topic: Some("\u{0}") }),
+        "topic",
+    );
+}
+
 // ----------------------------------------------------------------------------- workspaces
 
 #[test]
@@ -464,7 +475,7 @@ fn a_non_member_cannot_see_a_private_channel_to_post_in() {
 fn message_text_is_one_to_forty_thousand_characters() {
     let w = World::new();
     let (channel, ws) = (w.general(), w.workspace());
-    for bad in [String::new(), " \n ".into(), "é".repeat(40_001)] {
+    for bad in [String::new(), " \n ".into(), "é".repeat(40_001), "nul \u{0} inside".into()] {
         then_invalid(Message::post(&channel, &ws, w.member, Uuid::now_v7(), &bad, None), "text");
     }
     assert!(Message::post(&channel, &ws, w.member, Uuid::now_v7(), &"é".repeat(40_000), None).is_ok());

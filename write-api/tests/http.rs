@@ -347,6 +347,8 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
     api.post(ch, owner, "").await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
     api.post(ch, owner, &"x".repeat(40_001)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
     api.post(ch, owner, &"x".repeat(300_000)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, None);
+    // PostgreSQL cannot store U+0000 in JSON; no store may be asked to.
+    api.post(ch, owner, "nul \u{0} inside").await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
     api.call(Method::POST, &messages, Some(owner))
         .json(json!({"text": "x", "thread_root_id": Uuid::now_v7()}))
         .send()

@@ -170,7 +170,7 @@ async fn run(args: &Args, url: &str) -> Result<()> {
         "writers: {}, seconds per phase: {}, synchronous_commit: {synchronous_commit}",
         args.writers, args.seconds
     );
-    let store = Arc::new(PostgresStore::new(pool.clone()));
+    let store = Arc::new(PostgresStore::new(pool.clone(), Default::default()));
     store.migrate().await?;
     baseline_table(&pool).await?;
 

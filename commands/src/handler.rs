@@ -9,6 +9,7 @@ use quikapp_domain::user::User;
 use quikapp_domain::workspace::{Role, Workspace};
 use quikapp_domain::{Aggregate, DomainError, Event, stream};
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 use std::sync::Arc;
 use thiserror::Error;
 use uuid::Uuid;
@@ -134,6 +135,38 @@ pub enum CommandError {
 pub struct CommandService {
     store: Arc<dyn EventStore>,
     cache: StateCache,
+    keys_in_flight: KeyLocks,
+}
+
+/// One lock per idempotency key in use, so that the requests of one key run one at a time in
+/// this process; an entry lives while someone holds or waits for it.
+#[derive(Default)]
+struct KeyLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+struct KeyTurn<'a> {
+    locks: &'a KeyLocks,
+    key: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyLocks {
+    async fn lock(&self, key: &str) -> KeyTurn<'_> {
+        let lock = self.0.lock().expect("never poisoned").entry(key.to_owned()).or_default().clone();
+        let guard = Some(lock.clone().lock_owned().await);
+        KeyTurn { locks: self, key: key.to_owned(), lock, guard }
+    }
+}
+
+impl Drop for KeyTurn<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self.locks.0.lock().expect("never poisoned");
+        // The map's reference and ours: nobody else holds or waits for this key.
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(&self.key);
+        }
+    }
 }
 
 /// Recently loaded channel and workspace states, so that a command on a busy channel does not
@@ -241,7 +274,7 @@ impl Decision {
 
 impl CommandService {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        CommandService { store, cache: StateCache::new() }
+        CommandService { store, cache: StateCache::new(), keys_in_flight: KeyLocks::default() }
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -249,14 +282,33 @@ impl CommandService {
     }
 
     pub async fn execute(&self, context: &CommandContext, command: &Command) -> Result<Reply, CommandError> {
-        if let Some(idempotency) = &context.idempotency
-            && let Some(stored) = self.store.idempotent_reply(&idempotency.key).await?
-        {
+        let Some(idempotency) = &context.idempotency else { return self.decide_and_append(context, command).await };
+        // A repeat that arrives while the first is in flight waits for its answer here; across
+        // processes, the append itself settles which one wins (the other gets its reply).
+        let _turn = self.keys_in_flight.lock(&idempotency.key).await;
+        if let Some(stored) = self.store.idempotent_reply(&idempotency.key).await? {
             return replay(idempotency, stored);
         }
+        match self.decide_and_append(context, command).await {
+            // An answer that appended nothing may be to a repeat whose first try, in another
+            // process, has succeeded meanwhile: that first answer is the one to give.
+            Err(CommandError::Rejected(_) | CommandError::PreconditionFailed { .. } | CommandError::NameTaken)
+                if let Some(stored) = self.store.idempotent_reply(&idempotency.key).await? =>
+            {
+                replay(idempotency, stored)
+            }
+            result => result,
+        }
+    }
+
+    async fn decide_and_append(&self, context: &CommandContext, command: &Command) -> Result<Reply, CommandError> {
         let mut fresh = false;
         for _ in 0..MAX_ATTEMPTS {
             let decision = match self.decide(context.actor, command, fresh).await {
+                // A field that is invalid is invalid whatever the state: no need to look again.
+                Err(CommandError::Rejected(DomainError::Invalid { field, message })) => {
+                    return Err(DomainError::Invalid { field, message }.into());
+                }
                 Err(CommandError::Rejected(_)) if !fresh => {
                     fresh = true; // confirm the refusal on fresh state
                     continue;
@@ -278,8 +330,11 @@ impl CommandService {
                     fresh = true; // "nothing to do" is an answer about state: confirm it too
                     continue;
                 }
-                let position = self.store.head().await?;
-                return Ok(Reply { created, ids, position, version: expected_version });
+                if context.idempotency.is_none() {
+                    let position = self.store.head().await?;
+                    return Ok(Reply { created, ids, position, version: expected_version });
+                }
+                // A keyed no-op is remembered like any answer, on the state it was decided on.
             }
             let stream_id = decision.stream_id.clone();
             match self.store.append(append_request(context, decision)).await {
@@ -295,11 +350,9 @@ impl CommandService {
                 Ok(AppendOutcome::Replayed(stored)) => {
                     return replay(context.idempotency.as_ref().expect("only keyed appends replay"), stored);
                 }
-                // Decide again on fresh state; If-Match is checked against it above.
-                Err(AppendError::WrongExpectedVersion { stream_id, .. }) => {
-                    self.cache.forget(&stream_id);
-                    fresh = true;
-                }
+                // Decide again on fresh state (cached states catch up from their version);
+                // If-Match is checked against it above.
+                Err(AppendError::WrongExpectedVersion { .. }) => fresh = true,
                 Err(AppendError::ClaimTaken { .. }) => return Err(CommandError::NameTaken),
                 Err(AppendError::IdempotencyKeyReused) => return Err(CommandError::IdempotencyKeyReused),
                 Err(AppendError::Invalid(reason)) => return Err(StoreError::Failed(reason.into()).into()),
@@ -310,27 +363,40 @@ impl CommandService {
     }
 
     async fn load<A: Aggregate>(&self, stream_id: &str) -> Result<Loaded<A>, StoreError> {
-        let events = self.store.read_stream(stream_id, 0).await?;
-        let mut state = A::default();
-        for envelope in &events {
-            state.apply(&envelope.event);
-        }
-        let version = events.last().map_or(0, |e| e.stream_version);
-        let first_position = events.first().map_or(0, |e| e.global_position);
-        Ok(Loaded { state, version, first_position })
+        let empty = Loaded { state: A::default(), version: 0, first_position: 0 };
+        self.catch_up(stream_id, empty).await
     }
 
-    /// Loads through `cache` unless `fresh` asks for the store's current state.
-    async fn load_cached<A: Aggregate + Send + Sync + 'static>(
+    /// `loaded` with the stream's events after its version applied.
+    async fn catch_up<A: Aggregate>(&self, stream_id: &str, mut loaded: Loaded<A>) -> Result<Loaded<A>, StoreError> {
+        let events = self.store.read_stream(stream_id, loaded.version).await?;
+        for envelope in &events {
+            loaded.state.apply(&envelope.event);
+        }
+        if loaded.version == 0 {
+            loaded.first_position = events.first().map_or(0, |e| e.global_position);
+        }
+        loaded.version = events.last().map_or(loaded.version, |e| e.stream_version);
+        Ok(loaded)
+    }
+
+    /// Loads through `cache`; `fresh` asks for the store's current state, which a cached entry
+    /// reaches by reading only the events after its version.
+    async fn load_cached<A: Aggregate + Clone + Send + Sync + 'static>(
         &self,
         cache: &moka::sync::Cache<String, Arc<Loaded<A>>>,
         stream_id: String,
         fresh: bool,
     ) -> Result<Arc<Loaded<A>>, StoreError> {
-        if !fresh && let Some(loaded) = cache.get(&stream_id) {
+        let cached = cache.get(&stream_id);
+        if !fresh && let Some(loaded) = cached {
             return Ok(loaded);
         }
-        let loaded = Arc::new(self.load(&stream_id).await?);
+        let start = cached.map_or_else(
+            || Loaded { state: A::default(), version: 0, first_position: 0 },
+            |c| Loaded { state: c.state.clone(), version: c.version, first_position: c.first_position },
+        );
+        let loaded = Arc::new(self.catch_up(&stream_id, start).await?);
         if loaded.version > 0 {
             cache.insert(stream_id, loaded.clone());
         }
@@ -409,16 +475,22 @@ impl CommandService {
             PostMessage { channel_id, text, thread_root_id } => {
                 let (channel, workspace) = self.channel(*channel_id, fresh).await?;
                 let root = match thread_root_id {
-                    Some(root_id) => Some(self.load::<Message>(&stream::message(*root_id)).await?.state),
+                    Some(root_id) => Some((*root_id, self.load::<Message>(&stream::message(*root_id)).await?)),
                     None => None,
                 };
                 let id = Uuid::now_v7();
-                let events = Message::post(&channel.state, &workspace.state, actor, id, text, root.as_ref())?;
-                Decision::new(stream::message(id), 0, events)
+                let root_state = root.as_ref().map(|(_, loaded)| &loaded.state);
+                let events = Message::post(&channel.state, &workspace.state, actor, id, text, root_state)?;
+                let decision = Decision::new(stream::message(id), 0, events)
                     .in_channel(&channel)
                     .guarded_by(stream::channel(*channel_id), &channel)
                     .provided(stream::workspace(channel.state.workspace_id), &workspace)
-                    .created("message_id", id)
+                    .created("message_id", id);
+                match &root {
+                    // A root deleted concurrently must not gain a reply.
+                    Some((root_id, loaded)) => decision.provided(stream::message(*root_id), loaded),
+                    None => decision,
+                }
             }
             EditMessage { channel_id, message_id, text } => {
                 self.decide_on_message(*channel_id, *message_id, fresh, |m, c, w| m.edit(c, w, actor, text)).await?

@@ -34,7 +34,7 @@ impl Aggregate for Channel {
                 self.created_by = e.created_by;
             }
             Event::ChannelRenamed(e) => self.name = e.name.clone(),
-            Event::ChannelTopicChanged(e) => self.topic = Some(e.topic.clone()),
+            Event::ChannelTopicChanged(e) => self.topic = e.topic.clone(),
             Event::ChannelArchived(_) => self.archived = true,
             Event::ChannelMemberJoined(e) => {
                 self.members.insert(e.user_id);
@@ -95,7 +95,7 @@ impl Channel {
                 channel_id,
                 workspace_id,
                 name: name.to_owned(),
-                topic: topic.map(str::to_owned),
+                topic: topic.and_then(rules::optional_topic),
                 private,
                 created_by: actor,
             }
@@ -112,6 +112,18 @@ impl Channel {
             return Err(DomainError::NotFound("channel"));
         }
         Ok(())
+    }
+
+    /// What workspace admins may do to a private channel without being in it (archive it,
+    /// remove its members, delete its messages): they see it for that purpose, while people
+    /// outside the workspace are still told it does not exist.
+    pub fn ensure_manageable_by(&self, workspace: &Workspace, actor: Uuid) -> Result<(), DomainError> {
+        let admin_of_its_workspace =
+            self.id.is_some() && workspace.id == Some(self.workspace_id) && workspace.is_admin(actor);
+        if admin_of_its_workspace {
+            return Ok(());
+        }
+        self.ensure_visible_to(workspace, actor)
     }
 
     pub fn ensure_member(&self, workspace: &Workspace, actor: Uuid) -> Result<(), DomainError> {
@@ -150,15 +162,18 @@ impl Channel {
             let previous_name = self.name.clone();
             events.push(ChannelRenamed { channel_id: self.id(), name: name.to_owned(), previous_name }.into());
         }
-        if let Some(topic) = changes.topic.filter(|topic| Some(*topic) != self.topic.as_deref()) {
+        if let Some(topic) = changes.topic {
             rules::topic(topic)?;
-            events.push(ChannelTopicChanged { channel_id: self.id(), topic: topic.to_owned() }.into());
+            let topic = rules::optional_topic(topic);
+            if topic != self.topic {
+                events.push(ChannelTopicChanged { channel_id: self.id(), topic }.into());
+            }
         }
         Ok(events)
     }
 
     pub fn archive(&self, workspace: &Workspace, actor: Uuid) -> Result<Vec<Event>, DomainError> {
-        self.ensure_visible_to(workspace, actor)?;
+        self.ensure_manageable_by(workspace, actor)?;
         if actor != self.created_by && !workspace.is_admin(actor) {
             return Err(DomainError::Forbidden("only the channel's creator or a workspace admin may archive it"));
         }
@@ -183,8 +198,9 @@ impl Channel {
     }
 
     /// Members leave by themselves; workspace admins may remove anyone. Allowed when archived.
+    /// Leaving a channel one is not in changes nothing (200), where the channel is visible.
     pub fn leave(&self, workspace: &Workspace, actor: Uuid, user: Uuid) -> Result<Vec<Event>, DomainError> {
-        self.ensure_visible_to(workspace, actor)?;
+        self.ensure_manageable_by(workspace, actor)?;
         if actor != user && !workspace.is_admin(actor) {
             return Err(DomainError::Forbidden("only workspace admins may remove other members"));
         }

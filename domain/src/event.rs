@@ -8,15 +8,21 @@ use uuid::Uuid;
 
 use crate::workspace::Role;
 
-/// Version of every event type's `data` layout; bump a type's when its fields change meaning.
-pub const SCHEMA_VERSION: u32 = 1;
-
+/// Each event type's `data` layout has a version, 1 unless a type says otherwise (`Name (schema_version = 2) { … }`). Bump
+/// a type's version when its fields change shape or meaning, and add the step that brings the
+/// previous version's data up to date in [`crate::upcast`]: stored events are never rewritten.
+///
+/// Decoding ignores fields it does not know, so that during a rolling deploy an older reader
+/// (relay, projector) does not stall on the events of a newer writer; the published schemas
+/// still say exactly which fields each version has.
 macro_rules! events {
-    ($( $(#[$doc:meta])* $name:ident { $( $(#[$field_doc:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
+    (@version) => { 1 };
+    (@version $version:literal) => { $version };
+    ($( $(#[$doc:meta])* $name:ident $((schema_version = $version:literal))? { $( $(#[$field_doc:meta])* $field:ident : $ty:ty ),* $(,)? } )*) => {
         $(
             $(#[$doc])*
             #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-            #[serde(deny_unknown_fields)]
+            #[schemars(deny_unknown_fields)]
             pub struct $name { $( $(#[$field_doc])* pub $field: $ty, )* }
 
             impl From<$name> for Event {
@@ -35,11 +41,27 @@ macro_rules! events {
             pub fn type_name(&self) -> &'static str {
                 match self { $( Event::$name(_) => stringify!($name), )* }
             }
+
+            /// The version of this event's data layout.
+            pub fn schema_version(&self) -> u32 {
+                match self { $( Event::$name(_) => events!(@version $($version)?), )* }
+            }
+        }
+
+        /// The current data layout version of an event type, by name; `None` for an unknown type.
+        pub fn schema_version_of(type_name: &str) -> Option<u32> {
+            match type_name {
+                $( stringify!($name) => Some(events!(@version $($version)?)), )*
+                _ => None,
+            }
         }
 
         /// The JSON Schema of each event type's whole envelope, by type name.
         pub fn schemas() -> Vec<(&'static str, serde_json::Value)> {
-            vec![ $( (stringify!($name), envelope_schema::<$name>(stringify!($name))), )* ]
+            vec![ $( (
+                stringify!($name),
+                envelope_schema::<$name>(stringify!($name), events!(@version $($version)?)),
+            ), )* ]
         }
     };
 }
@@ -61,7 +83,8 @@ events! {
         created_by: Uuid,
     }
     ChannelRenamed { channel_id: Uuid, name: String, previous_name: String }
-    ChannelTopicChanged { channel_id: Uuid, topic: String }
+    /// `topic` is null when the topic was cleared. Version 1 wrote a cleared topic as "".
+    ChannelTopicChanged (schema_version = 2) { channel_id: Uuid, topic: Option<String> }
     ChannelArchived { channel_id: Uuid }
     /// `added_by` is the member who invited the user; equal to `user_id` when they joined themselves.
     ChannelMemberJoined { channel_id: Uuid, user_id: Uuid, added_by: Uuid }
@@ -127,12 +150,12 @@ struct TypedEnvelope<D> {
     data: D,
 }
 
-fn envelope_schema<D: JsonSchema>(type_name: &str) -> serde_json::Value {
+fn envelope_schema<D: JsonSchema>(type_name: &str, schema_version: u32) -> serde_json::Value {
     let mut schema = schemars::schema_for!(TypedEnvelope<D>).to_value();
     schema["title"] = type_name.into();
     schema["description"] = format!("A QuikApp {type_name} event in its envelope (see API.md, Events).").into();
     schema["properties"]["type"] = serde_json::json!({ "const": type_name });
-    schema["properties"]["schema_version"] = serde_json::json!({ "const": SCHEMA_VERSION });
+    schema["properties"]["schema_version"] = serde_json::json!({ "const": schema_version });
     schema
 }
 

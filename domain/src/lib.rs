@@ -5,6 +5,7 @@
 //! - [`stream`]: which stream each aggregate's events live in.
 //! - [`user`], [`workspace`], [`channel`], [`message`]: one aggregate each, as pure
 //!   `decide(state, command) -> events` and `apply(state, event)` functions.
+//! - [`upcast`]: the steps that bring stored events of older layout versions up to date.
 //! - [`rules`]: value rules shared by several aggregates (names, text, emoji).
 //! - [`error`]: why a command is refused.
 //!
@@ -21,6 +22,7 @@ pub mod event;
 pub mod message;
 pub mod rules;
 pub mod stream;
+pub mod upcast;
 pub mod user;
 pub mod workspace;
 

@@ -89,6 +89,10 @@ impl Message {
     /// The checks every command on an existing message starts with.
     fn ensure_reachable(&self, channel: &Channel, workspace: &Workspace, actor: Uuid) -> Result<(), DomainError> {
         channel.ensure_visible_to(workspace, actor)?;
+        self.ensure_in(channel)
+    }
+
+    fn ensure_in(&self, channel: &Channel) -> Result<(), DomainError> {
         if !self.is_in(channel) {
             return Err(DomainError::NotFound("message"));
         }
@@ -114,8 +118,10 @@ impl Message {
         Ok(vec![MessageEdited { message_id: self.id(), channel_id: self.channel_id, text: text.to_owned() }.into()])
     }
 
+    /// Workspace admins may delete messages of private channels they are not in.
     pub fn delete(&self, channel: &Channel, workspace: &Workspace, actor: Uuid) -> Result<Vec<Event>, DomainError> {
-        self.ensure_reachable(channel, workspace, actor)?;
+        channel.ensure_manageable_by(workspace, actor)?;
+        self.ensure_in(channel)?;
         if actor != self.author_id && !workspace.is_admin(actor) {
             return Err(DomainError::Forbidden("only the author or a workspace admin may delete a message"));
         }

@@ -39,6 +39,11 @@ pub fn topic(topic: &str) -> Result<(), DomainError> {
     no_nul("topic", topic)
 }
 
+/// An empty topic is no topic.
+pub fn optional_topic(topic: &str) -> Option<String> {
+    (!topic.is_empty()).then(|| topic.to_owned())
+}
+
 /// Message text: 1-40,000 characters, not only blanks.
 pub fn message_text(text: &str) -> Result<(), DomainError> {
     if text.trim().is_empty() || text.chars().count() > MAX_MESSAGE_CHARS {

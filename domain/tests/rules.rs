@@ -323,7 +323,7 @@ fn a_member_renames_the_channel_and_changes_its_topic() {
         w.general().change(&w.workspace(), w.member, ChannelChanges { name: Some("lobby"), topic: Some("hi") }),
         [
             ChannelRenamed { channel_id: w.general, name: "lobby".into(), previous_name: "general".into() }.into(),
-            ChannelTopicChanged { channel_id: w.general, topic: "hi".into() }.into(),
+            ChannelTopicChanged { channel_id: w.general, topic: Some("hi".into()) }.into(),
         ],
     );
 }
@@ -609,4 +609,83 @@ fn a_member_marks_a_channel_read_up_to_a_message_once() {
         DomainError::Forbidden("only channel members may do this"),
     );
     then_invalid(ReadMark::default().mark(&channel, &ws, w.member, &Message::default(), 7), "message_id");
+}
+
+// ------------------------------------------------- admins manage private channels unseen
+
+/// `secret` with `member` invited and a message of theirs in it; the admin is not a member.
+fn secret_with_a_post(w: &World) -> (Channel, Message) {
+    let joined = ChannelMemberJoined { channel_id: w.secret, user_id: w.member, added_by: w.owner };
+    let channel: Channel =
+        given(w.channel_events(w.secret, "secret", true, w.owner).into_iter().chain([joined.into()]));
+    let posted = MessagePosted {
+        message_id: w.message,
+        channel_id: w.secret,
+        author_id: w.member,
+        text: "psst".into(),
+        thread_root_id: None,
+    };
+    (channel, given([posted.into()]))
+}
+
+#[test]
+fn a_workspace_admin_archives_a_private_channel_they_are_not_in() {
+    let w = World::new();
+    let (channel, _) = secret_with_a_post(&w);
+    then(channel.archive(&w.workspace(), w.admin), [ChannelArchived { channel_id: w.secret }.into()]);
+}
+
+#[test]
+fn a_workspace_admin_removes_a_member_of_a_private_channel_they_are_not_in() {
+    let w = World::new();
+    let (channel, _) = secret_with_a_post(&w);
+    then(
+        channel.leave(&w.workspace(), w.admin, w.member),
+        [ChannelMemberLeft { channel_id: w.secret, user_id: w.member, removed_by: w.admin }.into()],
+    );
+}
+
+#[test]
+fn a_workspace_admin_deletes_a_message_in_a_private_channel_they_are_not_in() {
+    let w = World::new();
+    let (channel, message) = secret_with_a_post(&w);
+    then(
+        message.delete(&channel, &w.workspace(), w.admin),
+        [MessageDeleted { message_id: w.message, channel_id: w.secret, author_id: w.member, thread_root_id: None }
+            .into()],
+    );
+}
+
+#[test]
+fn managing_a_private_channel_stays_invisible_to_members_and_outsiders() {
+    let w = World::new();
+    let (channel, message) = secret_with_a_post(&w);
+    let ws = w.workspace();
+    for (who, expected) in [(w.other, "channel"), (w.outsider, "channel")] {
+        then_refused(channel.archive(&ws, who), DomainError::NotFound(expected));
+        then_refused(channel.leave(&ws, who, w.member), DomainError::NotFound(expected));
+        then_refused(message.delete(&channel, &ws, who), DomainError::NotFound(expected));
+    }
+    // An admin of another workspace is an outsider here.
+    let elsewhere: Workspace =
+        given([WorkspaceCreated { workspace_id: Uuid::now_v7(), name: "B".into(), owner_id: w.admin }.into()]);
+    then_refused(channel.archive(&elsewhere, w.admin), DomainError::NotFound("channel"));
+}
+
+#[test]
+fn an_admin_leaving_a_private_channel_they_are_not_in_changes_nothing() {
+    let w = World::new();
+    let (channel, _) = secret_with_a_post(&w);
+    then_nothing(channel.leave(&w.workspace(), w.admin, w.admin));
+}
+
+#[test]
+fn an_empty_topic_clears_the_topic() {
+    let w = World::new();
+    let with_topic = w.general_with([ChannelTopicChanged { channel_id: w.general, topic: Some("t".into()) }.into()]);
+    then(
+        with_topic.change(&w.workspace(), w.member, ChannelChanges { name: None, topic: Some("") }),
+        [ChannelTopicChanged { channel_id: w.general, topic: None }.into()],
+    );
+    then_nothing(w.general().change(&w.workspace(), w.member, ChannelChanges { name: None, topic: Some("") }));
 }

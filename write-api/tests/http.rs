@@ -675,7 +675,10 @@ async fn a_store_that_is_down_answers_503_with_retry_after_and_readyz_says_so() 
         .acquire_timeout(std::time::Duration::from_secs(2))
         .connect_lazy("postgres://quikapp@127.0.0.1:1/nowhere")
         .unwrap();
-    let api = Api::new(Arc::new(quikapp_commands::store::PostgresStore::new(unreachable)), RateLimit::default());
+    let api = Api::new(
+        Arc::new(quikapp_commands::store::PostgresStore::new(unreachable, Default::default())),
+        RateLimit::default(),
+    );
     let answer =
         api.call(Method::POST, "/v1/workspaces", Some(Uuid::now_v7())).json(json!({"name": "Acme"})).send().await;
     let answer = answer.problem(StatusCode::SERVICE_UNAVAILABLE, None);

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     AppendError, AppendOutcome, AppendRequest, Appended, EventStore, IdempotencyEntry, NewEvent, PostgresStore,
-    SqliteStore, StreamCondition,
+    SqliteStore, StoreError, StoreOptions, StreamCondition,
 };
 
 pub type Store = Arc<dyn EventStore>;
@@ -300,6 +300,100 @@ pub async fn a_follower_never_skips_an_event_that_commits_late(store: Store) {
     assert_eq!(seen.len() as u64, total);
 }
 
+pub async fn a_keyed_no_op_is_remembered_on_the_versions_it_was_decided_on(store: Store) {
+    let (stream, guard) = (unique_stream(), unique_stream());
+    appended(store.append(append_to(&stream, 0, &["a", "b"])).await);
+    appended(store.append(append_to(&guard, 0, &["g"])).await);
+    let entry = |hash: &str| IdempotencyEntry {
+        key: format!("key-{stream}"),
+        request_hash: hash.into(),
+        reply: serde_json::json!({"noop": true}),
+    };
+    let no_op = |guard_version, hash: &str| AppendRequest {
+        stream_id: stream.clone(),
+        expected_version: 2,
+        conditions: vec![StreamCondition { stream_id: guard.clone(), version: guard_version }],
+        idempotency: Some(entry(hash)),
+        ..Default::default()
+    };
+    let stale = store.append(no_op(0, "h")).await;
+    assert!(matches!(stale, Err(AppendError::WrongExpectedVersion { .. })), "{stale:?}");
+    assert_eq!(store.idempotent_reply(&entry("h").key).await.unwrap(), None, "a refused no-op is not remembered");
+
+    let recorded = appended(store.append(no_op(1, "h")).await);
+    assert_eq!((recorded.last_position, recorded.stream_version), (3, 2), "the head, and the stream's version");
+    appended(store.append(append_to(&stream, 2, &["c"])).await);
+    match store.append(no_op(1, "h")).await {
+        Ok(AppendOutcome::Replayed(stored)) => {
+            assert_eq!((stored.position, stored.stream_version), (3, 2));
+            assert_eq!(stored.reply, serde_json::json!({"noop": true}));
+        }
+        other => panic!("expected the first answer, got {other:?}"),
+    }
+    assert_eq!(store.append(no_op(1, "other")).await, Err(AppendError::IdempotencyKeyReused));
+    assert_eq!(store.head().await.unwrap(), 4, "no-ops append no events");
+}
+
+/// Two instances over one database, as two processes: their appends to shared streams race,
+/// and the store must still give every stream gap-free versions and the log gap-free positions.
+pub async fn two_instances_append_under_contention(store: Store, twin: Store) {
+    const WRITERS: u64 = 6;
+    const ROUNDS: u64 = 15;
+    let streams: Vec<String> = (0..3).map(|_| unique_stream()).collect();
+    let writers = (0..WRITERS).map(|w| {
+        let store = if w % 2 == 0 { store.clone() } else { twin.clone() };
+        let streams = streams.clone();
+        tokio::spawn(async move {
+            let mut won = 0;
+            for round in 0..ROUNDS {
+                let stream = &streams[((w + round) % 3) as usize];
+                loop {
+                    let version = store.read_stream(stream, 0).await.unwrap().len() as u64;
+                    match store.append(append_to(stream, version, &["e"])).await {
+                        Ok(AppendOutcome::Appended(_)) => break,
+                        Err(AppendError::WrongExpectedVersion { .. }) => continue,
+                        Err(AppendError::Store(StoreError::Unavailable(why))) => panic!("unavailable: {why}"),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                won += 1;
+            }
+            won
+        })
+    });
+    let won: u64 = futures::future::join_all(writers).await.into_iter().map(Result::unwrap).sum();
+    assert_eq!(won, WRITERS * ROUNDS);
+    let all = twin.read_all(0, 10_000).await.unwrap();
+    assert_eq!(all.len() as u64, WRITERS * ROUNDS);
+    assert!(all.iter().enumerate().all(|(i, e)| e.global_position == i as u64 + 1), "positions are gap-free");
+    for stream in &streams {
+        let versions: Vec<u64> = store.read_stream(stream, 0).await.unwrap().iter().map(|e| e.stream_version).collect();
+        assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>(), "{stream} has gap-free versions");
+    }
+    let ids: HashSet<_> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), all.len(), "no event_id twice");
+}
+
+/// With a retention of zero every key has expired as soon as it is written: a repeat is a new
+/// request, and the cleanup reclaims the old keys.
+pub async fn idempotency_keys_expire_after_the_retention(store: Store, expired: Store) {
+    let key = format!("key-{}", Uuid::now_v7());
+    let keyed = |stream: &str| {
+        let mut request = append_to(stream, 0, &["once"]);
+        request.idempotency =
+            Some(IdempotencyEntry { key: key.clone(), request_hash: "h".into(), reply: serde_json::json!({}) });
+        request
+    };
+    appended(store.append(keyed(&unique_stream())).await);
+    assert!(matches!(store.append(keyed(&unique_stream())).await, Ok(AppendOutcome::Replayed(_))));
+    assert_eq!(store.forget_expired_idempotency_keys().await.unwrap(), 0, "within the retention");
+
+    assert_eq!(expired.idempotent_reply(&key).await.unwrap(), None, "past the retention the key is forgotten");
+    appended(expired.append(keyed(&unique_stream())).await);
+    assert!(expired.forget_expired_idempotency_keys().await.unwrap() >= 1);
+    assert_eq!(store.head().await.unwrap(), 2);
+}
+
 // ------------------------------------------------------------------- stores for tests
 
 /// The URL of a real service from its `QUIKAPP_*` variable. When it is unset the test is skipped
@@ -321,7 +415,11 @@ pub fn service_url(variable: &str) -> Option<String> {
 /// An empty embedded store in a file of its own.
 pub async fn fresh_sqlite() -> Arc<SqliteStore> {
     let path = std::env::temp_dir().join(format!("quikapp-test-{}.db", Uuid::now_v7()));
-    let store = SqliteStore::open(&path).await.expect("open SQLite");
+    open_sqlite(&path, StoreOptions::default()).await
+}
+
+pub async fn open_sqlite(path: &std::path::Path, options: StoreOptions) -> Arc<SqliteStore> {
+    let store = SqliteStore::open_with(path, options).await.expect("open SQLite");
     store.migrate().await.expect("migrate SQLite");
     Arc::new(store)
 }
@@ -329,9 +427,18 @@ pub async fn fresh_sqlite() -> Arc<SqliteStore> {
 /// An empty PostgreSQL store in a database of its own, on the server `QUIKAPP_POSTGRES_URL` names.
 pub async fn fresh_postgres() -> Option<Arc<PostgresStore>> {
     let url = fresh_postgres_database().await?;
-    let store = PostgresStore::connect(&url).await.expect("connect to the test database");
+    Some(open_postgres(&url, StoreOptions::default()).await)
+}
+
+pub async fn open_postgres(url: &str, options: StoreOptions) -> Arc<PostgresStore> {
+    let store = PostgresStore::connect_with(url, options).await.expect("connect to the test database");
     store.migrate().await.expect("migrate PostgreSQL");
-    Some(Arc::new(store))
+    Arc::new(store)
+}
+
+/// Options under which every idempotency key has already expired.
+pub fn no_retention() -> StoreOptions {
+    StoreOptions { idempotency_retention: std::time::Duration::ZERO, ..StoreOptions::default() }
 }
 
 /// Creates an empty database for one test and answers its URL.

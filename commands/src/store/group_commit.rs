@@ -2,11 +2,22 @@
 //! and commits it as one transaction, so many appends share one durable commit. This is what
 //! lets a store whose positions are assigned by a single lock holder still write tens of
 //! thousands of events a second: the lock and the fsync are paid per batch, not per event.
+//!
+//! Failures are answered by what they say about the batch:
+//! - a row refused by the database (a constraint, bad data): one request is at fault, so the
+//!   batch is retried one request at a time and only that request fails;
+//! - anything unrelated to the rows (BEGIN, the lock, a lost connection, a timeout): the batch
+//!   fails as a whole with that error, without retries that would only fail again;
+//! - a COMMIT whose answer was lost: the batch may have been written. The adapter is asked
+//!   whether its first event is stored, and every request gets the true outcome; a client that
+//!   retries after a success it never heard of would otherwise append twice.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
 
 use super::{AppendError, AppendOutcome, AppendRequest, StoreError};
 
@@ -15,8 +26,42 @@ pub(crate) type Outcome = Result<AppendOutcome, AppendError>;
 /// An adapter's write path: commits a batch in one transaction and answers each request in order.
 #[async_trait]
 pub(crate) trait BatchWriter: Send + Sync + 'static {
-    /// `Err` means the transaction failed as a whole and wrote nothing.
-    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, StoreError>;
+    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError>;
+
+    /// Whether the event is stored, waiting first for any transaction still writing the log.
+    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError>;
+}
+
+#[derive(Debug)]
+pub(crate) enum BatchError {
+    /// A row of the batch was refused; nothing was written.
+    Rows(StoreError),
+    /// The batch could not be written whatever it held; nothing was written.
+    Whole(StoreError),
+    /// COMMIT was sent but did not answer. `outcomes` hold if `first_event` is stored.
+    CommitUnknown { error: StoreError, first_event: Option<Uuid>, outcomes: Vec<Outcome> },
+}
+
+impl From<sqlx::Error> for BatchError {
+    fn from(error: sqlx::Error) -> Self {
+        BatchError::Whole(error.into())
+    }
+}
+
+impl From<StoreError> for BatchError {
+    fn from(error: StoreError) -> Self {
+        BatchError::Whole(error)
+    }
+}
+
+impl BatchError {
+    /// For the statements that write rows: a refused value blames the rows.
+    pub fn from_write(error: sqlx::Error) -> Self {
+        match super::blame(&error) {
+            super::Blame::Rows => BatchError::Rows(error.into()),
+            _ => BatchError::Whole(error.into()),
+        }
+    }
 }
 
 /// The most requests committed in one transaction.
@@ -24,22 +69,30 @@ pub(crate) const MAX_BATCH: usize = 256;
 
 pub(crate) struct GroupCommit {
     queue: mpsc::Sender<(AppendRequest, oneshot::Sender<Outcome>)>,
+    timeout: Duration,
 }
 
 impl GroupCommit {
     /// Starts the committing task, with up to `in_flight` batches committing at once. Batches
     /// are taken only when a slot is free, so requests pile up into the next batch meanwhile.
-    pub fn start(writer: impl BatchWriter, in_flight: usize) -> Self {
+    /// An append that has no answer within `timeout` (queueing included) fails as unavailable.
+    pub fn start(writer: impl BatchWriter, in_flight: usize, timeout: Duration) -> Self {
         let (queue, requests) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(run(Arc::new(writer), requests, Arc::new(Semaphore::new(in_flight))));
-        GroupCommit { queue }
+        GroupCommit { queue, timeout }
     }
 
     pub async fn append(&self, request: AppendRequest) -> Outcome {
         let stopped = || AppendError::Store(StoreError::Unavailable("the event store writer has stopped".into()));
-        let (reply, answer) = oneshot::channel();
-        self.queue.send((request, reply)).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        let answered = async {
+            let (reply, answer) = oneshot::channel();
+            self.queue.send((request, reply)).await.map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
+        };
+        tokio::time::timeout(self.timeout, answered).await.unwrap_or_else(|_| {
+            let why = format!("the append had no answer within {:?}; its outcome is unknown", self.timeout);
+            Err(AppendError::Store(StoreError::Unavailable(why)))
+        })
     }
 }
 
@@ -76,21 +129,130 @@ async fn run(
     }
 }
 
-/// A batch the database refuses as a whole is retried one request at a time, so that a request
-/// it cannot take fails alone instead of taking its batch-mates down with it.
 async fn commit(writer: &dyn BatchWriter, batch: &[AppendRequest]) -> Vec<Outcome> {
-    match writer.write_batch(batch).await {
+    match resolved(writer, writer.write_batch(batch).await).await {
         Ok(outcomes) => outcomes,
-        Err(StoreError::Failed(_)) if batch.len() > 1 => {
+        Err(BatchError::Rows(_)) if batch.len() > 1 => {
             let mut outcomes = Vec::with_capacity(batch.len());
             for request in batch.chunks(1) {
-                outcomes.push(match writer.write_batch(request).await {
+                outcomes.push(match resolved(writer, writer.write_batch(request).await).await {
                     Ok(mut single) => single.pop().expect("one outcome per request"),
-                    Err(error) => Err(error.into()),
+                    Err(error) => Err(error.into_store_error().into()),
                 });
             }
             outcomes
         }
-        Err(error) => batch.iter().map(|_| Err(error.clone().into())).collect(),
+        Err(error) => {
+            let error = error.into_store_error();
+            batch.iter().map(|_| Err(error.clone().into())).collect()
+        }
+    }
+}
+
+/// Settles a COMMIT that did not answer by asking the store whether the batch is there.
+async fn resolved(
+    writer: &dyn BatchWriter,
+    written: Result<Vec<Outcome>, BatchError>,
+) -> Result<Vec<Outcome>, BatchError> {
+    let Err(BatchError::CommitUnknown { error, first_event, outcomes }) = written else { return written };
+    let Some(first_event) = first_event else { return Err(BatchError::Whole(unknown(&error))) };
+    match writer.is_stored(first_event).await {
+        Ok(true) => {
+            tracing::warn!(%error, "COMMIT did not answer, but the batch is stored");
+            Ok(outcomes)
+        }
+        Ok(false) => Err(BatchError::Whole(error)),
+        Err(lookup) => {
+            tracing::error!(%error, %lookup, "COMMIT did not answer and the store cannot say whether it happened");
+            Err(BatchError::Whole(unknown(&error)))
+        }
+    }
+}
+
+fn unknown(error: &StoreError) -> StoreError {
+    StoreError::Unavailable(format!("the commit's outcome is unknown ({error}); retry with an Idempotency-Key"))
+}
+
+impl BatchError {
+    fn into_store_error(self) -> StoreError {
+        match self {
+            BatchError::Rows(error) | BatchError::Whole(error) => error,
+            BatchError::CommitUnknown { error, .. } => unknown(&error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::contract::append_to;
+
+    /// Fails the first `write_batch` with `first`, then writes everything.
+    struct Scripted {
+        first: Mutex<Option<BatchError>>,
+        calls: Mutex<Vec<usize>>,
+        stored: bool,
+    }
+
+    #[async_trait]
+    impl BatchWriter for Scripted {
+        async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
+            self.calls.lock().unwrap().push(batch.len());
+            match self.first.lock().unwrap().take() {
+                Some(error) => Err(error),
+                None => Ok(batch.iter().map(|_| Err(AppendError::Invalid("written"))).collect()),
+            }
+        }
+
+        async fn is_stored(&self, _: Uuid) -> Result<bool, StoreError> {
+            Ok(self.stored)
+        }
+    }
+
+    fn scripted(first: BatchError) -> Scripted {
+        Scripted { first: Mutex::new(Some(first)), calls: Mutex::new(vec![]), stored: false }
+    }
+
+    fn batch() -> Vec<AppendRequest> {
+        (0..3).map(|_| append_to(&Uuid::now_v7().to_string(), 0, &["e"])).collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_for_its_rows_is_retried_one_request_at_a_time() {
+        let writer = scripted(BatchError::Rows(StoreError::Failed("unique violation".into())));
+        let outcomes = commit(&writer, &batch()).await;
+        assert_eq!(*writer.calls.lock().unwrap(), vec![3, 1, 1, 1]);
+        assert!(outcomes.iter().all(|o| *o == Err(AppendError::Invalid("written"))), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_failed_whatever_it_held_is_not_retried() {
+        let writer = scripted(BatchError::Whole(StoreError::Unavailable("lock timeout".into())));
+        let outcomes = commit(&writer, &batch()).await;
+        assert_eq!(*writer.calls.lock().unwrap(), vec![3]);
+        let expected = Err(AppendError::Store(StoreError::Unavailable("lock timeout".into())));
+        assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_commit_without_answer_is_answered_by_whether_the_batch_is_stored() {
+        let lost = || BatchError::CommitUnknown {
+            error: StoreError::Unavailable("connection reset".into()),
+            first_event: Some(Uuid::now_v7()),
+            outcomes: vec![Err(AppendError::Invalid("committed")); 3],
+        };
+        let mut writer = scripted(lost());
+        writer.stored = true;
+        let outcomes = commit(&writer, &batch()).await;
+        assert_eq!(*writer.calls.lock().unwrap(), vec![3], "a stored batch is not written again");
+        assert!(outcomes.iter().all(|o| *o == Err(AppendError::Invalid("committed"))), "{outcomes:?}");
+
+        let writer = scripted(lost());
+        let outcomes = commit(&writer, &batch()).await;
+        assert_eq!(*writer.calls.lock().unwrap(), vec![3], "a lost batch is not retried on a broken connection");
+        let expected = Err(AppendError::Store(StoreError::Unavailable("connection reset".into())));
+        assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");
     }
 }

@@ -20,6 +20,8 @@ pub mod sqlite;
 #[cfg(feature = "contract")]
 pub mod contract;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quikapp_domain::{Envelope, Event};
@@ -43,11 +45,49 @@ pub trait EventStore: Send + Sync + 'static {
     /// The global position of the newest event, 0 for an empty store.
     async fn head(&self) -> Result<u64, StoreError>;
 
-    /// The stored reply of an idempotency key, if a command with that key succeeded.
+    /// The stored reply of an idempotency key, if a command with that key succeeded within the
+    /// retention of [`StoreOptions::idempotency_retention`].
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError>;
+
+    /// Deletes the idempotency keys older than the retention; answers how many. Expired keys
+    /// are already ignored by appends and look-ups: this only reclaims their space.
+    async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError>;
 
     /// A round trip to the backing store, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// How an adapter bounds its waits and how long it remembers idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// The longest wait for a lock: PostgreSQL's lock_timeout (the log's writer lock
+    /// included), SQLite's busy timeout. Past it the append fails as unavailable (503).
+    pub lock_timeout: Duration,
+    /// The longest a statement of the write transaction may run (PostgreSQL statement_timeout
+    /// and idle_in_transaction_session_timeout).
+    pub statement_timeout: Duration,
+    /// The longest an append waits for its group commit, queueing included.
+    pub commit_timeout: Duration,
+    /// How long a successful reply stays bound to its idempotency key.
+    pub idempotency_retention: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            lock_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            commit_timeout: Duration::from_secs(10),
+            idempotency_retention: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Keys created before this instant have expired.
+    pub(crate) fn idempotency_cutoff(&self) -> DateTime<Utc> {
+        Utc::now() - chrono::Duration::from_std(self.idempotency_retention).unwrap_or(chrono::Duration::MAX)
+    }
 }
 
 /// An event about to be stored: the store adds stream version and global position.
@@ -68,7 +108,8 @@ pub struct AppendRequest {
     pub stream_id: String,
     /// The version the stream must be at: 0 when it must not exist yet.
     pub expected_version: u64,
-    /// At least one event.
+    /// At least one event; none only to record a keyed no-op under `idempotency`, which
+    /// then holds only while the stream and the conditions are at the versions named.
     pub events: Vec<NewEvent>,
     /// Other streams that must still be at the versions the decision was made on.
     pub conditions: Vec<StreamCondition>,
@@ -147,12 +188,57 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-                StoreError::Unavailable(error.to_string())
-            }
-            other => StoreError::Failed(other.to_string()),
+        match blame(&error) {
+            Blame::Unavailable => StoreError::Unavailable(error.to_string()),
+            Blame::Rows | Blame::Other => StoreError::Failed(error.to_string()),
         }
+    }
+}
+
+/// What a backend error says about its cause, and so what the caller should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    /// The store cannot serve now (connection lost, overloaded, shutting down, a lock or
+    /// statement timeout, a deadlock, SQLite busy): retry later, the request may be fine.
+    Unavailable,
+    /// A value written was refused (a constraint, bad data): one request of a batch is at fault.
+    Rows,
+    /// Anything else: a bug or a broken store.
+    Other,
+}
+
+pub(crate) fn blame(error: &sqlx::Error) -> Blame {
+    use sqlx::Error::*;
+    match error {
+        Io(_) | Tls(_) | Protocol(_) | PoolTimedOut | PoolClosed | WorkerCrashed => Blame::Unavailable,
+        Database(db) => match db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+            Some(_) => sqlite_blame(db.code().as_deref()),
+            None => postgres_blame(db.code().as_deref().unwrap_or("")),
+        },
+        _ => Blame::Other,
+    }
+}
+
+/// By SQLSTATE: 08 connection exception, 53 insufficient resources, 57 operator intervention
+/// (shutdown, a cancelled statement such as statement_timeout), 40001/40P01 serialization
+/// failure and deadlock, 55P03 lock_timeout; 22 data exception and 23 integrity violation are
+/// the rows' fault.
+fn postgres_blame(sqlstate: &str) -> Blame {
+    match sqlstate.get(..2) {
+        Some("08" | "53" | "57") => Blame::Unavailable,
+        _ if matches!(sqlstate, "40001" | "40P01" | "55P03") => Blame::Unavailable,
+        Some("22" | "23") => Blame::Rows,
+        _ => Blame::Other,
+    }
+}
+
+/// By SQLite's (extended) result code, whose low byte is the primary code: BUSY and LOCKED
+/// mean another writer holds the file; TOOBIG, CONSTRAINT and MISMATCH are the rows' fault.
+fn sqlite_blame(code: Option<&str>) -> Blame {
+    match code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff) {
+        Some(5 | 6) => Blame::Unavailable,
+        Some(18 | 19 | 20) => Blame::Rows,
+        _ => Blame::Other,
     }
 }
 
@@ -174,7 +260,9 @@ pub(crate) struct StoredEvent {
 }
 
 impl StoredEvent {
-    pub fn into_envelope(self) -> Result<Envelope, StoreError> {
+    /// Decodes the event, its data brought up to its type's current layout first.
+    pub fn into_envelope(mut self) -> Result<Envelope, StoreError> {
+        self.schema_version = quikapp_domain::upcast::upcast(&self.event_type, self.schema_version, &mut self.data);
         let tagged = serde_json::json!({ "type": self.event_type, "data": self.data });
         let event: Event = serde_json::from_value(tagged)
             .map_err(|e| StoreError::Failed(format!("event at position {}: {e}", self.global_position)))?;

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 
 use quikapp_domain::Envelope;
-use quikapp_domain::event::SCHEMA_VERSION;
 
 use super::{AppendError, AppendOutcome, AppendRequest, Appended, StoredReply};
 
@@ -62,8 +61,8 @@ impl BatchPlan {
 
     /// Judges one request against the state as earlier requests of the batch left it.
     pub fn add(&mut self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
-        if request.events.is_empty() {
-            return Err(AppendError::Invalid("an append needs at least one event"));
+        if request.events.is_empty() && request.idempotency.is_none() {
+            return Err(AppendError::Invalid("an append needs at least one event, or an idempotency key to record"));
         }
         if let Some(entry) = &request.idempotency
             && let Some(stored) = self.state.replies.get(&entry.key)
@@ -97,8 +96,8 @@ impl BatchPlan {
             self.state.head += 1;
             self.events.push(Envelope {
                 event_id: new.event_id,
+                schema_version: new.event.schema_version(),
                 event: new.event,
-                schema_version: SCHEMA_VERSION,
                 stream_id: request.stream_id.clone(),
                 stream_version: version,
                 global_position: self.state.head,
@@ -110,7 +109,9 @@ impl BatchPlan {
                 causation_id: new.causation_id,
             });
         }
-        self.state.stream_versions.insert(request.stream_id.clone(), version);
+        if version > 0 {
+            self.state.stream_versions.insert(request.stream_id.clone(), version);
+        }
         for released in request.releases {
             if self.state.claims.get(&released) == Some(&request.stream_id) {
                 self.state.claims.remove(&released);
@@ -119,6 +120,7 @@ impl BatchPlan {
         for claim in request.claims {
             self.state.claims.insert(claim, request.stream_id.clone());
         }
+        // A keyed request without events records a no-op: its reply names the current head.
         let appended = Appended { first_position, last_position: self.state.head, stream_version: version };
         if let Some(entry) = request.idempotency {
             let stored = StoredReply {
@@ -131,6 +133,14 @@ impl BatchPlan {
             self.replies.push((entry.key, stored));
         }
         Ok(AppendOutcome::Appended(appended))
+    }
+
+    /// Whether the plan writes anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+            && self.replies.is_empty()
+            && self.claims_set.is_empty()
+            && self.claims_released.is_empty()
     }
 
     fn version_of(&self, stream_id: &str) -> u64 {

@@ -5,22 +5,30 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use quikapp_domain::Envelope;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Executor, Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::group_commit::{BatchWriter, GroupCommit, Outcome};
+use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
-use super::{AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply};
+use super::{
+    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoreOptions, StoredEvent, StoredReply,
+};
 
 /// The advisory lock every writer of the event log holds while it appends.
-const WRITER_LOCK: i64 = 0x5155_494b_4150_5031; // "QUIKAPP1"
+pub const WRITER_LOCK: i64 = 0x5155_494b_4150_5031; // "QUIKAPP1"
 
 /// The current version of each named stream: one index probe per stream, whatever its length.
 const STREAM_VERSIONS: &str = "SELECT s.stream_id, e.stream_version FROM unnest($1::text[]) AS s(stream_id) \
      CROSS JOIN LATERAL (SELECT stream_version FROM events WHERE events.stream_id = s.stream_id \
      ORDER BY stream_version DESC LIMIT 1) AS e";
+
+/// The live replies of some idempotency keys ($1), created after the retention cutoff ($2).
+/// An expired key still in the table is replaced by the next append that uses it.
+const SELECT_REPLIES: &str = "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys \
+     WHERE key = ANY($1) AND created_at > $2";
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
      schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
@@ -29,18 +37,23 @@ const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, 
 pub struct PostgresStore {
     pool: PgPool,
     writer: GroupCommit,
+    options: StoreOptions,
 }
 
 impl PostgresStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool =
-            PgPoolOptions::new().max_connections(32).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
-        Ok(Self::new(pool))
+        Self::connect_with(url, StoreOptions::default()).await
     }
 
-    pub fn new(pool: PgPool) -> Self {
-        let writer = GroupCommit::start(PgBatchWriter { pool: pool.clone() }, 1);
-        PostgresStore { pool, writer }
+    pub async fn connect_with(url: &str, options: StoreOptions) -> Result<Self, StoreError> {
+        let pool =
+            PgPoolOptions::new().max_connections(32).acquire_timeout(Duration::from_secs(5)).connect(url).await?;
+        Ok(Self::new(pool, options))
+    }
+
+    pub fn new(pool: PgPool, options: StoreOptions) -> Self {
+        let writer = PgBatchWriter { pool: pool.clone(), options };
+        PostgresStore { writer: GroupCommit::start(writer, 1, options.commit_timeout), pool, options }
     }
 
     /// Creates or upgrades the event store's tables.
@@ -78,13 +91,20 @@ impl EventStore for PostgresStore {
     }
 
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = $1",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(decode_reply).transpose()?.map(|(_, reply)| reply))
+        let rows = sqlx::query(SELECT_REPLIES)
+            .bind(vec![key])
+            .bind(self.options.idempotency_cutoff())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.first().map(decode_reply).transpose()?.map(|(_, reply)| reply))
+    }
+
+    async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
+            .bind(self.options.idempotency_cutoff())
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -124,27 +144,70 @@ fn decode_reply(row: &PgRow) -> Result<(String, StoredReply), sqlx::Error> {
 
 struct PgBatchWriter {
     pool: PgPool,
+    options: StoreOptions,
+}
+
+impl PgBatchWriter {
+    /// Bounds every wait of the write transaction, then takes the log's writer lock.
+    fn lock_statement(&self) -> String {
+        let ms = |d: Duration| d.as_millis();
+        format!(
+            "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; \
+             SET LOCAL idle_in_transaction_session_timeout = {}; SELECT pg_advisory_xact_lock({WRITER_LOCK})",
+            ms(self.options.lock_timeout),
+            ms(self.options.statement_timeout),
+            ms(self.options.statement_timeout),
+        )
+    }
+
+    /// The append transaction. READ COMMITTED is what the ordering argument relies on: every
+    /// statement after the lock sees everything committed before the lock was granted.
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?;
+        let lock = self.lock_statement();
+        tx.execute(lock.as_str()).await?;
+        Ok(tx)
+    }
 }
 
 #[async_trait]
 impl BatchWriter for PgBatchWriter {
-    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(WRITER_LOCK).execute(&mut *tx).await?;
-        let state = read_current_state(&mut tx, &Lookups::of(batch)).await?;
+    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
+        let mut tx = self.begin().await?;
+        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.idempotency_cutoff()).await?;
         let mut plan = BatchPlan::new(state);
         let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
         let plan = plan.finish();
-        if plan.events.is_empty() {
+        if plan.is_empty() {
             return Ok(outcomes); // nothing to write: the transaction rolls back on drop
         }
-        write_plan(&mut tx, &plan).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        write_plan(&mut tx, &plan).await.map_err(BatchError::from_write)?;
+        match tx.commit().await {
+            Ok(()) => Ok(outcomes),
+            Err(error) => Err(BatchError::CommitUnknown {
+                error: error.into(),
+                first_event: plan.events.first().map(|e| e.event_id),
+                outcomes,
+            }),
+        }
+    }
+
+    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
+        // Behind the writer lock: a transaction still committing holds it until it is done.
+        let mut tx = self.begin().await?;
+        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $1)")
+            .bind(event_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        Ok(stored)
     }
 }
 
-async fn read_current_state(tx: &mut Transaction<'_, Postgres>, lookups: &Lookups) -> Result<CurrentState, StoreError> {
+async fn read_current_state(
+    tx: &mut Transaction<'_, Postgres>,
+    lookups: &Lookups,
+    idempotency_cutoff: DateTime<Utc>,
+) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
     let head: i64 =
         sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&mut **tx).await?;
@@ -161,21 +224,23 @@ async fn read_current_state(tx: &mut Transaction<'_, Postgres>, lookups: &Lookup
         state.claims = claims.into_iter().collect();
     }
     if !lookups.idempotency_keys.is_empty() {
-        let rows = sqlx::query(
-            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ANY($1)",
-        )
-        .bind(&lookups.idempotency_keys)
-        .fetch_all(&mut **tx)
-        .await?;
+        let rows = sqlx::query(SELECT_REPLIES)
+            .bind(&lookups.idempotency_keys)
+            .bind(idempotency_cutoff)
+            .fetch_all(&mut **tx)
+            .await?;
         state.replies = rows.iter().map(decode_reply).collect::<Result<_, _>>()?;
     }
     Ok(state)
 }
 
-async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Result<(), StoreError> {
+async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Result<(), sqlx::Error> {
     let mut columns = EventColumns::default();
     for row in plan.events.iter().map(StoredEvent::from_envelope) {
         columns.push(row);
+    }
+    if plan.events.is_empty() {
+        return write_claims_and_replies(tx, plan).await;
     }
     sqlx::query(
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
@@ -198,7 +263,10 @@ async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Res
     .bind(columns.data)
     .execute(&mut **tx)
     .await?;
+    write_claims_and_replies(tx, plan).await
+}
 
+async fn write_claims_and_replies(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Result<(), sqlx::Error> {
     if !plan.claims_released.is_empty() {
         sqlx::query("DELETE FROM unique_claims WHERE claim = ANY($1)")
             .bind(&plan.claims_released)
@@ -219,7 +287,9 @@ async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Res
     if !plan.replies.is_empty() {
         sqlx::query(
             "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bigint[], $5::bigint[])",
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::bigint[], $5::bigint[]) \
+             ON CONFLICT (key) DO UPDATE SET request_hash = excluded.request_hash, reply = excluded.reply, \
+             position = excluded.position, stream_version = excluded.stream_version, created_at = now()",
         )
         .bind(plan.replies.iter().map(|(key, _)| key.clone()).collect::<Vec<_>>())
         .bind(plan.replies.iter().map(|(_, r)| r.request_hash.clone()).collect::<Vec<_>>())

@@ -3,9 +3,9 @@
 //! transaction, which SQLite grants to one writer at a time, so positions are assigned and
 //! committed in order, as in PostgreSQL.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -16,9 +16,11 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::group_commit::{BatchWriter, GroupCommit, Outcome};
+use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
-use super::{AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredEvent, StoredReply};
+use super::{
+    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoreOptions, StoredEvent, StoredReply,
+};
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
      schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
@@ -27,21 +29,26 @@ const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, 
 pub struct SqliteStore {
     pool: SqlitePool,
     writer: GroupCommit,
+    options: StoreOptions,
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store's file.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
+        Self::open_with(path, StoreOptions::default()).await
+    }
+
+    pub async fn open_with(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let connect = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+            .busy_timeout(options.lock_timeout);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(connect).await?;
         // One batch at a time: a second would only poll SQLite's busy handler.
-        let writer = GroupCommit::start(SqliteBatchWriter { pool: pool.clone() }, 1);
-        Ok(SqliteStore { pool, writer })
+        let writer = GroupCommit::start(SqliteBatchWriter { pool: pool.clone(), options }, 1, options.commit_timeout);
+        Ok(SqliteStore { pool, writer, options })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -74,13 +81,17 @@ impl EventStore for SqliteStore {
     }
 
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
-        let row = sqlx::query(
-            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?",
-        )
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(decode_reply).transpose()?.map(|(_, reply)| reply))
+        let mut conn = self.pool.acquire().await?;
+        let mut replies = read_replies(&mut conn, &[key.to_owned()], self.options.idempotency_cutoff()).await?;
+        Ok(replies.remove(key))
+    }
+
+    async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
+        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= ?")
+            .bind(sqlite_timestamp(self.options.idempotency_cutoff()))
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -135,32 +146,45 @@ fn decode_reply(row: &SqliteRow) -> Result<(String, StoredReply), StoreError> {
 
 struct SqliteBatchWriter {
     pool: SqlitePool,
+    options: StoreOptions,
 }
 
 #[async_trait]
 impl BatchWriter for SqliteBatchWriter {
-    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        let written = write_in_transaction(&mut conn, batch).await;
-        let end = if matches!(written, Ok((_, true))) { "COMMIT" } else { "ROLLBACK" };
-        sqlx::query(end).execute(&mut *conn).await?;
-        written.map(|(outcomes, _)| outcomes)
+    async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
+        // IMMEDIATE takes the write lock up front, so the look-ups below are what the batch
+        // writes over. sqlx's transaction rolls back a transaction that failed to COMMIT before
+        // its connection is used again, so no connection goes back to the pool inside one.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.idempotency_cutoff()).await?;
+        let mut plan = BatchPlan::new(state);
+        let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
+        let plan = plan.finish();
+        if plan.is_empty() {
+            return Ok(outcomes);
+        }
+        write_plan(&mut tx, &plan).await.map_err(BatchError::from_write)?;
+        match tx.commit().await {
+            Ok(()) => Ok(outcomes),
+            Err(error) => Err(BatchError::CommitUnknown {
+                error: error.into(),
+                first_event: plan.events.first().map(|e| e.event_id),
+                outcomes,
+            }),
+        }
+    }
+
+    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
+        // One process writes the file, one batch at a time: no commit can be in flight here.
+        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ?)")
+            .bind(event_id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(stored)
     }
 }
 
-/// Plans and writes the batch; answers the outcomes and whether there is anything to commit.
-async fn write_in_transaction(
-    conn: &mut SqliteConnection,
-    batch: &[AppendRequest],
-) -> Result<(Vec<Outcome>, bool), StoreError> {
-    let state = read_current_state(conn, &Lookups::of(batch)).await?;
-    let mut plan = BatchPlan::new(state);
-    let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
-    let plan = plan.finish();
-    if plan.events.is_empty() {
-        return Ok((outcomes, false));
-    }
+async fn write_plan(conn: &mut SqliteConnection, plan: &BatchPlan) -> Result<(), sqlx::Error> {
     // SQLite takes at most 32,766 parameters a statement; 13 a row.
     for chunk in plan.events.chunks(2_000) {
         let mut insert = QueryBuilder::<Sqlite>::new(
@@ -184,65 +208,96 @@ async fn write_in_transaction(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for claim in &plan.claims_released {
-        sqlx::query("DELETE FROM unique_claims WHERE claim = ?").bind(claim).execute(&mut *conn).await?;
-    }
-    for (claim, owner) in &plan.claims_set {
-        sqlx::query("INSERT INTO unique_claims (claim, owner_stream) VALUES (?, ?) ON CONFLICT (claim) DO UPDATE SET owner_stream = excluded.owner_stream")
-            .bind(claim)
-            .bind(owner)
+    if !plan.claims_released.is_empty() {
+        sqlx::query("DELETE FROM unique_claims WHERE claim IN (SELECT value FROM json_each(?))")
+            .bind(json_array(&plan.claims_released))
             .execute(&mut *conn)
             .await?;
     }
-    for (key, reply) in &plan.replies {
-        sqlx::query(
-            "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(key)
-        .bind(&reply.request_hash)
-        .bind(reply.reply.to_string())
-        .bind(reply.position as i64)
-        .bind(reply.stream_version as i64)
-        .execute(&mut *conn)
-        .await?;
+    if !plan.claims_set.is_empty() {
+        let mut upsert = QueryBuilder::<Sqlite>::new("INSERT INTO unique_claims (claim, owner_stream) ");
+        upsert.push_values(&plan.claims_set, |mut row, (claim, owner)| {
+            row.push_bind(claim).push_bind(owner);
+        });
+        upsert.push(" ON CONFLICT (claim) DO UPDATE SET owner_stream = excluded.owner_stream");
+        upsert.build().execute(&mut *conn).await?;
     }
-    Ok((outcomes, true))
+    if !plan.replies.is_empty() {
+        let mut upsert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO idempotency_keys (key, request_hash, reply, position, stream_version) ",
+        );
+        upsert.push_values(&plan.replies, |mut row, (key, reply)| {
+            row.push_bind(key)
+                .push_bind(&reply.request_hash)
+                .push_bind(reply.reply.to_string())
+                .push_bind(reply.position as i64)
+                .push_bind(reply.stream_version as i64);
+        });
+        // An expired key still in the table is taken over.
+        upsert.push(
+            " ON CONFLICT (key) DO UPDATE SET request_hash = excluded.request_hash, reply = excluded.reply, \
+             position = excluded.position, stream_version = excluded.stream_version, created_at = CURRENT_TIMESTAMP",
+        );
+        upsert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
-async fn read_current_state(conn: &mut SqliteConnection, lookups: &Lookups) -> Result<CurrentState, StoreError> {
+/// One query per kind of key, each taking its keys as a JSON array.
+async fn read_current_state(
+    conn: &mut SqliteConnection,
+    lookups: &Lookups,
+    idempotency_cutoff: DateTime<Utc>,
+) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
     let head: i64 =
         sqlx::query_scalar("SELECT coalesce(max(global_position), 0) FROM events").fetch_one(&mut *conn).await?;
     state.head = head as u64;
-    for stream in &lookups.streams {
-        let version: Option<i64> = sqlx::query_scalar("SELECT max(stream_version) FROM events WHERE stream_id = ?")
-            .bind(stream)
-            .fetch_one(&mut *conn)
-            .await?;
-        if let Some(version) = version {
-            state.stream_versions.insert(stream.clone(), version as u64);
-        }
-    }
-    for claim in &lookups.claims {
-        let owner: Option<String> = sqlx::query_scalar("SELECT owner_stream FROM unique_claims WHERE claim = ?")
-            .bind(claim)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(owner) = owner {
-            state.claims.insert(claim.clone(), owner);
-        }
-    }
-    for key in &lookups.idempotency_keys {
-        let row = sqlx::query(
-            "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys WHERE key = ?",
+    let versions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_id, version FROM (SELECT s.value AS stream_id, \
+         (SELECT max(stream_version) FROM events WHERE events.stream_id = s.value) AS version \
+         FROM json_each(?) AS s) WHERE version IS NOT NULL",
+    )
+    .bind(json_array(&lookups.streams))
+    .fetch_all(&mut *conn)
+    .await?;
+    state.stream_versions = versions.into_iter().map(|(stream, version)| (stream, version as u64)).collect();
+    if !lookups.claims.is_empty() {
+        let claims: Vec<(String, String)> = sqlx::query_as(
+            "SELECT claim, owner_stream FROM unique_claims WHERE claim IN (SELECT value FROM json_each(?))",
         )
-        .bind(key)
-        .fetch_optional(&mut *conn)
+        .bind(json_array(&lookups.claims))
+        .fetch_all(&mut *conn)
         .await?;
-        if let Some(row) = row {
-            let (key, reply) = decode_reply(&row)?;
-            state.replies.insert(key, reply);
-        }
+        state.claims = claims.into_iter().collect();
+    }
+    if !lookups.idempotency_keys.is_empty() {
+        state.replies = read_replies(conn, &lookups.idempotency_keys, idempotency_cutoff).await?;
     }
     Ok(state)
+}
+
+async fn read_replies(
+    conn: &mut SqliteConnection,
+    keys: &[String],
+    cutoff: DateTime<Utc>,
+) -> Result<HashMap<String, StoredReply>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys \
+         WHERE key IN (SELECT value FROM json_each(?)) AND created_at > ?",
+    )
+    .bind(json_array(keys))
+    .bind(sqlite_timestamp(cutoff))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(decode_reply).collect()
+}
+
+fn json_array(values: &[String]) -> String {
+    serde_json::Value::from(values).to_string()
+}
+
+/// As SQLite's CURRENT_TIMESTAMP writes it, so that the two compare as text.
+fn sqlite_timestamp(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%d %H:%M:%S").to_string()
 }

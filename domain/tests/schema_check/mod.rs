@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use quikapp_domain::event::{Envelope, Event, SCHEMA_VERSION, timestamp};
+use quikapp_domain::event::{Envelope, Event, timestamp};
 use uuid::Uuid;
 
 pub fn schema_dir() -> PathBuf {
@@ -18,8 +18,8 @@ pub fn schema_path(type_name: &str) -> PathBuf {
 pub fn envelope_of(event: Event) -> serde_json::Value {
     let envelope = Envelope {
         event_id: Uuid::now_v7(),
+        schema_version: event.schema_version(),
         event,
-        schema_version: SCHEMA_VERSION,
         stream_id: "test-stream".into(),
         stream_version: 1,
         global_position: 1,

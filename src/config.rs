@@ -22,6 +22,8 @@ const KEYS: &[&str] = &[
     "jwt_secret",
     "rate_limit_per_second",
     "rate_limit_burst",
+    "request_timeout_seconds",
+    "idempotency_retention_hours",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +63,12 @@ pub struct Config {
     /// Commands each user may send in a burst above the sustained rate.
     #[serde(default = "default_rate_limit_burst")]
     pub rate_limit_burst: u32,
+    /// A command request unanswered after this many seconds is answered 503.
+    #[serde(default = "default_request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+    /// How long an Idempotency-Key keeps its first answer; older keys are deleted.
+    #[serde(default = "default_idempotency_retention_hours")]
+    pub idempotency_retention_hours: u64,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -83,6 +91,14 @@ fn default_rate_limit_burst() -> u32 {
     400
 }
 
+fn default_request_timeout_seconds() -> u64 {
+    15
+}
+
+fn default_idempotency_retention_hours() -> u64 {
+    24
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -97,6 +113,8 @@ impl Default for Config {
             jwt_secret: None,
             rate_limit_per_second: default_rate_limit_per_second(),
             rate_limit_burst: default_rate_limit_burst(),
+            request_timeout_seconds: default_request_timeout_seconds(),
+            idempotency_retention_hours: default_idempotency_retention_hours(),
         }
     }
 }

@@ -8,13 +8,14 @@ mod config;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use quikapp_commands::CommandService;
-use quikapp_commands::store::{EventStore, PostgresStore, SqliteStore};
+use quikapp_commands::store::{EventStore, PostgresStore, SqliteStore, StoreOptions};
 use quikapp_write_api::auth::Tokens;
-use quikapp_write_api::{RateLimit, WriteApi};
+use quikapp_write_api::{Limits, RateLimit, WriteApi};
 use uuid::Uuid;
 
 use crate::config::Config;
@@ -57,7 +58,7 @@ async fn main() -> Result<()> {
                 eprintln!("QUIKAPP_JWT_SECRET is not set: signing with the dev secret of `quikapp dev`");
                 DEV_JWT_SECRET.to_owned()
             });
-            println!("{}", Tokens::new(&secret).mint(user_id));
+            println!("{}", Tokens::new(&secret)?.mint(user_id));
             Ok(())
         }
         Role::Migrate => {
@@ -101,25 +102,37 @@ fn store_description(config: &Config) -> String {
 async fn open_event_store(config: &Config) -> Result<Arc<dyn EventStore>> {
     match &config.postgres_url {
         Some(url) => {
-            let store = PostgresStore::connect(url).await.context("connecting to PostgreSQL")?;
+            let store =
+                PostgresStore::connect_with(url, store_options(config)).await.context("connecting to PostgreSQL")?;
             store.migrate().await.context("migrating the PostgreSQL event store")?;
             Ok(Arc::new(store))
         }
         None => {
             std::fs::create_dir_all(&config.data_dir)
                 .with_context(|| format!("creating {}", config.data_dir.display()))?;
-            let store =
-                SqliteStore::open(&config.data_dir.join("events.db")).await.context("opening the embedded store")?;
+            let store = SqliteStore::open_with(&config.data_dir.join("events.db"), store_options(config))
+                .await
+                .context("opening the embedded store")?;
             store.migrate().await.context("migrating the embedded event store")?;
             Ok(Arc::new(store))
         }
     }
 }
 
+fn store_options(config: &Config) -> StoreOptions {
+    let idempotency_retention = Duration::from_secs(config.idempotency_retention_hours * 3600);
+    StoreOptions { idempotency_retention, ..StoreOptions::default() }
+}
+
 async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
+    let tokens = Tokens::new(secret)?;
     let store = open_event_store(config).await?;
-    let rate_limit = RateLimit { per_second: config.rate_limit_per_second, burst: config.rate_limit_burst };
-    let api = WriteApi::new(CommandService::new(store), Tokens::new(secret), rate_limit);
+    let limits = Limits {
+        rate_limit: RateLimit { per_second: config.rate_limit_per_second, burst: config.rate_limit_burst },
+        request_timeout: Duration::from_secs(config.request_timeout_seconds),
+        ..Limits::default()
+    };
+    let api = WriteApi::new(CommandService::new(store), tokens, limits);
     let listener = tokio::net::TcpListener::bind(config.write_addr)
         .await
         .with_context(|| format!("binding {}", config.write_addr))?;

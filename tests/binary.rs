@@ -87,6 +87,24 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
     assert_eq!(again["position"], "5", "the store continued where it stopped");
 }
 
+/// A secret as long as HS256 asks for.
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn a_jwt_secret_shorter_than_32_bytes_is_refused_at_start() {
+    for role in [&["write-api"][..], &["dev"], &["token", "0190a000-0000-7000-8000-000000000001"]] {
+        let output = quikapp(role)
+            .env("QUIKAPP_JWT_SECRET", "s3cret")
+            .env("QUIKAPP_DATA_DIR", scratch_dir())
+            .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{role:?} started with a short secret");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("at least 32 bytes"), "{role:?}: {stderr}");
+    }
+}
+
 #[test]
 fn every_role_but_dev_refuses_to_start_without_a_jwt_secret() {
     let output = quikapp(&["write-api"])
@@ -118,12 +136,12 @@ async fn the_write_api_role_serves_on_postgres_after_migrate() {
     let mut command = quikapp(&["write-api"]);
     command
         .env("QUIKAPP_POSTGRES_URL", &url)
-        .env("QUIKAPP_JWT_SECRET", "s3cret")
+        .env("QUIKAPP_JWT_SECRET", SECRET)
         .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0");
     let server = Running::start(command, "write API");
     let client = reqwest::Client::new();
     assert_eq!(client.get(format!("{}/readyz", server.url)).send().await.unwrap().status(), 200);
-    let token = quikapp(&["token", &Uuid::now_v7().to_string()]).env("QUIKAPP_JWT_SECRET", "s3cret").output().unwrap();
+    let token = quikapp(&["token", &Uuid::now_v7().to_string()]).env("QUIKAPP_JWT_SECRET", SECRET).output().unwrap();
     let token = String::from_utf8(token.stdout).unwrap();
     let (status, body) = send(
         &client,
@@ -141,4 +159,19 @@ async fn the_write_api_role_serves_on_postgres_after_migrate() {
         .await
         .unwrap();
     assert_eq!(count, 1);
+}
+
+/// Clients generated from /openapi.json and contract fuzzers must agree with the server: a
+/// schemathesis run (every check, a bounded number of cases per operation) against `quikapp
+/// dev` finds no failure. `tests/fuzz/schemathesis` installs it in a cached venv from PyPI.
+#[test]
+fn the_served_openapi_document_holds_up_to_contract_fuzzing() {
+    let data_dir = scratch_dir();
+    let server = dev(&data_dir);
+    let token = token(&data_dir, Uuid::now_v7());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/schemathesis");
+    let output = std::process::Command::new(script).args([&server.url, &token]).output().expect("run schemathesis");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "schemathesis failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(report.contains(" passed"), "schemathesis ran no case:\n{report}");
 }

@@ -18,7 +18,7 @@ use quikapp_commands::CommandService;
 use quikapp_commands::store::{AppendOutcome, AppendRequest, EventStore, PostgresStore, contract};
 use quikapp_domain::event::timestamp;
 use quikapp_write_api::auth::Tokens;
-use quikapp_write_api::{RateLimit, WriteApi};
+use quikapp_write_api::{Limits, RateLimit, WriteApi};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -236,9 +236,9 @@ async fn run(args: &Args, url: &str) -> Result<()> {
 
 /// PostMessage through the write API, each client posting into a channel of its own.
 async fn http_phase(args: &Args, store: Arc<PostgresStore>) -> Result<Figures> {
-    let tokens = Tokens::new("bench");
-    let limits = RateLimit { per_second: 1_000_000, burst: 1_000_000 };
-    let api = WriteApi::new(CommandService::new(store), tokens.clone(), limits);
+    let tokens = Tokens::new("bench secret, long enough for HS256 keys").expect("a long secret");
+    let rate_limit = RateLimit { per_second: 1_000_000, burst: 1_000_000 };
+    let api = WriteApi::new(CommandService::new(store), tokens.clone(), Limits { rate_limit, ..Limits::default() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(quikapp_write_api::serve(listener, quikapp_write_api::router(api), std::future::pending()));

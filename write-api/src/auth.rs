@@ -21,25 +21,41 @@ pub struct Tokens {
     validation: Validation,
 }
 
+/// HS256 needs a key at least as long as its hash (RFC 7518, 3.2): a shorter secret can be guessed.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The configured secret cannot sign tokens safely.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the JWT secret must be at least {MIN_SECRET_BYTES} bytes long (it has {0}); set QUIKAPP_JWT_SECRET")]
+pub struct WeakSecret(pub usize);
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
     sub: String,
-    iat: u64,
+    /// Issued-at: written on minted tokens, not required of others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
     exp: u64,
 }
 
 impl Tokens {
-    pub fn new(secret: &str) -> Self {
-        Tokens {
+    pub fn new(secret: &str) -> Result<Self, WeakSecret> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(WeakSecret(secret.len()));
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Tokens minted elsewhere may name an audience; this service does not check one.
+        validation.validate_aud = false;
+        Ok(Tokens {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
-            validation: Validation::new(Algorithm::HS256),
-        }
+            validation,
+        })
     }
 
     pub fn mint(&self, user: Uuid) -> String {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let claims = Claims { sub: user.to_string(), iat: now, exp: now + TOKEN_LIFETIME_SECONDS };
+        let claims = Claims { sub: user.to_string(), iat: Some(now), exp: now + TOKEN_LIFETIME_SECONDS };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
@@ -65,7 +81,11 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Actor {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or(ApiError::Unauthorized)?;
-        let token = header.strip_prefix("Bearer ").ok_or(ApiError::Unauthorized)?;
+        // Auth schemes are case-insensitive (RFC 9110, 11.1).
+        let (scheme, token) = header.trim_start().split_once(' ').ok_or(ApiError::Unauthorized)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::Unauthorized);
+        }
         state.tokens().verify(token.trim()).map(Actor).ok_or(ApiError::Unauthorized)
     }
 }

@@ -21,10 +21,12 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderName, Request};
+use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::{BoxError, Router};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -57,6 +59,27 @@ impl Default for RateLimit {
     }
 }
 
+/// How the API bounds what one request may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub rate_limit: RateLimit,
+    /// A request still unanswered after this is answered 503 (its command may still complete:
+    /// retry with the same Idempotency-Key to learn its outcome).
+    pub request_timeout: Duration,
+    /// How often expired idempotency keys are deleted.
+    pub idempotency_cleanup_every: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rate_limit: RateLimit::default(),
+            request_timeout: Duration::from_secs(15),
+            idempotency_cleanup_every: Duration::from_secs(600),
+        }
+    }
+}
+
 /// Everything the write API's handlers share.
 #[derive(Clone)]
 pub struct WriteApi {
@@ -68,6 +91,7 @@ struct Inner {
     tokens: Tokens,
     limiter: DefaultKeyedRateLimiter<Uuid>,
     metrics: PrometheusHandle,
+    request_timeout: Duration,
 }
 
 impl HasTokens for WriteApi {
@@ -77,23 +101,19 @@ impl HasTokens for WriteApi {
 }
 
 impl WriteApi {
-    pub fn new(service: CommandService, tokens: Tokens, rate_limit: RateLimit) -> Self {
-        let per_second = NonZeroU32::new(rate_limit.per_second.max(1)).expect("positive");
-        let burst = NonZeroU32::new(rate_limit.burst.max(rate_limit.per_second).max(1)).expect("positive");
+    pub fn new(service: CommandService, tokens: Tokens, limits: Limits) -> Self {
+        let RateLimit { per_second, burst } = limits.rate_limit;
+        let per_second = NonZeroU32::new(per_second.max(1)).expect("positive");
+        let burst = NonZeroU32::new(burst.max(per_second.get())).expect("positive");
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
-        let inner = Arc::new(Inner { service, tokens, limiter, metrics: ops::metrics_handle() });
-        // The limiter keeps a state per user; forget those whose bucket has refilled, so that
-        // memory follows the active users, not every user ever seen.
-        let weak = Arc::downgrade(&inner);
-        tokio::spawn(async move {
-            let mut every_minute = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                every_minute.tick().await;
-                let Some(inner) = weak.upgrade() else { break };
-                inner.limiter.retain_recent();
-                inner.limiter.shrink_to_fit();
-            }
+        let inner = Arc::new(Inner {
+            service,
+            tokens,
+            limiter,
+            metrics: ops::metrics_handle(),
+            request_timeout: limits.request_timeout,
         });
+        tokio::spawn(housekeeping(Arc::downgrade(&inner), limits.idempotency_cleanup_every));
         WriteApi { inner }
     }
 
@@ -128,6 +148,31 @@ impl WriteApi {
     }
 }
 
+/// Until the API is dropped: forgets the rate-limit state of users whose bucket has refilled
+/// (so memory follows the active users, not every user ever seen), and deletes expired
+/// idempotency keys.
+async fn housekeeping(inner: std::sync::Weak<Inner>, cleanup_every: Duration) {
+    let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    let mut cleanup = tokio::time::interval(cleanup_every);
+    loop {
+        tokio::select! {
+            _ = every_minute.tick() => {
+                let Some(inner) = inner.upgrade() else { break };
+                inner.limiter.retain_recent();
+                inner.limiter.shrink_to_fit();
+            }
+            _ = cleanup.tick() => {
+                let Some(inner) = inner.upgrade() else { break };
+                match inner.service.store().forget_expired_idempotency_keys().await {
+                    Ok(0) => {}
+                    Ok(forgotten) => tracing::info!(forgotten, "deleted expired idempotency keys"),
+                    Err(error) => tracing::warn!(%error, "could not delete expired idempotency keys"),
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "QuikApp command API", description = "Commands of the QuikApp event platform; see API.md."),
@@ -136,6 +181,21 @@ impl WriteApi {
 struct ApiDoc;
 
 struct BearerAuth;
+
+/// A PATCH of a channel needs a field to change. utoipa 5 writes `min_properties` as
+/// maxProperties, so the constraint is set here.
+struct ChannelChangesNeedAField;
+
+impl utoipa::Modify for ChannelChangesNeedAField {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let schemas = openapi.components.as_mut().map(|c| &mut c.schemas);
+        if let Some(utoipa::openapi::RefOr::T(utoipa::openapi::Schema::Object(changes))) =
+            schemas.and_then(|s| s.get_mut("ChannelChangesBody"))
+        {
+            changes.min_properties = Some(1);
+        }
+    }
+}
 
 impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -147,24 +207,40 @@ impl utoipa::Modify for BearerAuth {
 
 /// The whole write API: commands, `/openapi.json`, health, readiness and metrics.
 pub fn router(api: WriteApi) -> Router {
-    let (commands, openapi) =
+    let (commands, mut openapi) =
         utoipa_axum::router::OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(routes::commands()).split_for_parts();
+    utoipa::Modify::modify(&ChannelChangesNeedAField, &mut openapi);
     let openapi = Arc::new(openapi);
-    let request_id = HeaderName::from_static("x-request-id");
-    commands
+    let request_timeout = api.inner.request_timeout;
+    let routes = commands
         .route("/openapi.json", get(move || async move { axum::Json(openapi.as_ref().clone()) }))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(|State(api): State<WriteApi>| async move { ops::render_metrics(&api.inner.metrics) }))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
-        .layer(CatchPanicLayer::new())
+        .with_state(api);
+    with_common_layers(routes, request_timeout)
+}
+
+/// What every route of an API gets: problem+json for unknown routes (404), wrong methods
+/// (405), panics (500) and requests over the time limit (503); request ids and traces.
+pub fn with_common_layers(routes: Router, request_timeout: Duration) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    routes
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: BoxError| async { ApiError::Unavailable }))
+                .timeout(request_timeout),
+        )
+        .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
         }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .with_state(api)
 }
 
 async fn readyz(State(api): State<WriteApi>) -> axum::response::Response {

@@ -19,6 +19,8 @@ pub enum ApiError {
     Forbidden(String),
     /// 404: absent, or invisible to the caller.
     NotFound(String),
+    /// 405: the path exists, the method does not.
+    MethodNotAllowed,
     Conflict(String),
     PreconditionFailed(String),
     PayloadTooLarge,
@@ -47,6 +49,9 @@ impl ApiError {
             Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required".into()),
             Forbidden(detail) => (StatusCode::FORBIDDEN, "forbidden", detail.clone()),
             NotFound(detail) => (StatusCode::NOT_FOUND, "not-found", detail.clone()),
+            MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "this path does not take that method".into())
+            }
             Conflict(detail) => (StatusCode::CONFLICT, "conflict", detail.clone()),
             PreconditionFailed(detail) => (StatusCode::PRECONDITION_FAILED, "precondition-failed", detail.clone()),
             PayloadTooLarge => {

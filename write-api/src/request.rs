@@ -3,7 +3,7 @@
 //! X-Request-Id headers.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use serde::Serialize;
@@ -62,49 +62,102 @@ fn field_error(error: &serde_path_to_error::Error<serde_json::Error>) -> ApiErro
     ApiError::invalid(field, message)
 }
 
-/// The command headers and where the request went.
+/// The command headers, and the scope of an idempotency key.
 pub struct CommandHeaders {
     pub idempotency_key: Option<String>,
     pub if_match: Option<u64>,
     pub request_id: Uuid,
-    /// Method and path, which scope an idempotency key together with the user.
+    /// Method, route template and decoded path parameters: with the user, the scope of an
+    /// idempotency key. Re-encoding the path or writing a UUID in capitals names the same scope.
     pub endpoint: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for CommandHeaders {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let text = |name: &str| parts.headers.get(name).map(|v| v.to_str().map(str::trim));
         let idempotency_key = match text("idempotency-key") {
             None => None,
-            Some(Ok(key)) if !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN => Some(key.to_owned()),
+            Some(Ok(key)) if is_idempotency_key(key) => Some(key.to_owned()),
             Some(_) => {
-                return Err(ApiError::BadRequest("Idempotency-Key must be 1-255 visible characters".into()));
+                return Err(ApiError::BadRequest(
+                    "Idempotency-Key must be 1-255 visible ASCII characters (no spaces)".into(),
+                ));
             }
         };
         let if_match = match text("if-match") {
             None => None,
-            Some(Ok(value)) => Some(
+            Some(value) => Some(
                 value
-                    .trim_start_matches("W/")
-                    .trim_matches('"')
-                    .parse()
-                    .map_err(|_| ApiError::BadRequest("If-Match must be a quoted version, such as \"3\"".into()))?,
+                    .ok()
+                    .and_then(parse_if_match)
+                    .ok_or_else(|| ApiError::BadRequest("If-Match must be a quoted version, such as \"3\"".into()))?,
             ),
-            Some(Err(_)) => {
-                return Err(ApiError::BadRequest("If-Match must be a quoted version, such as \"3\"".into()));
-            }
         };
         let request_id = text("x-request-id")
             .and_then(Result::ok)
             .and_then(|id| Uuid::parse_str(id).ok())
             .unwrap_or_else(Uuid::now_v7);
-        Ok(CommandHeaders {
-            idempotency_key,
-            if_match,
-            request_id,
-            endpoint: format!("{} {}", parts.method, parts.uri.path()),
-        })
+        Ok(CommandHeaders { idempotency_key, if_match, request_id, endpoint: endpoint(parts, state).await })
+    }
+}
+
+/// What the served OpenAPI document states as the Idempotency-Key header's pattern.
+pub const IDEMPOTENCY_KEY_PATTERN: &str = "^[!-~]{1,255}$";
+/// What the served OpenAPI document states as the If-Match header's pattern: an entity tag
+/// holding a version (weak ones and bare numbers are taken as well).
+pub const IF_MATCH_PATTERN: &str = "^(W/)?(\"[0-9]{1,19}\"|[0-9]{1,19})$";
+
+fn is_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY_LEN).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn parse_if_match(value: &str) -> Option<u64> {
+    let tag = value.strip_prefix("W/").unwrap_or(value);
+    let digits = tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(tag);
+    let valid = (1..=19).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
+    valid.then(|| digits.parse().ok()).flatten()
+}
+
+async fn endpoint<S: Send + Sync>(parts: &mut Parts, state: &S) -> String {
+    let template =
+        parts.extensions.get::<MatchedPath>().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+    let mut scope = format!("{} {template}", parts.method);
+    if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
+        for (name, value) in &params {
+            let value = Uuid::parse_str(value).map_or_else(|_| value.to_owned(), |id| id.to_string());
+            scope.push_str(&format!(" {name}={value}"));
+        }
+    }
+    scope
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_takes_versions_quoted_or_bare() {
+        assert_eq!(parse_if_match("\"3\""), Some(3));
+        assert_eq!(parse_if_match("W/\"12\""), Some(12));
+        assert_eq!(parse_if_match("7"), Some(7));
+        for refused in ["null", "\"\"", "\"+2\"", "*", "\"-1\"", "\"99999999999999999999\"", "\"3"] {
+            assert_eq!(parse_if_match(refused), None, "{refused}");
+        }
+    }
+
+    #[test]
+    fn the_documented_patterns_say_what_the_parsers_take() {
+        let if_match = regex::Regex::new(IF_MATCH_PATTERN).unwrap();
+        let key = regex::Regex::new(IDEMPOTENCY_KEY_PATTERN).unwrap();
+        for value in
+            ["\"3\"", "W/\"12\"", "3", "null", "\"\"", "\"+2\"", "\"9999999999999999999\"", "W/3", "\"3", "3\""]
+        {
+            assert_eq!(if_match.is_match(value), parse_if_match(value).is_some(), "{value}");
+        }
+        for value in ["abc", "a b", "", "é", &"k".repeat(255), &"k".repeat(256), "x\ty"] {
+            assert_eq!(key.is_match(value), is_idempotency_key(value), "{value:?}");
+        }
     }
 }

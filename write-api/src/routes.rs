@@ -8,7 +8,8 @@ use quikapp_commands::{Command, Reply};
 use quikapp_domain::workspace::Role;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{Object, ObjectBuilder, SchemaType, Type};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -16,7 +17,7 @@ use uuid::Uuid;
 use crate::WriteApi;
 use crate::auth::Actor;
 use crate::problem::ApiError;
-use crate::request::{CommandHeaders, JsonBody};
+use crate::request::{CommandHeaders, IDEMPOTENCY_KEY_PATTERN, IF_MATCH_PATTERN, JsonBody};
 
 pub fn commands() -> OpenApiRouter<WriteApi> {
     OpenApiRouter::new()
@@ -97,15 +98,123 @@ struct FieldError {
     message: String,
 }
 
+// What the domain's value rules take, as JSON Schema (patterns in ECMA-262 syntax), so that
+// clients and contract fuzzers generated from /openapi.json send only what the server accepts.
+// Blanks are the characters Rust's `str::trim` removes (Unicode White_Space).
+macro_rules! blanks {
+    () => {
+        "\\t\\n\\u000b\\f\\r \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+    };
+}
+/// Free text: something besides blanks, and no U+0000.
+const NOT_BLANK: &str = concat!("^[^\\u0000]*[^\\u0000", blanks!(), "][^\\u0000]*$");
+/// Free text that may be empty: no U+0000.
+const NO_NUL: &str = "^[^\\u0000]*$";
+const CHANNEL_NAME: &str = "^[a-z0-9_-]{1,80}$";
+/// No blanks, control characters or slashes.
+const EMOJI: &str = concat!("^[^\\u0000-\\u001f\\u007f-\\u009f/", blanks!(), "]+$");
+
+fn text(description: &str, lengths: (Option<usize>, usize), pattern: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .min_length(lengths.0)
+        .max_length(Some(lengths.1))
+        .pattern(Some(pattern))
+}
+
+fn display_text() -> Object {
+    text("1-80 characters, not only blanks.", (Some(1), 80), NOT_BLANK).build()
+}
+
+fn message_text() -> Object {
+    text("1-40,000 characters, not only blanks.", (Some(1), 40_000), NOT_BLANK).build()
+}
+
+fn channel_name() -> Object {
+    let description = "Lowercase, 1-80 characters of a-z, 0-9, - and _; unique in the workspace.";
+    ObjectBuilder::new().schema_type(Type::String).description(Some(description)).pattern(Some(CHANNEL_NAME)).build()
+}
+
+fn topic() -> Object {
+    text("At most 250 characters; empty is no topic.", (None, 250), NO_NUL).build()
+}
+
+fn nullable_topic() -> Object {
+    text("At most 250 characters; empty or null is no topic.", (None, 250), NO_NUL)
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .build()
+}
+
+fn emoji() -> Object {
+    text("An emoji's name or character: 1-64 characters without blanks or slashes.", (Some(1), 64), EMOJI).build()
+}
+
+fn idempotency_key() -> Object {
+    let description = "Makes the command idempotent for this user and endpoint for 24 hours: a repeat with \
+        the same body returns the first successful answer.";
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .pattern(Some(IDEMPOTENCY_KEY_PATTERN))
+        .build()
+}
+
+fn if_match() -> Object {
+    let description = "The version the change is based on, as an entity tag such as \"3\"; 412 when the \
+        stream has moved on.";
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(description))
+        .pattern(Some(IF_MATCH_PATTERN))
+        .build()
+}
+
+/// The headers every command takes.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct CommandHeaderDocs {
+    #[serde(rename = "Idempotency-Key")]
+    #[param(schema_with = idempotency_key)]
+    idempotency_key: Option<String>,
+}
+
+/// The headers of commands that can be made conditional on a stream's version.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct ConditionalHeaderDocs {
+    #[serde(rename = "Idempotency-Key")]
+    #[param(schema_with = idempotency_key)]
+    idempotency_key: Option<String>,
+    #[serde(rename = "If-Match")]
+    #[param(schema_with = if_match)]
+    if_match: Option<String>,
+}
+
+/// The path of a reaction.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct ReactionPath {
+    channel_id: Uuid,
+    message_id: Uuid,
+    #[param(schema_with = emoji)]
+    emoji: String,
+}
+
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileBody {
+    #[schema(schema_with = display_text)]
     display_name: String,
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceBody {
+    #[schema(schema_with = display_text)]
     name: String,
 }
 
@@ -126,18 +235,29 @@ pub struct MemberBody {
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelBody {
-    /// Lowercase, 1-80 characters of a-z, 0-9, - and _; unique in the workspace.
+    #[schema(schema_with = channel_name)]
     name: String,
     #[serde(default)]
     private: bool,
+    #[schema(schema_with = nullable_topic)]
     topic: Option<String>,
 }
 
+/// At least one of the two; a field left out keeps its value.
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelChangesBody {
+    #[serde(default, deserialize_with = "not_null", skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = channel_name)]
     name: Option<String>,
+    #[serde(default, deserialize_with = "not_null", skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = topic)]
     topic: Option<String>,
+}
+
+/// An optional field that may be left out but not sent as null.
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize, Serialize, ToSchema)]
@@ -149,7 +269,7 @@ pub struct UserBody {
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessageBody {
-    /// 1-40,000 characters.
+    #[schema(schema_with = message_text)]
     text: String,
     /// Makes the message a reply in the thread of this top-level message.
     thread_root_id: Option<Uuid>,
@@ -158,6 +278,7 @@ pub struct PostMessageBody {
 #[derive(Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TextBody {
+    #[schema(schema_with = message_text)]
     text: String,
 }
 
@@ -178,7 +299,9 @@ async fn bodiless(
 }
 
 #[utoipa::path(put, path = "/v1/users/me", tag = "users", request_body = ProfileBody,
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn update_profile(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -189,7 +312,9 @@ async fn update_profile(
 }
 
 #[utoipa::path(post, path = "/v1/workspaces", tag = "workspaces", request_body = WorkspaceBody,
-    responses((status = 201, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs),
+    responses((status = 201, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_workspace(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -200,8 +325,9 @@ async fn create_workspace(
 }
 
 #[utoipa::path(post, path = "/v1/workspaces/{workspace_id}/members", tag = "workspaces", request_body = MemberBody,
-    params(("workspace_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("workspace_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn add_workspace_member(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -218,8 +344,9 @@ async fn add_workspace_member(
 }
 
 #[utoipa::path(post, path = "/v1/workspaces/{workspace_id}/channels", tag = "channels", request_body = ChannelBody,
-    params(("workspace_id" = Uuid, Path)),
-    responses((status = 201, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("workspace_id" = Uuid, Path)),
+    responses((status = 201, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn create_channel(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -232,8 +359,9 @@ async fn create_channel(
 }
 
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", request_body = ChannelChangesBody,
-    params(("channel_id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "the channel's version, quoted")),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(("channel_id" = Uuid, Path), ConditionalHeaderDocs),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn update_channel(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -245,8 +373,9 @@ async fn update_channel(
     api.run(actor, headers, &body.digest, Command::UpdateChannel { channel_id, name, topic }).await
 }
 
-#[utoipa::path(post, path = "/v1/channels/{channel_id}/archive", tag = "channels", params(("channel_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/archive", tag = "channels", params(CommandHeaderDocs, ("channel_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn archive_channel(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -257,8 +386,9 @@ async fn archive_channel(
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/members", tag = "channels", request_body = UserBody,
-    params(("channel_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("channel_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn join_channel(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -270,8 +400,9 @@ async fn join_channel(
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "channels",
-    params(("channel_id" = Uuid, Path), ("user_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("channel_id" = Uuid, Path), ("user_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn leave_channel(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -282,8 +413,9 @@ async fn leave_channel(
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", request_body = PostMessageBody,
-    params(("channel_id" = Uuid, Path)),
-    responses((status = 201, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("channel_id" = Uuid, Path)),
+    responses((status = 201, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn post_message(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -296,8 +428,9 @@ async fn post_message(
 }
 
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages", request_body = TextBody,
-    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "the message's version, quoted")),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), ConditionalHeaderDocs),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn edit_message(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -309,8 +442,9 @@ async fn edit_message(
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
-    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("channel_id" = Uuid, Path), ("message_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn delete_message(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -321,8 +455,9 @@ async fn delete_message(
 }
 
 #[utoipa::path(put, path = "/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}", tag = "messages",
-    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), ("emoji" = String, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ReactionPath),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn add_reaction(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -333,8 +468,9 @@ async fn add_reaction(
 }
 
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}/reactions/{emoji}", tag = "messages",
-    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), ("emoji" = String, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ReactionPath),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn remove_reaction(
     State(api): State<WriteApi>,
     actor: Actor,
@@ -345,8 +481,9 @@ async fn remove_reaction(
 }
 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/read", tag = "channels", request_body = ReadBody,
-    params(("channel_id" = Uuid, Path)),
-    responses((status = 200, body = CommandAnswer), (status = "4XX", body = Problem)), security(("bearer" = [])))]
+    params(CommandHeaderDocs, ("channel_id" = Uuid, Path)),
+    responses((status = 200, body = CommandAnswer, headers(("X-Position" = String, description = "the position of the command's last event, or the head"))), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn mark_read(
     State(api): State<WriteApi>,
     actor: Actor,

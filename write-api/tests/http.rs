@@ -12,7 +12,7 @@ use quikapp_commands::CommandService;
 use quikapp_commands::store::EventStore;
 use quikapp_commands::store::contract;
 use quikapp_write_api::auth::Tokens;
-use quikapp_write_api::{RateLimit, WriteApi, router};
+use quikapp_write_api::{Limits, RateLimit, WriteApi, router};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use uuid::Uuid;
@@ -98,10 +98,17 @@ impl Call<'_> {
     }
 }
 
+/// At least the 32 bytes HS256 asks for.
+const SECRET: &str = "a test secret, long enough for HS256";
+
 impl Api {
     fn new(store: Arc<dyn EventStore>, rate_limit: RateLimit) -> Self {
-        let tokens = Tokens::new("test secret");
-        let api = WriteApi::new(CommandService::new(store.clone()), tokens.clone(), rate_limit);
+        Api::with_limits(store, Limits { rate_limit, ..Limits::default() })
+    }
+
+    fn with_limits(store: Arc<dyn EventStore>, limits: Limits) -> Self {
+        let tokens = Tokens::new(SECRET).unwrap();
+        let api = WriteApi::new(CommandService::new(store.clone()), tokens.clone(), limits);
         Api { router: router(api), tokens, store }
     }
 
@@ -307,7 +314,7 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
         .send()
         .await
         .problem(StatusCode::UNAUTHORIZED, None);
-    let forged = Tokens::new("another secret").mint(owner);
+    let forged = Tokens::new("another secret, just as long as the first").unwrap().mint(owner);
     api.call(Method::POST, &messages, None)
         .header("authorization", &format!("Bearer {forged}"))
         .json(json!({"text": "x"}))
@@ -615,6 +622,23 @@ async fn the_service_documents_itself_and_reports_health(api: Api) {
     assert_eq!(answer.headers["x-request-id"], "trace-me");
 }
 
+async fn an_idempotency_key_is_scoped_by_route_and_decoded_parameters(api: Api) {
+    let owner = Uuid::now_v7();
+    let (_, ch) = api.workspace_with_channel(owner, &[]).await;
+    let message = api.post(ch, owner, "react to me").await.id("message_id");
+    let react = |path: String| api.call(Method::PUT, &path, Some(owner)).header("idempotency-key", "react-once").send();
+    let first =
+        react(format!("/v1/channels/{ch}/messages/{message}/reactions/%F0%9F%8E%89")).await.expect(StatusCode::OK);
+    let head = api.head().await;
+    api.post(ch, owner, "the head moves on").await;
+    // The same route and parameters, spelled differently: the same scope, the first answer.
+    let upper = format!("/v1/channels/{}/messages/{}/reactions/🎉", ch.to_string().to_uppercase(), message);
+    assert_eq!(react(upper).await.expect(StatusCode::OK).body, first.body);
+    // Another emoji is another scope: a new command, not a reuse of the key.
+    let other = react(format!("/v1/channels/{ch}/messages/{message}/reactions/tada")).await.expect(StatusCode::OK);
+    assert!(other.position() > head);
+}
+
 macro_rules! against_both_stores {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -646,6 +670,7 @@ against_both_stores!(
     if_match_makes_a_command_conditional_on_the_version,
     concurrent_posts_and_renames_to_one_name_are_all_decided_once,
     the_service_documents_itself_and_reports_health,
+    an_idempotency_key_is_scoped_by_route_and_decoded_parameters,
 );
 
 #[tokio::test]
@@ -685,4 +710,75 @@ async fn a_store_that_is_down_answers_503_with_retry_after_and_readyz_says_so() 
     assert!(answer.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     api.call(Method::GET, "/readyz", None).send().await.expect(StatusCode::SERVICE_UNAVAILABLE);
     api.call(Method::GET, "/healthz", None).send().await.expect(StatusCode::OK);
+}
+
+#[tokio::test]
+async fn unknown_routes_wrong_methods_and_panics_answer_problems() {
+    let api = Api::new(contract::fresh_sqlite().await, RateLimit::default());
+    api.call(Method::GET, "/v1/nothing-here", Some(Uuid::now_v7())).send().await.problem(StatusCode::NOT_FOUND, None);
+    api.call(Method::GET, "/v1/workspaces", Some(Uuid::now_v7()))
+        .send()
+        .await
+        .problem(StatusCode::METHOD_NOT_ALLOWED, None);
+
+    let panicking = axum::Router::new().route(
+        "/boom",
+        axum::routing::get(|| async {
+            if std::hint::black_box(true) {
+                panic!("a bug");
+            }
+            "unreachable"
+        }),
+    );
+    let panicking = quikapp_write_api::with_common_layers(panicking, std::time::Duration::from_secs(5));
+    let request = Request::builder().uri("/boom").body(Body::empty()).unwrap();
+    let response = panicking.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn tokens_are_checked_by_signature_and_expiry_only() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let api = Api::new(contract::fresh_sqlite().await, RateLimit::default());
+    let user = Uuid::now_v7();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let sign =
+        |claims: Value| encode(&Header::default(), &claims, &EncodingKey::from_secret(SECRET.as_bytes())).unwrap();
+    let profile = |authorization: String| {
+        api.call(Method::PUT, "/v1/users/me", None)
+            .header("authorization", &authorization)
+            .json(json!({"display_name": "Quick"}))
+            .send()
+    };
+    let with_audience = sign(json!({"sub": user, "exp": now + 60, "iat": now, "aud": "quikapp-clients"}));
+    profile(format!("Bearer {with_audience}")).await.expect(StatusCode::OK);
+    let without_iat = sign(json!({"sub": user, "exp": now + 60}));
+    profile(format!("bearer {without_iat}")).await.expect(StatusCode::OK);
+    profile(format!("BEARER {without_iat}")).await.expect(StatusCode::OK);
+    let expired = sign(json!({"sub": user, "exp": now - 3600}));
+    profile(format!("Bearer {expired}")).await.problem(StatusCode::UNAUTHORIZED, None);
+    profile(format!("Basic {without_iat}")).await.problem(StatusCode::UNAUTHORIZED, None);
+    assert!(Tokens::new("").is_err() && Tokens::new(&"x".repeat(31)).is_err() && Tokens::new(&"x".repeat(32)).is_ok());
+}
+
+#[tokio::test]
+async fn a_request_the_store_cannot_answer_in_time_gets_503_not_a_hang() {
+    let path = contract::scratch_dir().join("events.db");
+    let patient = quikapp_commands::store::StoreOptions {
+        lock_timeout: std::time::Duration::from_secs(60),
+        commit_timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
+    };
+    let store = contract::open_sqlite(&path, patient).await;
+    let limits = Limits { request_timeout: std::time::Duration::from_millis(300), ..Limits::default() };
+    let api = Api::with_limits(store, limits);
+    let other = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    let stalled = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+
+    let create = api.call(Method::POST, "/v1/workspaces", Some(Uuid::now_v7())).json(json!({"name": "Acme"})).send();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), create).await.expect("answered, not hung");
+    let answer = answer.problem(StatusCode::SERVICE_UNAVAILABLE, None);
+    assert!(answer.headers.contains_key("retry-after"));
+    drop(stalled);
 }

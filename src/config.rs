@@ -92,7 +92,7 @@ fn default_rate_limit_burst() -> u32 {
 }
 
 fn default_request_timeout_seconds() -> u64 {
-    15
+    30
 }
 
 fn default_idempotency_retention_hours() -> u64 {
@@ -120,12 +120,25 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn load(file: Option<&Path>) -> Result<Config, figment::Error> {
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed("QUIKAPP_").only(KEYS)).extract()
+        let config: Config = figment.merge(Env::prefixed("QUIKAPP_").only(KEYS)).extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Values that parse but cannot work.
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.request_timeout_seconds == 0 {
+            anyhow::bail!("request_timeout_seconds must be at least 1");
+        }
+        if !(1..=24 * 365 * 10).contains(&self.idempotency_retention_hours) {
+            anyhow::bail!("idempotency_retention_hours must be from 1 to 87600 (ten years)");
+        }
+        Ok(())
     }
 }
 
@@ -143,6 +156,15 @@ mod tests {
             assert!(documented, "the example omits {key}");
         }
         assert_eq!(config.write_addr, default_write_addr());
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        let zero = Config { request_timeout_seconds: 0, ..Config::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("request_timeout_seconds"));
+        let forever = Config { idempotency_retention_hours: u64::MAX, ..Config::default() };
+        assert!(forever.validate().unwrap_err().to_string().contains("idempotency_retention_hours"));
+        Config::default().validate().unwrap();
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub enum CommandError {
     /// The idempotency key was used before with another body (422).
     #[error("the Idempotency-Key was used before with a different request")]
     IdempotencyKeyReused,
-    /// The event store failed (503 when unavailable, else 500).
+    /// The event store failed (503 when unavailable or the outcome is unknown, else 500).
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -306,9 +306,7 @@ impl CommandService {
         for _ in 0..MAX_ATTEMPTS {
             let decision = match self.decide(context.actor, command, fresh).await {
                 // A field that is invalid is invalid whatever the state: no need to look again.
-                Err(CommandError::Rejected(DomainError::Invalid { field, message })) => {
-                    return Err(DomainError::Invalid { field, message }.into());
-                }
+                Err(CommandError::Rejected(invalid @ DomainError::Invalid { .. })) => return Err(invalid.into()),
                 Err(CommandError::Rejected(_)) if !fresh => {
                     fresh = true; // confirm the refusal on fresh state
                     continue;
@@ -398,7 +396,11 @@ impl CommandService {
         );
         let loaded = Arc::new(self.catch_up(&stream_id, start).await?);
         if loaded.version > 0 {
-            cache.insert(stream_id, loaded.clone());
+            // A load that raced with a newer one must not put an older state back.
+            cache.entry(stream_id).and_upsert_with(|cached| match cached {
+                Some(cached) if cached.value().version > loaded.version => cached.into_value(),
+                _ => loaded.clone(),
+            });
         }
         Ok(loaded)
     }
@@ -517,6 +519,8 @@ impl CommandService {
                     .in_channel(&channel)
                     .guarded_by(stream::channel(*channel_id), &channel)
                     .provided(stream::workspace(channel.state.workspace_id), &workspace)
+                    // A message deleted meanwhile is no read mark.
+                    .provided(stream::message(*message_id), &message)
             }
         };
         Ok(decision)

@@ -189,7 +189,10 @@ impl Channel {
         }
         self.ensure_active()?;
         if workspace.role_of(user).is_none() {
-            return Err(DomainError::invalid("user_id", "is not a member of the workspace"));
+            return Err(DomainError::InvalidReference {
+                field: "user_id",
+                message: "is not a member of the workspace",
+            });
         }
         if self.members.contains(&user) {
             return Ok(vec![]);
@@ -198,8 +201,12 @@ impl Channel {
     }
 
     /// Members leave by themselves; workspace admins may remove anyone. Allowed when archived.
-    /// Leaving a channel one is not in changes nothing (200), where the channel is visible.
+    /// Leaving a channel one is not in changes nothing (200), for any member of its workspace.
     pub fn leave(&self, workspace: &Workspace, actor: Uuid, user: Uuid) -> Result<Vec<Event>, DomainError> {
+        let in_its_workspace = self.id.is_some() && workspace.id == Some(self.workspace_id);
+        if actor == user && in_its_workspace && workspace.role_of(actor).is_some() && !self.members.contains(&user) {
+            return Ok(vec![]); // a repeated leave, private channels included, is a no-op
+        }
         self.ensure_manageable_by(workspace, actor)?;
         if actor != user && !workspace.is_admin(actor) {
             return Err(DomainError::Forbidden("only workspace admins may remove other members"));

@@ -12,9 +12,14 @@ pub enum DomainError {
     /// The thing's state forbids the command, e.g. an archived channel (HTTP 409).
     #[error("{0}")]
     Conflict(&'static str),
-    /// A field of the command is invalid (HTTP 422, naming the field).
+    /// A field of the command is invalid whatever the state (HTTP 422, naming the field).
     #[error("{field}: {message}")]
     Invalid { field: &'static str, message: String },
+    /// A field names something that does not fit the current state, such as a user who is not
+    /// in the workspace (HTTP 422, naming the field). Unlike [`DomainError::Invalid`] it may
+    /// change with the state, so a refusal decided on cached state is confirmed on fresh state.
+    #[error("{field}: {message}")]
+    InvalidReference { field: &'static str, message: &'static str },
 }
 
 impl DomainError {

@@ -73,10 +73,16 @@ impl Message {
         let thread_root_id = match thread_root {
             None => None,
             Some(root) if !root.is_in(channel) => {
-                return Err(DomainError::invalid("thread_root_id", "is not a message of this channel"));
+                return Err(DomainError::InvalidReference {
+                    field: "thread_root_id",
+                    message: "is not a message of this channel",
+                });
             }
             Some(root) if root.thread_root_id.is_some() => {
-                return Err(DomainError::invalid("thread_root_id", "is a reply; threads have one level"));
+                return Err(DomainError::InvalidReference {
+                    field: "thread_root_id",
+                    message: "is a reply; threads have one level",
+                });
             }
             Some(root) => Some(root.id()),
         };
@@ -208,7 +214,10 @@ impl ReadMark {
         channel.ensure_member(workspace, actor)?;
         channel.ensure_active()?;
         if !message.is_in(channel) {
-            return Err(DomainError::invalid("message_id", "is not a message of this channel"));
+            return Err(DomainError::InvalidReference {
+                field: "message_id",
+                message: "is not a message of this channel",
+            });
         }
         if self.message_id == message.id {
             return Ok(vec![]);

@@ -46,7 +46,9 @@ fn then_refused(decided: Result<Vec<Event>, DomainError>, expected: DomainError)
 #[track_caller]
 fn then_invalid(decided: Result<Vec<Event>, DomainError>, field: &str) {
     match decided {
-        Err(DomainError::Invalid { field: named, .. }) => assert_eq!(named, field),
+        Err(DomainError::Invalid { field: named, .. } | DomainError::InvalidReference { field: named, .. }) => {
+            assert_eq!(named, field)
+        }
         other => panic!("expected {field} to be refused as invalid, got {other:?}"),
     }
 }
@@ -688,4 +690,11 @@ fn an_empty_topic_clears_the_topic() {
         [ChannelTopicChanged { channel_id: w.general, topic: None }.into()],
     );
     then_nothing(w.general().change(&w.workspace(), w.member, ChannelChanges { name: None, topic: Some("") }));
+}
+
+#[test]
+fn leaving_a_private_channel_one_has_left_changes_nothing() {
+    let w = World::new();
+    then_nothing(w.secret().leave(&w.workspace(), w.member, w.member));
+    then_refused(w.secret().leave(&w.workspace(), w.outsider, w.outsider), DomainError::NotFound("channel"));
 }

@@ -43,8 +43,8 @@ use crate::problem::ApiError;
 use crate::routes::CommandResponse;
 
 /// Request bodies above this size are refused with 413 (a 40,000-character message is at most
-/// 160 KB of UTF-8).
-pub const BODY_LIMIT_BYTES: usize = 256 * 1024;
+/// 160 KB of UTF-8, and 480 KB written as JSON `\u` escapes of astral characters).
+pub const BODY_LIMIT_BYTES: usize = 512 * 1024;
 
 /// Per-user command rate: a sustained rate and the burst above it.
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +63,9 @@ impl Default for RateLimit {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub rate_limit: RateLimit,
-    /// A request still unanswered after this is answered 503 (its command may still complete:
-    /// retry with the same Idempotency-Key to learn its outcome).
+    /// A request still unanswered after this is answered 503 "outcome unknown" (its command may
+    /// still complete: retry with the same Idempotency-Key to learn which). Keep it above three
+    /// times the store's commit timeout, within which the store answers.
     pub request_timeout: Duration,
     /// How often expired idempotency keys are deleted.
     pub idempotency_cleanup_every: Duration,
@@ -74,7 +75,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             rate_limit: RateLimit::default(),
-            request_timeout: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(30),
             idempotency_cleanup_every: Duration::from_secs(600),
         }
     }
@@ -134,7 +135,8 @@ impl WriteApi {
             correlation_id: headers.request_id,
             if_match: headers.if_match,
             idempotency: headers.idempotency_key.map(|key| Idempotency {
-                key: format!("{}:{}:{key}", actor.0, headers.endpoint),
+                // As a JSON array, so that no choice of key or path parts makes two scopes meet.
+                key: serde_json::json!([actor.0, headers.endpoint, key]).to_string(),
                 request_hash: digest.to_owned(),
             }),
         };
@@ -223,7 +225,8 @@ pub fn router(api: WriteApi) -> Router {
 }
 
 /// What every route of an API gets: problem+json for unknown routes (404), wrong methods
-/// (405), panics (500) and requests over the time limit (503); request ids and traces.
+/// (405), panics (500) and requests over the time limit (503, outcome unknown); request ids
+/// and traces.
 pub fn with_common_layers(routes: Router, request_timeout: Duration) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     routes
@@ -231,7 +234,7 @@ pub fn with_common_layers(routes: Router, request_timeout: Duration) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(
             tower::ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|_: BoxError| async { ApiError::Unavailable }))
+                .layer(HandleErrorLayer::new(|_: BoxError| async { ApiError::OutcomeUnknown }))
                 .timeout(request_timeout),
         )
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))

@@ -34,6 +34,9 @@ pub enum ApiError {
         retry_after_seconds: u64,
     },
     Unavailable,
+    /// 503: the command may or may not have been applied (its commit could not be confirmed in
+    /// time); a retry with the same Idempotency-Key answers which.
+    OutcomeUnknown,
     Internal,
 }
 
@@ -71,6 +74,12 @@ impl ApiError {
             Unavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a store is unavailable; retry shortly".into())
             }
+            OutcomeUnknown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome-unknown",
+                "the command may or may not have been applied; retry with the same Idempotency-Key to learn which"
+                    .into(),
+            ),
             Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "something went wrong on our side".into()),
         }
     }
@@ -93,7 +102,7 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         let retry_after = match self {
             ApiError::TooManyRequests { retry_after_seconds } => Some(retry_after_seconds),
-            ApiError::Unavailable => Some(RETRY_AFTER_UNAVAILABLE),
+            ApiError::Unavailable | ApiError::OutcomeUnknown => Some(RETRY_AFTER_UNAVAILABLE),
             _ => None,
         };
         if let Some(seconds) = retry_after {
@@ -110,6 +119,7 @@ impl From<DomainError> for ApiError {
             DomainError::Forbidden(why) => ApiError::Forbidden(why.into()),
             DomainError::Conflict(why) => ApiError::Conflict(why.into()),
             DomainError::Invalid { field, message } => ApiError::invalid(field, message),
+            DomainError::InvalidReference { field, message } => ApiError::invalid(field, message),
         }
     }
 }
@@ -119,6 +129,7 @@ impl From<StoreError> for ApiError {
         tracing::error!(%error, "event store failure");
         match error {
             StoreError::Unavailable(_) => ApiError::Unavailable,
+            StoreError::OutcomeUnknown(_) => ApiError::OutcomeUnknown,
             StoreError::Failed(_) => ApiError::Internal,
         }
     }

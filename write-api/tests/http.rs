@@ -353,7 +353,7 @@ async fn bad_requests_get_problems_naming_the_field_and_append_nothing(api: Api)
         .problem(StatusCode::UNPROCESSABLE_ENTITY, Some("thread_root_id"));
     api.post(ch, owner, "").await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
     api.post(ch, owner, &"x".repeat(40_001)).await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
-    api.post(ch, owner, &"x".repeat(300_000)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, None);
+    api.post(ch, owner, &"x".repeat(600_000)).await.problem(StatusCode::PAYLOAD_TOO_LARGE, None);
     // PostgreSQL cannot store U+0000 in JSON; no store may be asked to.
     api.post(ch, owner, "nul \u{0} inside").await.problem(StatusCode::UNPROCESSABLE_ENTITY, Some("text"));
     api.call(Method::POST, &messages, Some(owner))
@@ -763,7 +763,7 @@ async fn tokens_are_checked_by_signature_and_expiry_only() {
 }
 
 #[tokio::test]
-async fn a_request_the_store_cannot_answer_in_time_gets_503_not_a_hang() {
+async fn a_request_the_store_cannot_answer_in_time_gets_503_outcome_unknown_not_a_hang() {
     let path = contract::scratch_dir().join("events.db");
     let patient = quikapp_commands::store::StoreOptions {
         lock_timeout: std::time::Duration::from_secs(60),
@@ -780,5 +780,23 @@ async fn a_request_the_store_cannot_answer_in_time_gets_503_not_a_hang() {
     let answer = tokio::time::timeout(std::time::Duration::from_secs(30), create).await.expect("answered, not hung");
     let answer = answer.problem(StatusCode::SERVICE_UNAVAILABLE, None);
     assert!(answer.headers.contains_key("retry-after"));
+    // The command was taken into a batch that may still commit: the client is told so.
+    assert_eq!(answer.body["type"], "urn:quikapp:problem:outcome-unknown");
     drop(stalled);
+}
+
+#[tokio::test]
+async fn the_longest_text_fits_even_written_as_json_escapes() {
+    let api = Api::new(contract::fresh_sqlite().await, RateLimit::default());
+    let owner = Uuid::now_v7();
+    let (_, ch) = api.workspace_with_channel(owner, &[]).await;
+    // 40,000 astral characters as JSON writes them by default in many languages: 12 bytes each.
+    let escaped = format!("{{\"text\": \"{}\"}}", "\\ud83c\\udf89".repeat(40_000));
+    assert!(escaped.len() > 450 * 1024);
+    let path = format!("/v1/channels/{ch}/messages");
+    api.call(Method::POST, &path, Some(owner))
+        .raw("application/json", escaped)
+        .send()
+        .await
+        .expect(StatusCode::CREATED);
 }

@@ -8,9 +8,15 @@
 //!   batch is retried one request at a time and only that request fails;
 //! - anything unrelated to the rows (BEGIN, the lock, a lost connection, a timeout): the batch
 //!   fails as a whole with that error, without retries that would only fail again;
-//! - a COMMIT whose answer was lost: the batch may have been written. The adapter is asked
-//!   whether its first event is stored, and every request gets the true outcome; a client that
-//!   retries after a success it never heard of would otherwise append twice.
+//! - a COMMIT whose answer was lost, or a batch that took longer than the timeout (a stalled
+//!   server, a connection that went silent): the batch may have been written. The adapter is
+//!   asked whether its events are stored (waiting out any transaction still holding the log),
+//!   and every request gets the true outcome, or, when even that cannot be settled, an
+//!   explicit "outcome unknown". A client that retries after a success it never heard of would
+//!   otherwise append twice.
+//!
+//! A request whose caller has stopped waiting (a timeout, a dropped HTTP request) before it
+//! was taken into a batch is never written: a timeout while queued really means "not written".
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +34,9 @@ pub(crate) type Outcome = Result<AppendOutcome, AppendError>;
 pub(crate) trait BatchWriter: Send + Sync + 'static {
     async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError>;
 
-    /// Whether the event is stored, waiting first for any transaction still writing the log.
-    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError>;
+    /// Whether any of the events is stored, waiting first for any transaction still writing
+    /// the log.
+    async fn is_stored(&self, event_ids: &[Uuid]) -> Result<bool, StoreError>;
 }
 
 #[derive(Debug)]
@@ -38,9 +45,12 @@ pub(crate) enum BatchError {
     Rows(StoreError),
     /// The batch could not be written whatever it held; nothing was written.
     Whole(StoreError),
-    /// COMMIT was sent but did not answer. `outcomes` hold if `first_event` is stored.
+    /// COMMIT was sent but did not answer: `outcomes` hold if `first_event` is stored.
     CommitUnknown { error: StoreError, first_event: Option<Uuid>, outcomes: Vec<Outcome> },
 }
+
+/// The batch's write did not finish in time; what it did is settled by its events.
+struct TimedOut;
 
 impl From<sqlx::Error> for BatchError {
     fn from(error: sqlx::Error) -> Self {
@@ -78,10 +88,12 @@ impl GroupCommit {
     /// An append that has no answer within `timeout` (queueing included) fails as unavailable.
     pub fn start(writer: impl BatchWriter, in_flight: usize, timeout: Duration) -> Self {
         let (queue, requests) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(run(Arc::new(writer), requests, Arc::new(Semaphore::new(in_flight))));
+        tokio::spawn(run(Arc::new(writer), requests, Arc::new(Semaphore::new(in_flight)), timeout));
         GroupCommit { queue, timeout }
     }
 
+    /// The append's outcome. A batch answers within about twice the timeout (its write, then
+    /// settling what it did); past three times, the waiter stops with "outcome unknown".
     pub async fn append(&self, request: AppendRequest) -> Outcome {
         let stopped = || AppendError::Store(StoreError::Unavailable("the event store writer has stopped".into()));
         let answered = async {
@@ -89,9 +101,9 @@ impl GroupCommit {
             self.queue.send((request, reply)).await.map_err(|_| stopped())?;
             answer.await.map_err(|_| stopped())?
         };
-        tokio::time::timeout(self.timeout, answered).await.unwrap_or_else(|_| {
-            let why = format!("the append had no answer within {:?}; its outcome is unknown", self.timeout);
-            Err(AppendError::Store(StoreError::Unavailable(why)))
+        tokio::time::timeout(self.timeout * 3, answered).await.unwrap_or_else(|_| {
+            let why = format!("the append had no answer within {:?}", self.timeout * 3);
+            Err(AppendError::Store(StoreError::OutcomeUnknown(why)))
         })
     }
 }
@@ -100,6 +112,7 @@ async fn run(
     writer: Arc<dyn BatchWriter>,
     mut requests: mpsc::Receiver<(AppendRequest, oneshot::Sender<Outcome>)>,
     slots: Arc<Semaphore>,
+    timeout: Duration,
 ) {
     loop {
         let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
@@ -116,10 +129,14 @@ async fn run(
                 Err(_) => break,
             }
         }
+        queued.retain(|(_, reply)| !reply.is_closed()); // nobody waits for these: write nothing
+        if queued.is_empty() {
+            continue;
+        }
         let writer = writer.clone();
         tokio::spawn(async move {
             let (batch, replies): (Vec<_>, Vec<_>) = queued.into_iter().unzip();
-            let outcomes = commit(writer.as_ref(), &batch).await;
+            let outcomes = commit(writer.as_ref(), &batch, timeout).await;
             drop(slot);
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // The caller may have gone away (a dropped request); the append stands regardless.
@@ -129,16 +146,22 @@ async fn run(
     }
 }
 
-async fn commit(writer: &dyn BatchWriter, batch: &[AppendRequest]) -> Vec<Outcome> {
-    match resolved(writer, writer.write_batch(batch).await).await {
+async fn commit(writer: &dyn BatchWriter, batch: &[AppendRequest], timeout: Duration) -> Vec<Outcome> {
+    match write(writer, batch, timeout).await {
         Ok(outcomes) => outcomes,
         Err(BatchError::Rows(_)) if batch.len() > 1 => {
             let mut outcomes = Vec::with_capacity(batch.len());
             for request in batch.chunks(1) {
-                outcomes.push(match resolved(writer, writer.write_batch(request).await).await {
-                    Ok(mut single) => single.pop().expect("one outcome per request"),
-                    Err(error) => Err(error.into_store_error().into()),
-                });
+                match write(writer, request, timeout).await {
+                    Ok(mut single) => outcomes.push(single.pop().expect("one outcome per request")),
+                    Err(BatchError::Rows(error)) => outcomes.push(Err(error.into())),
+                    // The store itself failed: the rest would only wait for the same failure.
+                    Err(error) => {
+                        let error = error.into_store_error();
+                        outcomes.resize_with(batch.len(), || Err(error.clone().into()));
+                        break;
+                    }
+                }
             }
             outcomes
         }
@@ -149,28 +172,45 @@ async fn commit(writer: &dyn BatchWriter, batch: &[AppendRequest]) -> Vec<Outcom
     }
 }
 
-/// Settles a COMMIT that did not answer by asking the store whether the batch is there.
-async fn resolved(
+/// Writes the batch within `timeout`, and settles a write whose outcome is in doubt.
+async fn write(
     writer: &dyn BatchWriter,
-    written: Result<Vec<Outcome>, BatchError>,
+    batch: &[AppendRequest],
+    timeout: Duration,
 ) -> Result<Vec<Outcome>, BatchError> {
-    let Err(BatchError::CommitUnknown { error, first_event, outcomes }) = written else { return written };
-    let Some(first_event) = first_event else { return Err(BatchError::Whole(unknown(&error))) };
-    match writer.is_stored(first_event).await {
-        Ok(true) => {
-            tracing::warn!(%error, "COMMIT did not answer, but the batch is stored");
-            Ok(outcomes)
+    let written = tokio::time::timeout(timeout, writer.write_batch(batch)).await.map_err(|_| TimedOut);
+    let (error, events, outcomes) = match written {
+        Ok(Err(BatchError::CommitUnknown { error, first_event, outcomes })) => {
+            (error, first_event.into_iter().collect(), Some(outcomes))
         }
+        Ok(written) => return written,
+        Err(TimedOut) => {
+            let error = StoreError::Unavailable(format!("the batch took longer than {timeout:?}"));
+            (error, batch.iter().filter_map(|r| r.events.first().map(|e| e.event_id)).collect(), None)
+        }
+    };
+    let events: Vec<Uuid> = events;
+    if events.is_empty() {
+        return Err(BatchError::Whole(unknown(&error)));
+    }
+    match writer.is_stored(&events).await {
+        Ok(true) => match outcomes {
+            Some(outcomes) => {
+                tracing::warn!(%error, "COMMIT did not answer, but the batch is stored");
+                Ok(outcomes)
+            }
+            None => Err(BatchError::Whole(unknown(&error))),
+        },
         Ok(false) => Err(BatchError::Whole(error)),
         Err(lookup) => {
-            tracing::error!(%error, %lookup, "COMMIT did not answer and the store cannot say whether it happened");
+            tracing::error!(%error, %lookup, "the batch's outcome cannot be settled");
             Err(BatchError::Whole(unknown(&error)))
         }
     }
 }
 
 fn unknown(error: &StoreError) -> StoreError {
-    StoreError::Unavailable(format!("the commit's outcome is unknown ({error}); retry with an Idempotency-Key"))
+    StoreError::OutcomeUnknown(format!("{error}; retry with the same Idempotency-Key to learn the outcome"))
 }
 
 impl BatchError {
@@ -206,7 +246,7 @@ mod tests {
             }
         }
 
-        async fn is_stored(&self, _: Uuid) -> Result<bool, StoreError> {
+        async fn is_stored(&self, _: &[Uuid]) -> Result<bool, StoreError> {
             Ok(self.stored)
         }
     }
@@ -222,7 +262,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_refused_for_its_rows_is_retried_one_request_at_a_time() {
         let writer = scripted(BatchError::Rows(StoreError::Failed("unique violation".into())));
-        let outcomes = commit(&writer, &batch()).await;
+        let outcomes = commit(&writer, &batch(), Duration::from_secs(5)).await;
         assert_eq!(*writer.calls.lock().unwrap(), vec![3, 1, 1, 1]);
         assert!(outcomes.iter().all(|o| *o == Err(AppendError::Invalid("written"))), "{outcomes:?}");
     }
@@ -230,10 +270,85 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_failed_whatever_it_held_is_not_retried() {
         let writer = scripted(BatchError::Whole(StoreError::Unavailable("lock timeout".into())));
-        let outcomes = commit(&writer, &batch()).await;
+        let outcomes = commit(&writer, &batch(), Duration::from_secs(5)).await;
         assert_eq!(*writer.calls.lock().unwrap(), vec![3]);
         let expected = Err(AppendError::Store(StoreError::Unavailable("lock timeout".into())));
         assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");
+    }
+
+    /// Writes nothing and never finishes.
+    struct Stalled {
+        stored: bool,
+    }
+
+    #[async_trait]
+    impl BatchWriter for Stalled {
+        async fn write_batch(&self, _: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
+            std::future::pending().await
+        }
+
+        async fn is_stored(&self, _: &[Uuid]) -> Result<bool, StoreError> {
+            Ok(self.stored)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_past_its_timeout_is_settled_by_whether_its_events_are_stored() {
+        let timeout = Duration::from_millis(50);
+        let outcomes = commit(&Stalled { stored: false }, &batch(), timeout).await;
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Err(AppendError::Store(StoreError::Unavailable(_))))),
+            "{outcomes:?}"
+        );
+        let outcomes = commit(&Stalled { stored: true }, &batch(), timeout).await;
+        let unknown = |o: &Outcome| matches!(o, Err(AppendError::Store(StoreError::OutcomeUnknown(_))));
+        assert!(outcomes.iter().all(unknown), "{outcomes:?}");
+    }
+
+    /// Records the batches it writes; the first one waits for `release`.
+    struct Gated {
+        release: tokio::sync::Notify,
+        batches: Mutex<Vec<Vec<Uuid>>>,
+    }
+
+    #[async_trait]
+    impl BatchWriter for Arc<Gated> {
+        async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
+            let first = self.batches.lock().unwrap().is_empty();
+            self.batches.lock().unwrap().push(batch.iter().map(|r| r.events[0].event_id).collect());
+            if first {
+                self.release.notified().await;
+            }
+            Ok(batch.iter().map(|_| Err(AppendError::Invalid("written"))).collect())
+        }
+
+        async fn is_stored(&self, _: &[Uuid]) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_on_while_queued_is_never_written() {
+        let gated = Arc::new(Gated { release: tokio::sync::Notify::new(), batches: Mutex::new(vec![]) });
+        let commits = Arc::new(GroupCommit::start(gated.clone(), 1, Duration::from_secs(30)));
+        let first = tokio::spawn({
+            let commits = commits.clone();
+            async move { commits.append(append_to("a", 0, &["first"])).await }
+        });
+        while gated.batches.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // Queued behind the stalled batch, then given up on by its caller.
+        let abandoned = append_to("b", 0, &["abandoned"]);
+        let abandoned_id = abandoned.events[0].event_id;
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), commits.append(abandoned)).await;
+        assert!(gave_up.is_err());
+        gated.release.notify_one();
+        first.await.unwrap().unwrap_err();
+        commits.append(append_to("c", 0, &["later"])).await.unwrap_err();
+        let written: Vec<Uuid> = gated.batches.lock().unwrap().concat();
+        assert_eq!(written.len(), 2, "the first and the later request only");
+        assert!(!written.contains(&abandoned_id));
     }
 
     #[tokio::test]
@@ -245,12 +360,12 @@ mod tests {
         };
         let mut writer = scripted(lost());
         writer.stored = true;
-        let outcomes = commit(&writer, &batch()).await;
+        let outcomes = commit(&writer, &batch(), Duration::from_secs(5)).await;
         assert_eq!(*writer.calls.lock().unwrap(), vec![3], "a stored batch is not written again");
         assert!(outcomes.iter().all(|o| *o == Err(AppendError::Invalid("committed"))), "{outcomes:?}");
 
         let writer = scripted(lost());
-        let outcomes = commit(&writer, &batch()).await;
+        let outcomes = commit(&writer, &batch(), Duration::from_secs(5)).await;
         assert_eq!(*writer.calls.lock().unwrap(), vec![3], "a lost batch is not retried on a broken connection");
         let expected = Err(AppendError::Store(StoreError::Unavailable("connection reset".into())));
         assert!(outcomes.iter().all(|o| *o == expected), "{outcomes:?}");

@@ -66,7 +66,8 @@ pub struct StoreOptions {
     /// The longest a statement of the write transaction may run (PostgreSQL statement_timeout
     /// and idle_in_transaction_session_timeout).
     pub statement_timeout: Duration,
-    /// The longest an append waits for its group commit, queueing included.
+    /// The longest a batch's write may take before what it did is settled by looking it up;
+    /// an append has its answer within about twice this.
     pub commit_timeout: Duration,
     /// How long a successful reply stays bound to its idempotency key.
     pub idempotency_retention: Duration,
@@ -77,18 +78,23 @@ impl Default for StoreOptions {
         StoreOptions {
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
-            commit_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(8),
             idempotency_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
 
 impl StoreOptions {
-    /// Keys created before this instant have expired.
-    pub(crate) fn idempotency_cutoff(&self) -> DateTime<Utc> {
-        Utc::now() - chrono::Duration::from_std(self.idempotency_retention).unwrap_or(chrono::Duration::MAX)
+    /// The retention in whole seconds, as the stores compare it with their own clock.
+    pub(crate) fn retention_seconds(&self) -> i64 {
+        const CENTURY: u64 = 100 * 365 * 24 * 3600;
+        self.idempotency_retention.as_secs().min(CENTURY) as i64
     }
 }
+
+/// Expired idempotency keys are deleted this many at a time, so that a large cleanup never
+/// holds the writers back for long.
+pub(crate) const KEY_CLEANUP_CHUNK: i64 = 5_000;
 
 /// An event about to be stored: the store adds stream version and global position.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,12 +181,16 @@ pub enum AppendError {
     Store(#[from] StoreError),
 }
 
-/// The backing store failed; nothing is known to have been written.
+/// The backing store failed.
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum StoreError {
-    /// Unreachable or overloaded: worth retrying later (503).
+    /// Unreachable or overloaded, and nothing was written: worth retrying later (503).
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The append may or may not have been written: its commit could not be confirmed in
+    /// time. Retrying with the same idempotency key tells which (503, a problem of its own).
+    #[error("the append's outcome is unknown: {0}")]
+    OutcomeUnknown(String),
     /// It answered, but with something this code cannot use (500).
     #[error("event store failure: {0}")]
     Failed(String),
@@ -220,23 +230,25 @@ pub(crate) fn blame(error: &sqlx::Error) -> Blame {
 }
 
 /// By SQLSTATE: 08 connection exception, 53 insufficient resources, 57 operator intervention
-/// (shutdown, a cancelled statement such as statement_timeout), 40001/40P01 serialization
-/// failure and deadlock, 55P03 lock_timeout; 22 data exception and 23 integrity violation are
-/// the rows' fault.
+/// (shutdown, a cancelled statement such as statement_timeout), 58 system error (I/O),
+/// 40001/40P01 serialization failure and deadlock, 55P03 lock_timeout, 25006 a read-only
+/// server (a failover in progress); 22 data exception and 23 integrity violation are the
+/// rows' fault.
 fn postgres_blame(sqlstate: &str) -> Blame {
     match sqlstate.get(..2) {
-        Some("08" | "53" | "57") => Blame::Unavailable,
-        _ if matches!(sqlstate, "40001" | "40P01" | "55P03") => Blame::Unavailable,
+        Some("08" | "53" | "57" | "58") => Blame::Unavailable,
+        _ if matches!(sqlstate, "40001" | "40P01" | "55P03" | "25006") => Blame::Unavailable,
         Some("22" | "23") => Blame::Rows,
         _ => Blame::Other,
     }
 }
 
 /// By SQLite's (extended) result code, whose low byte is the primary code: BUSY and LOCKED
-/// mean another writer holds the file; TOOBIG, CONSTRAINT and MISMATCH are the rows' fault.
+/// mean another writer holds the file, IOERR and FULL a disk in trouble; TOOBIG, CONSTRAINT
+/// and MISMATCH are the rows' fault.
 fn sqlite_blame(code: Option<&str>) -> Blame {
     match code.and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff) {
-        Some(5 | 6) => Blame::Unavailable,
+        Some(5 | 6 | 10 | 13) => Blame::Unavailable,
         Some(18 | 19 | 20) => Blame::Rows,
         _ => Blame::Other,
     }

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use quikapp_domain::Envelope;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, Row, Transaction};
@@ -14,7 +13,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoreOptions, StoredEvent, StoredReply,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
+    StoredReply,
 };
 
 /// The advisory lock every writer of the event log holds while it appends.
@@ -25,10 +25,11 @@ const STREAM_VERSIONS: &str = "SELECT s.stream_id, e.stream_version FROM unnest(
      CROSS JOIN LATERAL (SELECT stream_version FROM events WHERE events.stream_id = s.stream_id \
      ORDER BY stream_version DESC LIMIT 1) AS e";
 
-/// The live replies of some idempotency keys ($1), created after the retention cutoff ($2).
-/// An expired key still in the table is replaced by the next append that uses it.
+/// The live replies of some idempotency keys ($1): created within the retention ($2 seconds)
+/// by the database's clock. An expired key still in the table is replaced by the next append
+/// that uses it.
 const SELECT_REPLIES: &str = "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys \
-     WHERE key = ANY($1) AND created_at > $2";
+     WHERE key = ANY($1) AND created_at > now() - make_interval(secs => $2::float8)";
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
      schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
@@ -93,18 +94,29 @@ impl EventStore for PostgresStore {
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
         let rows = sqlx::query(SELECT_REPLIES)
             .bind(vec![key])
-            .bind(self.options.idempotency_cutoff())
+            .bind(self.options.retention_seconds())
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.first().map(decode_reply).transpose()?.map(|(_, reply)| reply))
     }
 
     async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
-            .bind(self.options.idempotency_cutoff())
+        let mut forgotten = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+                 WHERE created_at <= now() - make_interval(secs => $1::float8) LIMIT $2)",
+            )
+            .bind(self.options.retention_seconds())
+            .bind(KEY_CLEANUP_CHUNK)
             .execute(&self.pool)
-            .await?;
-        Ok(deleted.rows_affected())
+            .await?
+            .rows_affected();
+            forgotten += deleted;
+            if deleted < KEY_CLEANUP_CHUNK as u64 {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -174,7 +186,7 @@ impl PgBatchWriter {
 impl BatchWriter for PgBatchWriter {
     async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
         let mut tx = self.begin().await?;
-        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.idempotency_cutoff()).await?;
+        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.retention_seconds()).await?;
         let mut plan = BatchPlan::new(state);
         let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
         let plan = plan.finish();
@@ -192,11 +204,20 @@ impl BatchWriter for PgBatchWriter {
         }
     }
 
-    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
-        // Behind the writer lock: a transaction still committing holds it until it is done.
-        let mut tx = self.begin().await?;
-        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $1)")
-            .bind(event_id)
+    async fn is_stored(&self, event_ids: &[Uuid]) -> Result<bool, StoreError> {
+        // Behind the writer lock: a transaction still committing holds it until it is done, and
+        // one whose client is gone holds it until the server ends it as idle (statement_timeout):
+        // wait that long, so that the answer is the final one.
+        let patient = PgBatchWriter {
+            pool: self.pool.clone(),
+            options: StoreOptions {
+                lock_timeout: self.options.lock_timeout + self.options.statement_timeout,
+                ..self.options
+            },
+        };
+        let mut tx = patient.begin().await?;
+        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ANY($1))")
+            .bind(event_ids)
             .fetch_one(&mut *tx)
             .await?;
         Ok(stored)
@@ -206,7 +227,7 @@ impl BatchWriter for PgBatchWriter {
 async fn read_current_state(
     tx: &mut Transaction<'_, Postgres>,
     lookups: &Lookups,
-    idempotency_cutoff: DateTime<Utc>,
+    retention_seconds: i64,
 ) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
     let head: i64 =
@@ -226,7 +247,7 @@ async fn read_current_state(
     if !lookups.idempotency_keys.is_empty() {
         let rows = sqlx::query(SELECT_REPLIES)
             .bind(&lookups.idempotency_keys)
-            .bind(idempotency_cutoff)
+            .bind(retention_seconds)
             .fetch_all(&mut **tx)
             .await?;
         state.replies = rows.iter().map(decode_reply).collect::<Result<_, _>>()?;

@@ -19,7 +19,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoreOptions, StoredEvent, StoredReply,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
+    StoredReply,
 };
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
@@ -82,16 +83,27 @@ impl EventStore for SqliteStore {
 
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let mut replies = read_replies(&mut conn, &[key.to_owned()], self.options.idempotency_cutoff()).await?;
+        let mut replies = read_replies(&mut conn, &[key.to_owned()], self.options.retention_seconds()).await?;
         Ok(replies.remove(key))
     }
 
     async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
-        let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= ?")
-            .bind(sqlite_timestamp(self.options.idempotency_cutoff()))
+        let mut forgotten = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+                 WHERE created_at <= datetime('now', ?) LIMIT ?)",
+            )
+            .bind(retention_modifier(self.options.retention_seconds()))
+            .bind(KEY_CLEANUP_CHUNK)
             .execute(&self.pool)
-            .await?;
-        Ok(deleted.rows_affected())
+            .await?
+            .rows_affected();
+            forgotten += deleted;
+            if deleted < KEY_CLEANUP_CHUNK as u64 {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -156,7 +168,7 @@ impl BatchWriter for SqliteBatchWriter {
         // writes over. sqlx's transaction rolls back a transaction that failed to COMMIT before
         // its connection is used again, so no connection goes back to the pool inside one.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.idempotency_cutoff()).await?;
+        let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.retention_seconds()).await?;
         let mut plan = BatchPlan::new(state);
         let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
         let plan = plan.finish();
@@ -174,12 +186,15 @@ impl BatchWriter for SqliteBatchWriter {
         }
     }
 
-    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
+    async fn is_stored(&self, event_ids: &[Uuid]) -> Result<bool, StoreError> {
         // One process writes the file, one batch at a time: no commit can be in flight here.
-        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ?)")
-            .bind(event_id.to_string())
-            .fetch_one(&self.pool)
-            .await?;
+        let ids: Vec<String> = event_ids.iter().map(Uuid::to_string).collect();
+        let stored = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE event_id IN (SELECT value FROM json_each(?)))",
+        )
+        .bind(json_array(&ids))
+        .fetch_one(&self.pool)
+        .await?;
         Ok(stored)
     }
 }
@@ -247,7 +262,7 @@ async fn write_plan(conn: &mut SqliteConnection, plan: &BatchPlan) -> Result<(),
 async fn read_current_state(
     conn: &mut SqliteConnection,
     lookups: &Lookups,
-    idempotency_cutoff: DateTime<Utc>,
+    retention_seconds: i64,
 ) -> Result<CurrentState, StoreError> {
     let mut state = CurrentState::default();
     let head: i64 =
@@ -272,7 +287,7 @@ async fn read_current_state(
         state.claims = claims.into_iter().collect();
     }
     if !lookups.idempotency_keys.is_empty() {
-        state.replies = read_replies(conn, &lookups.idempotency_keys, idempotency_cutoff).await?;
+        state.replies = read_replies(conn, &lookups.idempotency_keys, retention_seconds).await?;
     }
     Ok(state)
 }
@@ -280,14 +295,15 @@ async fn read_current_state(
 async fn read_replies(
     conn: &mut SqliteConnection,
     keys: &[String],
-    cutoff: DateTime<Utc>,
+    retention_seconds: i64,
 ) -> Result<HashMap<String, StoredReply>, StoreError> {
+    // created_at is SQLite's CURRENT_TIMESTAMP, compared with the same clock and format.
     let rows = sqlx::query(
         "SELECT key, request_hash, reply, position, stream_version FROM idempotency_keys \
-         WHERE key IN (SELECT value FROM json_each(?)) AND created_at > ?",
+         WHERE key IN (SELECT value FROM json_each(?)) AND created_at > datetime('now', ?)",
     )
     .bind(json_array(keys))
-    .bind(sqlite_timestamp(cutoff))
+    .bind(retention_modifier(retention_seconds))
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(decode_reply).collect()
@@ -297,7 +313,7 @@ fn json_array(values: &[String]) -> String {
     serde_json::Value::from(values).to_string()
 }
 
-/// As SQLite's CURRENT_TIMESTAMP writes it, so that the two compare as text.
-fn sqlite_timestamp(at: DateTime<Utc>) -> String {
-    at.format("%Y-%m-%d %H:%M:%S").to_string()
+/// A `datetime('now', …)` modifier going back over the retention.
+fn retention_modifier(seconds: i64) -> String {
+    format!("-{seconds} seconds")
 }

@@ -74,17 +74,23 @@ events! {
     /// A user joined a workspace, or an existing member's role changed.
     WorkspaceMemberAdded { workspace_id: Uuid, user_id: Uuid, role: Role, added_by: Uuid }
     /// A channel came to be; its creator joins it by the ChannelMemberJoined that follows.
-    ChannelCreated {
+    /// `topic` is null for none; version 1 could write none as "".
+    ChannelCreated (schema_version = 2) {
         channel_id: Uuid,
         workspace_id: Uuid,
         name: String,
+        #[schemars(required, extend("type" = ["string", "null"]))]
         topic: Option<String>,
         private: bool,
         created_by: Uuid,
     }
     ChannelRenamed { channel_id: Uuid, name: String, previous_name: String }
     /// `topic` is null when the topic was cleared. Version 1 wrote a cleared topic as "".
-    ChannelTopicChanged (schema_version = 2) { channel_id: Uuid, topic: Option<String> }
+    ChannelTopicChanged (schema_version = 2) {
+        channel_id: Uuid,
+        #[schemars(required, extend("type" = ["string", "null"]))]
+        topic: Option<String>,
+    }
     ChannelArchived { channel_id: Uuid }
     /// `added_by` is the member who invited the user; equal to `user_id` when they joined themselves.
     ChannelMemberJoined { channel_id: Uuid, user_id: Uuid, added_by: Uuid }

@@ -16,31 +16,30 @@ struct Step {
 }
 
 const STEPS: &[Step] = &[
-    // ChannelTopicChanged v1 wrote a cleared topic as ""; v2 writes null.
-    Step {
-        event_type: "ChannelTopicChanged",
-        from: 1,
-        apply: |data| {
-            if data.get("topic").and_then(Value::as_str) == Some("") {
-                data["topic"] = Value::Null;
-            }
-        },
-    },
+    // Version 1 of these wrote "no topic" as ""; version 2 writes null.
+    Step { event_type: "ChannelTopicChanged", from: 1, apply: empty_topic_is_null },
+    Step { event_type: "ChannelCreated", from: 1, apply: empty_topic_is_null },
 ];
 
+fn empty_topic_is_null(data: &mut Value) {
+    if data.get("topic").and_then(Value::as_str) == Some("") {
+        data["topic"] = Value::Null;
+    }
+}
+
 /// Brings `data`, stored at `schema_version`, up to its type's current version, and answers the
-/// version it is now at. Data from a newer writer than this code (a version above the current
-/// one) and events of unknown types are left as they are.
+/// version it is to be read as: the current one. Data from a newer writer than this code is
+/// left as it is and read as the current version (fields this code does not know are ignored),
+/// which is why a deploy upgrades every reader before any writer emits a new version. Events
+/// of unknown types keep their version.
 pub fn upcast(event_type: &str, schema_version: u32, data: &mut Value) -> u32 {
     let Some(current) = schema_version_of(event_type) else { return schema_version };
-    let mut version = schema_version;
-    while version < current {
-        for step in STEPS.iter().filter(|s| s.event_type == event_type && s.from == version) {
+    for from in schema_version..current {
+        for step in STEPS.iter().filter(|s| s.event_type == event_type && s.from == from) {
             (step.apply)(data);
         }
-        version += 1;
     }
-    version
+    current
 }
 
 #[cfg(test)]
@@ -69,13 +68,25 @@ mod tests {
     }
 
     #[test]
-    fn current_and_newer_versions_are_left_alone() {
+    fn current_and_newer_versions_are_left_alone_and_read_as_current() {
         let mut data = json!({ "channel_id": uuid::Uuid::now_v7(), "topic": "" });
         let before = data.clone();
         assert_eq!(upcast("ChannelTopicChanged", 2, &mut data), 2);
-        assert_eq!(upcast("ChannelTopicChanged", 3, &mut data), 3);
+        assert_eq!(upcast("ChannelTopicChanged", 3, &mut data), 2, "decoded into the current layout");
         assert_eq!(upcast("NotAType", 1, &mut data), 1);
         assert_eq!(data, before);
+    }
+
+    #[test]
+    fn a_version_1_channel_created_with_an_empty_topic_reads_as_no_topic() {
+        let (channel_id, workspace_id, by) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+        let mut data = json!({ "channel_id": channel_id, "workspace_id": workspace_id, "name": "general",
+            "topic": "", "private": false, "created_by": by });
+        assert_eq!(upcast("ChannelCreated", 1, &mut data), 2);
+        match decode("ChannelCreated", data) {
+            Event::ChannelCreated(created) => assert_eq!(created.topic, None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

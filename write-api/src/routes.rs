@@ -151,8 +151,8 @@ fn emoji() -> Object {
 }
 
 fn idempotency_key() -> Object {
-    let description = "Makes the command idempotent for this user and endpoint for 24 hours: a repeat with \
-        the same body returns the first successful answer.";
+    let description = "Makes the command idempotent for this user and endpoint for the configured retention \
+        (24 hours by default): a repeat with the same body returns the first successful answer.";
     ObjectBuilder::new()
         .schema_type(Type::String)
         .description(Some(description))

@@ -66,8 +66,8 @@ pub struct StoreOptions {
     /// The longest a statement of the write transaction may run (PostgreSQL statement_timeout
     /// and idle_in_transaction_session_timeout).
     pub statement_timeout: Duration,
-    /// The longest a batch's write may take before what it did is settled by looking it up;
-    /// an append has its answer within about twice this.
+    /// The longest an append waits for its answer. Past it the answer is "unavailable" for a
+    /// request still queued (it will not be written) and "outcome unknown" for one in a batch.
     pub commit_timeout: Duration,
     /// How long a successful reply stays bound to its idempotency key.
     pub idempotency_retention: Duration,
@@ -78,7 +78,7 @@ impl Default for StoreOptions {
         StoreOptions {
             lock_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
-            commit_timeout: Duration::from_secs(8),
+            commit_timeout: Duration::from_secs(10),
             idempotency_retention: Duration::from_secs(24 * 3600),
         }
     }

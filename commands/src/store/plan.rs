@@ -59,6 +59,14 @@ impl BatchPlan {
         BatchPlan { initial_claims: state.claims.clone(), state, ..Default::default() }
     }
 
+    /// Judges every request of `batch` in order against `state`: what to write, and each
+    /// request's outcome should it be written.
+    pub fn judge(state: CurrentState, batch: &[AppendRequest]) -> (Self, Vec<Result<AppendOutcome, AppendError>>) {
+        let mut plan = BatchPlan::new(state);
+        let outcomes = batch.iter().cloned().map(|request| plan.add(request)).collect();
+        (plan.finish(), outcomes)
+    }
+
     /// Judges one request against the state as earlier requests of the batch left it.
     pub fn add(&mut self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
         if request.events.is_empty() && request.idempotency.is_none() {

@@ -104,8 +104,10 @@ impl EventStore for PostgresStore {
         let mut forgotten = 0;
         loop {
             let deleted = sqlx::query(
+                // The outer test again: a key taken over meanwhile is live, and stays.
                 "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
-                 WHERE created_at <= now() - make_interval(secs => $1::float8) LIMIT $2)",
+                 WHERE created_at <= now() - make_interval(secs => $1::float8) LIMIT $2) \
+                 AND created_at <= now() - make_interval(secs => $1::float8)",
             )
             .bind(self.options.retention_seconds())
             .bind(KEY_CLEANUP_CHUNK)
@@ -187,24 +189,18 @@ impl BatchWriter for PgBatchWriter {
     async fn write_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Outcome>, BatchError> {
         let mut tx = self.begin().await?;
         let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.retention_seconds()).await?;
-        let mut plan = BatchPlan::new(state);
-        let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
-        let plan = plan.finish();
+        let (plan, outcomes) = BatchPlan::judge(state, batch);
         if plan.is_empty() {
             return Ok(outcomes); // nothing to write: the transaction rolls back on drop
         }
         write_plan(&mut tx, &plan).await.map_err(BatchError::from_write)?;
         match tx.commit().await {
             Ok(()) => Ok(outcomes),
-            Err(error) => Err(BatchError::CommitUnknown {
-                error: error.into(),
-                first_event: plan.events.first().map(|e| e.event_id),
-                outcomes,
-            }),
+            Err(error) => Err(BatchError::commit_failed(error, &plan, outcomes)),
         }
     }
 
-    async fn is_stored(&self, event_ids: &[Uuid]) -> Result<bool, StoreError> {
+    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
         // Behind the writer lock: a transaction still committing holds it until it is done, and
         // one whose client is gone holds it until the server ends it as idle (statement_timeout):
         // wait that long, so that the answer is the final one.
@@ -212,12 +208,13 @@ impl BatchWriter for PgBatchWriter {
             pool: self.pool.clone(),
             options: StoreOptions {
                 lock_timeout: self.options.lock_timeout + self.options.statement_timeout,
+                statement_timeout: self.options.lock_timeout + self.options.statement_timeout,
                 ..self.options
             },
         };
         let mut tx = patient.begin().await?;
-        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ANY($1))")
-            .bind(event_ids)
+        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = $1)")
+            .bind(event_id)
             .fetch_one(&mut *tx)
             .await?;
         Ok(stored)

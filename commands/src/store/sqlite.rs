@@ -169,32 +169,23 @@ impl BatchWriter for SqliteBatchWriter {
         // its connection is used again, so no connection goes back to the pool inside one.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let state = read_current_state(&mut tx, &Lookups::of(batch), self.options.retention_seconds()).await?;
-        let mut plan = BatchPlan::new(state);
-        let outcomes: Vec<Outcome> = batch.iter().cloned().map(|request| plan.add(request)).collect();
-        let plan = plan.finish();
+        let (plan, outcomes) = BatchPlan::judge(state, batch);
         if plan.is_empty() {
             return Ok(outcomes);
         }
         write_plan(&mut tx, &plan).await.map_err(BatchError::from_write)?;
         match tx.commit().await {
             Ok(()) => Ok(outcomes),
-            Err(error) => Err(BatchError::CommitUnknown {
-                error: error.into(),
-                first_event: plan.events.first().map(|e| e.event_id),
-                outcomes,
-            }),
+            Err(error) => Err(BatchError::commit_failed(error, &plan, outcomes)),
         }
     }
 
-    async fn is_stored(&self, event_ids: &[Uuid]) -> Result<bool, StoreError> {
+    async fn is_stored(&self, event_id: Uuid) -> Result<bool, StoreError> {
         // One process writes the file, one batch at a time: no commit can be in flight here.
-        let ids: Vec<String> = event_ids.iter().map(Uuid::to_string).collect();
-        let stored = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE event_id IN (SELECT value FROM json_each(?)))",
-        )
-        .bind(json_array(&ids))
-        .fetch_one(&self.pool)
-        .await?;
+        let stored = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM events WHERE event_id = ?)")
+            .bind(event_id.to_string())
+            .fetch_one(&self.pool)
+            .await?;
         Ok(stored)
     }
 }

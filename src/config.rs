@@ -23,6 +23,11 @@ const KEYS: &[&str] = &[
     "rate_limit_per_second",
     "rate_limit_burst",
     "request_timeout_seconds",
+    "relay_addr",
+    "relay_batch_size",
+    "kafka_partitions",
+    "kafka_messages_topic",
+    "kafka_workspaces_topic",
     "idempotency_retention_hours",
 ];
 
@@ -63,6 +68,24 @@ pub struct Config {
     /// Commands each user may send in a burst above the sustained rate.
     #[serde(default = "default_rate_limit_burst")]
     pub rate_limit_burst: u32,
+    /// Listen address of the relay's /healthz, /readyz and /metrics.
+    #[serde(default = "default_relay_addr")]
+    pub relay_addr: SocketAddr,
+    /// Events the relay publishes per batch (and so the most a crash can publish twice).
+    #[serde(default = "default_relay_batch_size")]
+    pub relay_batch_size: u32,
+    /// The topic of every event with a channel, keyed by channel.
+    #[serde(default = "default_kafka_messages_topic")]
+    pub kafka_messages_topic: String,
+    /// The topic of user and workspace events, keyed by workspace.
+    #[serde(default = "default_kafka_workspaces_topic")]
+    pub kafka_workspaces_topic: String,
+    /// Partitions of each event topic when the relay creates it.
+    #[serde(default = "default_kafka_partitions")]
+    pub kafka_partitions: i32,
+    /// librdkafka options for the relay's producer, over its defaults (TOML only).
+    #[serde(default)]
+    pub kafka_options: std::collections::BTreeMap<String, String>,
     /// A command request unanswered after this many seconds is answered 503.
     #[serde(default = "default_request_timeout_seconds")]
     pub request_timeout_seconds: u64,
@@ -81,6 +104,26 @@ fn default_write_addr() -> SocketAddr {
 
 fn default_read_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8081))
+}
+
+fn default_relay_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8083))
+}
+
+fn default_relay_batch_size() -> u32 {
+    2_000
+}
+
+fn default_kafka_messages_topic() -> String {
+    "quikapp.messages.events".into()
+}
+
+fn default_kafka_workspaces_topic() -> String {
+    "quikapp.workspaces.events".into()
+}
+
+fn default_kafka_partitions() -> i32 {
+    12
 }
 
 fn default_rate_limit_per_second() -> u32 {
@@ -113,6 +156,12 @@ impl Default for Config {
             jwt_secret: None,
             rate_limit_per_second: default_rate_limit_per_second(),
             rate_limit_burst: default_rate_limit_burst(),
+            relay_addr: default_relay_addr(),
+            relay_batch_size: default_relay_batch_size(),
+            kafka_messages_topic: default_kafka_messages_topic(),
+            kafka_workspaces_topic: default_kafka_workspaces_topic(),
+            kafka_partitions: default_kafka_partitions(),
+            kafka_options: Default::default(),
             request_timeout_seconds: default_request_timeout_seconds(),
             idempotency_retention_hours: default_idempotency_retention_hours(),
         }
@@ -132,6 +181,9 @@ impl Config {
 
     /// Values that parse but cannot work.
     fn validate(&self) -> anyhow::Result<()> {
+        if self.relay_batch_size == 0 || self.kafka_partitions < 1 {
+            anyhow::bail!("relay_batch_size and kafka_partitions must be at least 1");
+        }
         if self.request_timeout_seconds == 0 {
             anyhow::bail!("request_timeout_seconds must be at least 1");
         }

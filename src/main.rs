@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
+use quikapp_bus::relay::{Relay, RelayConfig};
+use quikapp_bus::{Publisher, Topics};
 use quikapp_commands::CommandService;
 use quikapp_commands::store::{EventStore, PostgresStore, SqliteStore, StoreOptions};
 use quikapp_write_api::auth::Tokens;
@@ -39,6 +42,8 @@ enum Role {
     Dev,
     /// The command REST API.
     WriteApi,
+    /// Publish every stored event to Kafka in commit order (one active relay; others stand by).
+    Relay,
     /// Create or upgrade the schemas of every configured store.
     Migrate,
     /// Mint a bearer token for local use.
@@ -75,6 +80,10 @@ async fn main() -> Result<()> {
             });
             println!("event store: {}", store_description(&config));
             run_write_api(&config, &secret).await
+        }
+        Role::Relay => {
+            init_tracing();
+            run_relay(&config).await
         }
         Role::WriteApi => {
             init_tracing();
@@ -140,6 +149,73 @@ async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
     println!("write API listening on http://{}", listener.local_addr()?);
     quikapp_write_api::serve(listener, quikapp_write_api::router(api), shutdown_signal()).await?;
     println!("write API stopped");
+    Ok(())
+}
+
+async fn run_relay(config: &Config) -> Result<()> {
+    let (Some(url), Some(brokers)) = (&config.postgres_url, &config.kafka_brokers) else {
+        bail!("the relay needs QUIKAPP_POSTGRES_URL (the event store) and QUIKAPP_KAFKA_BROKERS");
+    };
+    let store =
+        Arc::new(PostgresStore::connect_with(url, store_options(config)).await.context("connecting to PostgreSQL")?);
+    store.migrate().await.context("migrating the PostgreSQL event store")?;
+    let kafka = KafkaConfig {
+        brokers: brokers.clone(),
+        topics: Topics {
+            messages: config.kafka_messages_topic.clone(),
+            workspaces: config.kafka_workspaces_topic.clone(),
+        },
+        partitions: config.kafka_partitions,
+        options: config.kafka_options.clone(),
+    };
+    let publisher: Arc<dyn Publisher> = Arc::new(KafkaPublisher::connect(&kafka).await.context("connecting to Kafka")?);
+    let relay = Relay {
+        pool: store.pool().clone(),
+        store: store.clone(),
+        publisher: publisher.clone(),
+        config: RelayConfig { batch_size: config.relay_batch_size, ..RelayConfig::default() },
+    };
+    let metrics = quikapp_write_api::ops::metrics_handle();
+    let ops = axum::Router::new()
+        .route("/healthz", axum::routing::get(quikapp_write_api::ops::healthz))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let (store, publisher) = (store.clone(), publisher.clone());
+                async move {
+                    let store_ready = store.ping().await.map_err(|e| e.to_string());
+                    let ready = match store_ready {
+                        Ok(()) => publisher.ping().await.map_err(|e| e.to_string()),
+                        error => error,
+                    };
+                    quikapp_write_api::ops::readiness(ready)
+                }
+            }),
+        )
+        .route("/metrics", axum::routing::get(move || async move { quikapp_write_api::ops::render_metrics(&metrics) }));
+    let listener = tokio::net::TcpListener::bind(config.relay_addr)
+        .await
+        .with_context(|| format!("binding {}", config.relay_addr))?;
+    println!("relay listening on http://{}", listener.local_addr()?);
+    let shutdown = tokio::sync::watch::channel(false);
+    let (stop, mut stopped) = shutdown;
+    let mut stopped_too = stopped.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, ops)
+            .with_graceful_shutdown(async move {
+                let _ = stopped_too.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let relaying = relay.run(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    tokio::select! {
+        () = relaying => {}
+        () = shutdown_signal() => { let _ = stop.send(true); }
+    }
+    server.await??;
+    println!("relay stopped");
     Ok(())
 }
 

@@ -175,3 +175,66 @@ fn the_served_openapi_document_holds_up_to_contract_fuzzing() {
     assert!(output.status.success(), "schemathesis failed:\n{report}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(report.contains(" passed"), "schemathesis ran no case:\n{report}");
 }
+
+/// `quikapp relay` killed with SIGKILL in the middle of a backlog, then started again: every
+/// stored event is on Kafka, and the only duplicates are of the batch that was in flight.
+#[tokio::test]
+async fn a_relay_killed_mid_backlog_resumes_and_loses_nothing() {
+    use quikapp_bus::Topics;
+    use quikapp_commands::store::EventStore;
+    use quikapp_commands::store::contract::{append_to, open_postgres};
+
+    let Some(url) = support::fresh_postgres_database().await else { return };
+    let Some(brokers) = support::service_url("QUIKAPP_KAFKA_BROKERS") else { return };
+    let store = open_postgres(&url, Default::default()).await;
+    let channels: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    for (i, channel) in channels.iter().enumerate() {
+        let mut request = append_to(&format!("test-{i}"), 0, &["e"; 500]);
+        request.events.iter_mut().for_each(|e| e.channel_id = Some(*channel));
+        store.append(request).await.unwrap();
+    }
+    let head = store.head().await.unwrap();
+    let id = Uuid::now_v7().simple();
+    let topics = Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") };
+    const BATCH: u64 = 100;
+    let relay = || {
+        let mut command = quikapp(&["relay"]);
+        command
+            .env("QUIKAPP_POSTGRES_URL", &url)
+            .env("QUIKAPP_KAFKA_BROKERS", &brokers)
+            .env("QUIKAPP_KAFKA_MESSAGES_TOPIC", &topics.messages)
+            .env("QUIKAPP_KAFKA_WORKSPACES_TOPIC", &topics.workspaces)
+            .env("QUIKAPP_KAFKA_PARTITIONS", "3")
+            .env("QUIKAPP_RELAY_BATCH_SIZE", BATCH.to_string())
+            .env("QUIKAPP_RELAY_ADDR", "127.0.0.1:0");
+        Running::start(command, "relay")
+    };
+    let checkpoint = || quikapp_bus::relay::checkpoint(store.pool(), "kafka");
+    let reaches = |position: u64| async move {
+        while checkpoint().await.unwrap() < position {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+
+    let first = relay();
+    support::deadline(std::time::Duration::from_secs(60), reaches(1)).await.expect("the relay started publishing");
+    drop(first); // SIGKILL
+    let killed_at = checkpoint().await.unwrap();
+    assert!(killed_at < head, "killed mid-backlog (at {killed_at} of {head})");
+
+    let _second = relay();
+    support::deadline(std::time::Duration::from_secs(120), reaches(head)).await.expect("the restarted relay caught up");
+    let read = quikapp_bus::testing::read_until(&brokers, &topics, 3, head).await;
+    let stored: std::collections::HashSet<String> =
+        store.read_all(0, 100_000).await.unwrap().iter().map(|e| e.event_id.to_string()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    for (.., event) in &read.events {
+        if !seen.insert(event["event_id"].as_str().unwrap().to_owned()) {
+            duplicates += 1;
+            assert!(event["global_position"].as_u64().unwrap() > killed_at, "a duplicate from before the checkpoint");
+        }
+    }
+    assert_eq!(seen, stored, "every stored event is on Kafka");
+    assert!(duplicates <= BATCH, "{duplicates} duplicates: more than the batch in flight");
+}

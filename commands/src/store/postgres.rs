@@ -162,12 +162,14 @@ struct PgBatchWriter {
 }
 
 impl PgBatchWriter {
-    /// Bounds every wait of the write transaction, then takes the log's writer lock.
+    /// Bounds every wait of the write transaction, takes the log's writer lock, and wakes the
+    /// relay when the transaction commits (a notification is sent on commit only).
     fn lock_statement(&self) -> String {
         let ms = |d: Duration| d.as_millis();
         format!(
             "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}; \
-             SET LOCAL idle_in_transaction_session_timeout = {}; SELECT pg_advisory_xact_lock({WRITER_LOCK})",
+             SET LOCAL idle_in_transaction_session_timeout = {}; SELECT pg_advisory_xact_lock({WRITER_LOCK}); \
+             SELECT pg_notify('quikapp_events', '')",
             ms(self.options.lock_timeout),
             ms(self.options.statement_timeout),
             ms(self.options.statement_timeout),

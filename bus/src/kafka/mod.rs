@@ -1,0 +1,165 @@
+//! The Kafka adapter of [`Publisher`]: librdkafka's idempotent producer (acks=all, so a retry
+//! inside the producer never duplicates or reorders a partition), lz4 batches, and Java's
+//! murmur2 partitioner, so that every client computes the same partition for a channel.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use quikapp_domain::Envelope;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::{BusError, Publisher, Route, Topics, route, watermark_value};
+
+/// How to reach Kafka and what to create there.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    pub topics: Topics,
+    /// Partitions of each topic when the relay creates it (an existing topic keeps its own).
+    pub partitions: i32,
+    /// librdkafka producer options, applied over the defaults here.
+    pub options: BTreeMap<String, String>,
+}
+
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    topics: Topics,
+    /// Partitions of (messages, workspaces), as the broker reports them.
+    partitions: (i32, i32),
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+impl KafkaPublisher {
+    /// Connects, creates the topics when missing, and reads their partition counts.
+    pub async fn connect(config: &KafkaConfig) -> Result<Self, BusError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", "lz4")
+            .set("linger.ms", "5")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("partitioner", "murmur2_random")
+            .set("delivery.timeout.ms", "30000");
+        for (key, value) in &config.options {
+            client.set(key, value);
+        }
+        let producer: FutureProducer = client.create().map_err(unavailable)?;
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(unavailable)?;
+        let topics = [&config.topics.messages, &config.topics.workspaces]
+            .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(1)));
+        let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+        for result in admin.create_topics(&topics, &options).await.map_err(unavailable)? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(BusError::Unavailable(format!("creating {topic}: {code}"))),
+            }
+        }
+        let mut publisher = KafkaPublisher { producer, topics: config.topics.clone(), partitions: (0, 0) };
+        publisher.partitions = (publisher.partition_count(&config.topics.messages).await?, {
+            publisher.partition_count(&config.topics.workspaces).await?
+        });
+        Ok(publisher)
+    }
+
+    /// The topic's partitions, waiting (within [`TIMEOUT`]) for a just-created topic's metadata.
+    async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
+        let (producer, topic) = (self.producer.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            loop {
+                let metadata = producer.client().fetch_metadata(Some(&topic), TIMEOUT).map_err(unavailable)?;
+                let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
+                match partitions {
+                    0 if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    0 => return Err(BusError::Unavailable(format!("topic {topic} has no partitions"))),
+                    n => return Ok(n),
+                }
+            }
+        })
+        .await
+        .map_err(|e| BusError::Unavailable(e.to_string()))?
+    }
+
+    /// Hands a record to the producer's queue, waiting while the queue is full.
+    async fn enqueue(&self, mut record: FutureRecord<'_, str, [u8]>) -> Result<DeliveryFuture, BusError> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await; // the producer drains meanwhile
+                }
+                Err((error, _)) => return Err(unavailable(error)),
+            }
+        }
+    }
+}
+
+async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), BusError> {
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => return Err(unavailable(error)),
+            Err(_) => return Err(BusError::Unavailable("the producer dropped a record".into())),
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, events: &[Envelope], watermark: u64) -> Result<(), BusError> {
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_vec(event).expect("envelopes serialize");
+            let (topic, key) = match route(event) {
+                Route::Messages { channel_id } => (&self.topics.messages, channel_id.to_string()),
+                Route::Workspaces { key } => (&self.topics.workspaces, key.to_string()),
+            };
+            let (schema_version, event_id) = (event.schema_version.to_string(), event.event_id.to_string());
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "type", value: Some(event.event.type_name()) })
+                .insert(Header { key: "schema_version", value: Some(&schema_version) })
+                .insert(Header { key: "event_id", value: Some(&event_id) });
+            let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()).headers(headers);
+            deliveries.push(self.enqueue(record).await?);
+        }
+        // Watermarks only once every event is acknowledged: a watermark never overtakes them.
+        acknowledged(deliveries).await?;
+        let value = watermark_value(watermark);
+        let mut marks = Vec::new();
+        for (topic, partitions) in
+            [(&self.topics.messages, self.partitions.0), (&self.topics.workspaces, self.partitions.1)]
+        {
+            for partition in 0..partitions {
+                let headers = OwnedHeaders::new().insert(Header { key: "type", value: Some("Watermark") });
+                let record = FutureRecord::<str, [u8]>::to(topic)
+                    .partition(partition)
+                    .payload(value.as_bytes())
+                    .headers(headers);
+                marks.push(self.enqueue(record).await?);
+            }
+        }
+        acknowledged(marks).await
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        self.partition_count(&self.topics.messages).await.map(|_| ())
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(error.to_string())
+}

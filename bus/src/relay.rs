@@ -6,13 +6,14 @@
 //!   standby takes over within its retry period (one second), from the checkpoint.
 //! - **Checkpoint.** The highest position whose events and watermarks Kafka acknowledged, kept
 //!   in the event store's database and written through the lock's connection only after the
-//!   acknowledgement. A restart resumes there, so duplicates can only come from the batch in
-//!   flight, and carry the same event_id.
+//!   acknowledgement. A restart resumes there, so duplicates can only come from the batches in
+//!   flight (at most [`IN_FLIGHT`]), and carry the same event_id.
 //! - **Never skipping.** The store makes positions visible in order (see commands), so reading
 //!   `position > checkpoint` never passes over a late commit.
 //! - **Wake-ups.** Appends NOTIFY `quikapp_events` on commit; the relay listens, and polls every
 //!   second as a safety net. While idle it publishes a watermark of its checkpoint every second.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,14 @@ use quikapp_commands::store::EventStore;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, PgConnection};
 
-use crate::{BusError, Publisher};
+use crate::{Acks, BusError, Publisher};
+
+/// The longest pause between attempts while Kafka or PostgreSQL is down.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Batches handed to the bus and not yet acknowledged, at most: a crash publishes at most
+/// this many batches twice.
+pub const IN_FLIGHT: usize = 4;
 
 /// The session advisory lock that makes one relay the active one.
 pub const RELAY_LOCK: i64 = 0x5155_494b_5245_4c31; // "QUIKREL1"
@@ -76,7 +84,9 @@ impl Relay {
     /// `shutdown` resolves.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut backoff = self.config.tick;
         loop {
+            let started = Instant::now();
             let attempt = async {
                 let mut lock = self.take_the_lead().await?;
                 tracing::info!(relay = %self.config.name, "this relay is now the active one");
@@ -87,18 +97,27 @@ impl Relay {
             };
             tokio::select! {
                 result = attempt => match result {
-                    Ok(()) => {}
+                    Ok(()) => backoff = self.config.tick,
                     Err(error) => {
+                        if started.elapsed() > MAX_BACKOFF {
+                            backoff = self.config.tick; // a new outage, after a good run
+                        }
+                        // Kafka or PostgreSQL down: try again, less often while it lasts. The
+                        // events wait in the store; the next leader starts from the checkpoint.
+                        if matches!(error, RelayError::Bus(_)) {
+                            metrics::counter!("quikapp_relay_kafka_errors_total").increment(1);
+                        }
                         metrics::counter!("quikapp_relay_errors_total").increment(1);
-                        tracing::warn!(%error, "relay stopped leading; standing by");
+                        tracing::warn!(%error, retry_in = ?backoff, "relay stopped leading; standing by");
                     }
                 },
                 () = &mut shutdown => return,
             }
             tokio::select! {
-                () = tokio::time::sleep(self.config.tick) => {}
+                () = tokio::time::sleep(backoff) => {}
                 () = &mut shutdown => return,
             }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -117,54 +136,53 @@ impl Relay {
         }
     }
 
-    /// Publishes until an error; the caller stands by again.
+    /// Publishes until an error; the caller stands by again. Up to [`IN_FLIGHT`] batches are
+    /// handed to the bus before the oldest is acknowledged, so reading, sending and
+    /// acknowledging overlap; the checkpoint follows the acknowledgements, in order.
     async fn lead(&self, lock: &mut PgConnection) -> Result<(), RelayError> {
+        // Losing the last checkpoint in a database crash only means publishing its batch again.
+        sqlx::query("SET synchronous_commit = off").execute(&mut *lock).await?;
         let mut wake = PgListener::connect_with(&self.pool).await?;
         wake.listen(WAKE_CHANNEL).await?;
         let mut checkpoint = self.load_checkpoint(lock).await?;
+        let mut sent_up_to = checkpoint;
+        let mut in_flight: VecDeque<(u64, usize, Acks)> = VecDeque::new();
         let mut last_watermark = Instant::now() - self.config.tick;
         loop {
-            let events = self.store.read_all(checkpoint, self.config.batch_size).await?;
-            let head = events.last().map_or(checkpoint, |e| e.global_position);
-            metrics::gauge!("quikapp_relay_lag_seconds")
-                .set(events.first().map_or(0.0, |e| (chrono::Utc::now() - e.occurred_at).as_seconds_f64().max(0.0)));
-            if events.is_empty() {
-                if last_watermark.elapsed() >= self.config.tick {
-                    self.publish(&[], checkpoint).await?;
-                    last_watermark = Instant::now();
-                }
-                self.record_lag(checkpoint).await;
-                let wait = self.config.tick.saturating_sub(last_watermark.elapsed());
-                tokio::select! {
-                    notified = wake.recv() => { notified?; }
-                    () = tokio::time::sleep(wait) => {}
-                }
+            let events = match in_flight.len() < IN_FLIGHT {
+                true => self.store.read_all(sent_up_to, self.config.batch_size).await?,
+                false => vec![],
+            };
+            if let Some(last) = events.last() {
+                // Still the active relay? A lost lock connection means another may be leading.
+                sqlx::query("SELECT 1").execute(&mut *lock).await?;
+                let lag = (chrono::Utc::now() - events[0].occurred_at).as_seconds_f64().max(0.0);
+                metrics::gauge!("quikapp_relay_lag_seconds").set(lag);
+                let head = last.global_position;
+                in_flight.push_back((head, events.len(), self.publisher.send(&events, head).await?));
+                sent_up_to = head;
+                last_watermark = Instant::now();
                 continue;
             }
-            // Still the active relay? A lost lock connection means another may be leading.
-            sqlx::query("SELECT 1").execute(&mut *lock).await?;
-            self.publish(&events, head).await?;
-            self.save_checkpoint(lock, head).await?;
-            checkpoint = head;
-            last_watermark = Instant::now();
-            metrics::counter!("quikapp_relay_published_events_total").increment(events.len() as u64);
-            metrics::counter!("quikapp_relay_batches_total").increment(1);
-            self.record_lag(checkpoint).await;
-        }
-    }
-
-    /// Publishes, retrying with backoff while the bus is down: the store keeps the events.
-    async fn publish(&self, events: &[quikapp_domain::Envelope], watermark: u64) -> Result<(), RelayError> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.publisher.publish(events, watermark).await {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    metrics::counter!("quikapp_relay_kafka_errors_total").increment(1);
-                    tracing::warn!(%error, retry_in = ?backoff, "publishing failed; retrying the batch");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+            if let Some((head, count, acks)) = in_flight.pop_front() {
+                acks.await?;
+                self.save_checkpoint(lock, head).await?;
+                checkpoint = head;
+                metrics::counter!("quikapp_relay_published_events_total").increment(count as u64);
+                metrics::counter!("quikapp_relay_batches_total").increment(1);
+                self.record_lag(checkpoint).await;
+                continue;
+            }
+            // Idle: everything read is acknowledged.
+            metrics::gauge!("quikapp_relay_lag_seconds").set(0.0);
+            if last_watermark.elapsed() >= self.config.tick {
+                self.publisher.publish(&[], checkpoint).await?;
+                last_watermark = Instant::now();
+            }
+            let wait = self.config.tick.saturating_sub(last_watermark.elapsed());
+            tokio::select! {
+                notified = wake.recv() => { notified?; }
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }

@@ -14,7 +14,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use crate::{BusError, Publisher, Route, Topics, route, watermark_value};
+use crate::{Acks, BusError, Publisher, Route, Topics, route, watermark_value};
 
 /// How to reach Kafka and what to create there.
 #[derive(Debug, Clone)]
@@ -46,7 +46,7 @@ impl KafkaPublisher {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
-            .set("linger.ms", "5")
+            .set("linger.ms", "2")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "1000000")
             .set("partitioner", "murmur2_random")
@@ -120,8 +120,8 @@ async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), BusError> {
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    async fn publish(&self, events: &[Envelope], watermark: u64) -> Result<(), BusError> {
-        let mut deliveries = Vec::with_capacity(events.len());
+    async fn send(&self, events: &[Envelope], watermark: u64) -> Result<Acks, BusError> {
+        let mut deliveries = Vec::with_capacity(events.len() + 2 * PARTITIONS_HINT);
         for event in events {
             let payload = serde_json::to_vec(event).expect("envelopes serialize");
             let (topic, key) = match route(event) {
@@ -136,29 +136,30 @@ impl Publisher for KafkaPublisher {
             let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()).headers(headers);
             deliveries.push(self.enqueue(record).await?);
         }
-        // Watermarks only once every event is acknowledged: a watermark never overtakes them.
-        acknowledged(deliveries).await?;
+        // The idempotent producer keeps each partition in the order records were handed over,
+        // so a watermark handed over after the events never overtakes them on their partition.
         let value = watermark_value(watermark);
-        let mut marks = Vec::new();
-        for (topic, partitions) in
-            [(&self.topics.messages, self.partitions.0), (&self.topics.workspaces, self.partitions.1)]
-        {
+        let topics = [(&self.topics.messages, self.partitions.0), (&self.topics.workspaces, self.partitions.1)];
+        for (topic, partitions) in topics {
             for partition in 0..partitions {
                 let headers = OwnedHeaders::new().insert(Header { key: "type", value: Some("Watermark") });
                 let record = FutureRecord::<str, [u8]>::to(topic)
                     .partition(partition)
                     .payload(value.as_bytes())
                     .headers(headers);
-                marks.push(self.enqueue(record).await?);
+                deliveries.push(self.enqueue(record).await?);
             }
         }
-        acknowledged(marks).await
+        Ok(Box::pin(acknowledged(deliveries)))
     }
 
     async fn ping(&self) -> Result<(), BusError> {
         self.partition_count(&self.topics.messages).await.map(|_| ())
     }
 }
+
+/// Room for the watermarks of two 12-partition topics.
+const PARTITIONS_HINT: usize = 12;
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())

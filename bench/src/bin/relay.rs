@@ -1,0 +1,263 @@
+//! Relay benchmark against the real PostgreSQL and Kafka, in one run so the ratio compares like
+//! with like:
+//!
+//! 1. a backlog of `--events` stored events (MessagePosted envelopes of about 450 bytes, in 1,000
+//!    channels);
+//! 2. baseline: a raw rdkafka producer with the relay's settings sending the same payloads,
+//!    already serialized in memory, to fresh topics;
+//! 3. the relay draining the backlog into other fresh topics, watermarks and checkpoints
+//!    included;
+//! 4. live: appends at `--rate` per second with the relay running, and the time from each
+//!    append's acknowledgement to a consumer reading its record.
+//!
+//! Run it with `bench/relay` (release build, starts PostgreSQL and Kafka).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
+use quikapp_bus::relay::{Relay, RelayConfig, checkpoint};
+use quikapp_bus::{Route, Topics, route};
+use quikapp_commands::store::{AppendRequest, EventStore, NewEvent, PostgresStore, contract};
+use quikapp_domain::event::{MessagePosted, timestamp};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+/// PostgreSQL comes from QUIKAPP_POSTGRES_URL: the bench makes a database of its own there.
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "QUIKAPP_KAFKA_BROKERS")]
+    kafka_brokers: String,
+    /// Events in the backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Appends per second in the live phase.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    /// Seconds of the live phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+const PARTITIONS: i32 = 12;
+const CHANNELS: usize = 1_000;
+
+fn fresh_topics() -> Topics {
+    let id = Uuid::now_v7().simple();
+    Topics { messages: format!("bench-{id}-messages"), workspaces: format!("bench-{id}-workspaces") }
+}
+
+fn message(channel_id: Uuid, workspace_id: Uuid) -> NewEvent {
+    let text = "Standup moved to 10:30, same room.";
+    let author = Uuid::now_v7();
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event: MessagePosted {
+            message_id: Uuid::now_v7(),
+            channel_id,
+            author_id: author,
+            text: text.into(),
+            thread_root_id: None,
+        }
+        .into(),
+        workspace_id: Some(workspace_id),
+        channel_id: Some(channel_id),
+        actor_id: author,
+        occurred_at: timestamp::now(),
+        correlation_id: Uuid::now_v7(),
+        causation_id: Uuid::now_v7(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let url = contract::fresh_postgres_database().await.context("QUIKAPP_POSTGRES_URL names the server")?;
+    let store = Arc::new(PostgresStore::connect(&url).await?);
+    store.migrate().await?;
+    let workspace = Uuid::now_v7();
+    let channels: Vec<Uuid> = (0..CHANNELS).map(|_| Uuid::now_v7()).collect();
+
+    // 1. The backlog: appends of 100 events, each to a stream of its own, many at a time.
+    let started = Instant::now();
+    let appends = args.events.div_ceil(100);
+    let writers = 16;
+    let tasks = (0..writers).map(|w| {
+        let (store, channels) = (store.clone(), channels.clone());
+        tokio::spawn(async move {
+            for i in (w..appends).step_by(writers as usize) {
+                let channel = channels[i as usize % CHANNELS];
+                let request = AppendRequest {
+                    stream_id: format!("bench-{i}"),
+                    expected_version: 0,
+                    events: (0..100).map(|_| message(channel, workspace)).collect(),
+                    ..Default::default()
+                };
+                store.append(request).await.expect("append");
+            }
+        })
+    });
+    for task in futures::future::join_all(tasks).await {
+        task?;
+    }
+    let head = store.head().await?;
+    println!("backlog: {head} events stored in {:.1} s", started.elapsed().as_secs_f64());
+
+    // 2. The raw producer, on the same payloads.
+    let mut payloads = Vec::with_capacity(head as usize);
+    let mut after = 0;
+    while after < head {
+        let page = store.read_all(after, 10_000).await?;
+        after = page.last().map_or(head, |e| e.global_position);
+        for event in page {
+            let key = match route(&event) {
+                Route::Messages { channel_id } => channel_id,
+                Route::Workspaces { key } => key,
+            };
+            payloads.push((key.to_string(), serde_json::to_vec(&event)?));
+        }
+    }
+    let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
+    println!("payloads: {} bytes on average", bytes / payloads.len().max(1));
+    let raw_topics = fresh_topics();
+    let kafka = |topics: &Topics| KafkaConfig {
+        brokers: args.kafka_brokers.clone(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        options: BTreeMap::new(),
+    };
+    KafkaPublisher::connect(&kafka(&raw_topics)).await?; // creates the topics
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.kafka_brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(payloads.len());
+    for (key, payload) in &payloads {
+        let mut record = FutureRecord::to(&raw_topics.messages).key(key.as_str()).payload(payload.as_slice());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break deliveries.push(delivery),
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    let raw = head as f64 / started.elapsed().as_secs_f64();
+    println!("raw producer, same payloads and settings   {raw:>9.0} events/s");
+    drop(payloads);
+
+    // 3. The relay, draining the backlog.
+    let topics = fresh_topics();
+    let publisher = Arc::new(KafkaPublisher::connect(&kafka(&topics)).await?);
+    let relay =
+        Arc::new(Relay { pool: store.pool().clone(), store: store.clone(), publisher, config: RelayConfig::default() });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        async move {
+            relay
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    let started = Instant::now();
+    while checkpoint(store.pool(), "kafka").await? < head {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let relayed = head as f64 / started.elapsed().as_secs_f64();
+    println!("relay, backlog to Kafka                    {relayed:>9.0} events/s");
+    println!("relay / raw producer: {:.2}x (target >= 0.7)", relayed / raw);
+
+    // 4. Live: the relay keeps running; a consumer times each appended event.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.kafka_brokers)
+        .set("group.id", format!("bench-{}", Uuid::now_v7()))
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "1")
+        .create()?;
+    consumer.subscribe(&[&topics.messages])?;
+    // Wait for the assignment: the next watermark arriving means the consumer is reading.
+    loop {
+        let message = consumer.recv().await?;
+        if message.headers().and_then(|h| h.iter().next()).and_then(|h| h.value) == Some(b"Watermark".as_slice()) {
+            break;
+        }
+    }
+    let acknowledged: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let total = args.rate * args.seconds;
+    let reader = tokio::spawn({
+        let acknowledged = acknowledged.clone();
+        async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let message = consumer.recv().await.expect("consume");
+                let received = Instant::now();
+                let Some(id) =
+                    message.headers().and_then(|h| h.iter().find(|h| h.key == "event_id")).and_then(|h| h.value)
+                else {
+                    continue;
+                };
+                let id = String::from_utf8_lossy(id).into_owned();
+                // The append's acknowledgement is recorded right after it returns; give it a moment.
+                loop {
+                    if let Some(at) = acknowledged.lock().unwrap().get(&id) {
+                        latencies.push(received.saturating_duration_since(*at));
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+            latencies
+        }
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate as u32);
+    for i in 0..total {
+        tick.tick().await;
+        let (store, acknowledged, channel) = (store.clone(), acknowledged.clone(), channels[i as usize % CHANNELS]);
+        tokio::spawn(async move {
+            let event = message(channel, workspace);
+            let id = event.event_id.to_string();
+            let request = AppendRequest {
+                stream_id: format!("live-{i}"),
+                expected_version: 0,
+                events: vec![event],
+                ..Default::default()
+            };
+            store.append(request).await.expect("append");
+            acknowledged.lock().unwrap().insert(id, Instant::now());
+        });
+    }
+    let mut latencies =
+        tokio::time::timeout(Duration::from_secs(60), reader).await.context("the consumer caught up")??;
+    latencies.sort_unstable();
+    let at = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "live, {} appends/s: append acknowledged to record consumed   p50 {:.2} ms   p99 {:.2} ms (target p99 < 25 ms)",
+        args.rate,
+        at(0.50),
+        at(0.99)
+    );
+    let _ = stop.send(());
+    running.await?;
+    Ok(())
+}

@@ -168,7 +168,21 @@ async fn run_relay(config: &Config) -> Result<()> {
         partitions: config.kafka_partitions,
         options: config.kafka_options.clone(),
     };
-    let publisher: Arc<dyn Publisher> = Arc::new(KafkaPublisher::connect(&kafka).await.context("connecting to Kafka")?);
+    // Kafka may be down when the relay starts: keep trying, as the relay does once running.
+    let mut backoff = std::time::Duration::from_secs(1);
+    let publisher: Arc<dyn Publisher> = loop {
+        match KafkaPublisher::connect(&kafka).await {
+            Ok(publisher) => break Arc::new(publisher),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "cannot reach Kafka yet");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown_signal() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    };
     let relay = Relay {
         pool: store.pool().clone(),
         store: store.clone(),

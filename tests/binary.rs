@@ -225,6 +225,7 @@ async fn a_relay_killed_mid_backlog_resumes_and_loses_nothing() {
     let _second = relay();
     support::deadline(std::time::Duration::from_secs(120), reaches(head)).await.expect("the restarted relay caught up");
     let read = quikapp_bus::testing::read_until(&brokers, &topics, 3, head).await;
+    read.assert_watermarks_follow_their_events();
     let stored: std::collections::HashSet<String> =
         store.read_all(0, 100_000).await.unwrap().iter().map(|e| e.event_id.to_string()).collect();
     let mut seen = std::collections::HashSet::new();

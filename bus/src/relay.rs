@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use quikapp_commands::store::EventStore;
 use sqlx::postgres::{PgListener, PgPool};
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 
 use crate::{Acks, BusError, Publisher};
 
@@ -33,12 +33,19 @@ pub const IN_FLIGHT: usize = 4;
 /// The session advisory lock that makes one relay the active one.
 pub const RELAY_LOCK: i64 = 0x5155_494b_5245_4c31; // "QUIKREL1"
 
+/// Server-side keepalives for the lock's session.
+const KEEPALIVES: &str = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+     SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
+
+/// The longest a statement on the lock's connection may take before this relay steps down.
+const LOCK_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The channel appends NOTIFY on commit.
 pub const WAKE_CHANNEL: &str = "quikapp_events";
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// The checkpoint's name: relays of one name share one checkpoint and one lock.
+    /// The checkpoint's name. All relays of a database share one lock ([`RELAY_LOCK`]).
     pub name: String,
     /// Events published per batch.
     pub batch_size: u32,
@@ -124,6 +131,9 @@ impl Relay {
     /// A connection holding the relay lock, once this relay gets it.
     async fn take_the_lead(&self) -> Result<PgConnection, RelayError> {
         let mut connection = self.pool.acquire().await?.detach();
+        // Let the server notice within about 30 s that this relay's host or network is gone, so
+        // that the lock, which lives as long as this session, passes to a standby.
+        connection.execute(KEEPALIVES).await?;
         loop {
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(RELAY_LOCK)
@@ -154,8 +164,7 @@ impl Relay {
                 false => vec![],
             };
             if let Some(last) = events.last() {
-                // Still the active relay? A lost lock connection means another may be leading.
-                sqlx::query("SELECT 1").execute(&mut *lock).await?;
+                still_leading(lock).await?;
                 let lag = (chrono::Utc::now() - events[0].occurred_at).as_seconds_f64().max(0.0);
                 metrics::gauge!("quikapp_relay_lag_seconds").set(lag);
                 let head = last.global_position;
@@ -176,8 +185,10 @@ impl Relay {
             // Idle: everything read is acknowledged.
             metrics::gauge!("quikapp_relay_lag_seconds").set(0.0);
             if last_watermark.elapsed() >= self.config.tick {
+                still_leading(lock).await?;
                 self.publisher.publish(&[], checkpoint).await?;
                 last_watermark = Instant::now();
+                while wake.next_buffered().is_some() {} // one read answers every pending wake-up
             }
             let wait = self.config.tick.saturating_sub(last_watermark.elapsed());
             tokio::select! {
@@ -202,15 +213,30 @@ impl Relay {
     }
 
     async fn save_checkpoint(&self, lock: &mut PgConnection, position: u64) -> Result<(), RelayError> {
-        sqlx::query(
+        let save = sqlx::query(
             "INSERT INTO relay_checkpoints (relay, position) VALUES ($1, $2) \
-             ON CONFLICT (relay) DO UPDATE SET position = excluded.position",
+             ON CONFLICT (relay) DO UPDATE SET position = excluded.position \
+             WHERE relay_checkpoints.position < excluded.position",
         )
         .bind(&self.config.name)
         .bind(position as i64)
-        .execute(&mut *lock)
-        .await?;
+        .execute(&mut *lock);
+        bounded(save).await?;
         Ok(())
+    }
+}
+
+/// Whether the lock's connection still answers: if it does not, the lock may be gone and
+/// another relay leading.
+async fn still_leading(lock: &mut PgConnection) -> Result<(), RelayError> {
+    bounded(sqlx::query("SELECT 1").execute(&mut *lock)).await?;
+    Ok(())
+}
+
+async fn bounded<T>(statement: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, RelayError> {
+    match tokio::time::timeout(LOCK_STATEMENT_TIMEOUT, statement).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(RelayError::Store("the lock's connection did not answer in time".into())),
     }
 }
 

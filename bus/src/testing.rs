@@ -18,6 +18,8 @@ pub struct Read {
     pub events: Vec<(String, i32, Option<String>, Value)>,
     /// The highest watermark seen on each (topic, partition).
     pub watermarks: HashMap<(String, i32), u64>,
+    /// Every watermark as read: (topic, partition, events read before it, position).
+    pub watermark_log: Vec<(String, i32, usize, u64)>,
 }
 
 /// Reads both topics from the start until every partition has a watermark of at least `head`.
@@ -51,6 +53,7 @@ pub async fn read_until(brokers: &str, topics: &Topics, partitions: i32, head: u
             if header("type").as_deref() == Some("Watermark") {
                 assert!(message.key().is_none(), "watermarks have no key");
                 let position: u64 = value["position"].as_str().unwrap().parse().unwrap();
+                read.watermark_log.push((at.0.clone(), at.1, read.events.len(), position));
                 let highest = read.watermarks.entry(at).or_default();
                 *highest = (*highest).max(position);
             } else {
@@ -68,4 +71,29 @@ pub async fn read_until(brokers: &str, topics: &Topics, partitions: i32, head: u
     };
     tokio::time::timeout(Duration::from_secs(90), reading).await.expect("every partition reached the head");
     read
+}
+
+impl Read {
+    /// API.md's watermark promise: when a watermark of W is read on a partition, every event of
+    /// that partition with a position up to W has been read there before it.
+    pub fn assert_watermarks_follow_their_events(&self) {
+        let mut on_partition: HashMap<(&str, i32), Vec<(usize, u64)>> = HashMap::new();
+        for (index, (topic, partition, _, event)) in self.events.iter().enumerate() {
+            let position = event["global_position"].as_u64().expect("a position");
+            on_partition.entry((topic.as_str(), *partition)).or_default().push((index, position));
+        }
+        for (topic, partition, read_before, watermark) in &self.watermark_log {
+            for (index, position) in on_partition.get(&(topic.as_str(), *partition)).into_iter().flatten() {
+                if *position <= *watermark {
+                    let earlier = on_partition[&(topic.as_str(), *partition)]
+                        .iter()
+                        .any(|(i, p)| p == position && i < read_before);
+                    assert!(
+                        earlier,
+                        "{topic}/{partition}: watermark {watermark} read before event {position} (at {index})"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -91,6 +91,7 @@ impl Setup {
 /// Checks what was read against the store: every event once (or, with `duplicates`, at least
 /// once), each channel on one partition keyed by its id, every stream in version order.
 async fn check(setup: &Setup, read: &Read, duplicates: bool) {
+    read.assert_watermarks_follow_their_events();
     let stored = setup.store.read_all(0, 1_000_000).await.unwrap();
     let stored_ids: HashSet<String> = stored.iter().map(|e| e.event_id.to_string()).collect();
     let read_ids: Vec<String> = read.events.iter().map(|(.., v)| v["event_id"].as_str().unwrap().to_owned()).collect();

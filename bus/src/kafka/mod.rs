@@ -1,6 +1,7 @@
-//! The Kafka adapter of [`Publisher`]: librdkafka's idempotent producer (acks=all, so a retry
-//! inside the producer never duplicates or reorders a partition), lz4 batches, and Java's
-//! murmur2 partitioner, so that every client computes the same partition for a channel.
+//! The Kafka adapter of [`Publisher`]: librdkafka's idempotent producer with the gapless
+//! guarantee (acks=all, so a retry inside the producer never duplicates, reorders or skips
+//! within a partition), lz4 batches, and Java's murmur2 partitioner, so that every client
+//! computes the same partition for a channel.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -29,36 +30,31 @@ pub struct KafkaConfig {
 }
 
 pub struct KafkaPublisher {
-    producer: FutureProducer,
-    topics: Topics,
+    /// Replaced by a new one after a fatal error (see [`KafkaPublisher::usable_producer`]).
+    producer: std::sync::RwLock<FutureProducer>,
+    config: KafkaConfig,
     /// Partitions of (messages, workspaces), as the broker reports them.
     partitions: (i32, i32),
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Settings the relay's promises rest on, which `options` may not change.
+const FIXED: [&str; 5] =
+    ["enable.idempotence", "acks", "partitioner", "enable.gapless.guarantee", "message.timeout.ms"];
+
 impl KafkaPublisher {
     /// Connects, creates the topics when missing, and reads their partition counts.
     pub async fn connect(config: &KafkaConfig) -> Result<Self, BusError> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            .set("linger.ms", "2")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("partitioner", "murmur2_random")
-            .set("delivery.timeout.ms", "30000");
-        for (key, value) in &config.options {
-            client.set(key, value);
+        if let Some(key) = config.options.keys().find(|k| FIXED.contains(&k.as_str()) || *k == "delivery.timeout.ms") {
+            return Err(BusError::Unavailable(format!("the relay's Kafka option {key} cannot be changed")));
         }
-        let producer: FutureProducer = client.create().map_err(unavailable)?;
+        let producer = create_producer(config)?;
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(unavailable)?;
+        // Replication -1: the broker's default.replication.factor.
         let topics = [&config.topics.messages, &config.topics.workspaces]
-            .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(1)));
+            .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(-1)));
         let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
         for result in admin.create_topics(&topics, &options).await.map_err(unavailable)? {
             match result {
@@ -66,16 +62,28 @@ impl KafkaPublisher {
                 Err((topic, code)) => return Err(BusError::Unavailable(format!("creating {topic}: {code}"))),
             }
         }
-        let mut publisher = KafkaPublisher { producer, topics: config.topics.clone(), partitions: (0, 0) };
+        let mut publisher =
+            KafkaPublisher { producer: std::sync::RwLock::new(producer), config: config.clone(), partitions: (0, 0) };
         publisher.partitions = (publisher.partition_count(&config.topics.messages).await?, {
             publisher.partition_count(&config.topics.workspaces).await?
         });
         Ok(publisher)
     }
 
+    /// The producer, replaced first if the current one hit a fatal error (which fails every
+    /// record after it; everything it had not delivered is sent again from the checkpoint).
+    fn usable_producer(&self) -> Result<FutureProducer, BusError> {
+        let current = self.producer.read().expect("never poisoned").clone();
+        let Some((code, reason)) = current.client().fatal_error() else { return Ok(current) };
+        tracing::warn!(?code, %reason, "the Kafka producer failed fatally; starting a new one");
+        let fresh = create_producer(&self.config)?;
+        *self.producer.write().expect("never poisoned") = fresh.clone();
+        Ok(fresh)
+    }
+
     /// The topic's partitions, waiting (within [`TIMEOUT`]) for a just-created topic's metadata.
     async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
-        let (producer, topic) = (self.producer.clone(), topic.to_owned());
+        let (producer, topic) = (self.usable_producer()?, topic.to_owned());
         tokio::task::spawn_blocking(move || {
             let deadline = std::time::Instant::now() + TIMEOUT;
             loop {
@@ -93,9 +101,13 @@ impl KafkaPublisher {
     }
 
     /// Hands a record to the producer's queue, waiting while the queue is full.
-    async fn enqueue(&self, mut record: FutureRecord<'_, str, [u8]>) -> Result<DeliveryFuture, BusError> {
+    async fn enqueue(
+        &self,
+        producer: &FutureProducer,
+        mut record: FutureRecord<'_, str, [u8]>,
+    ) -> Result<DeliveryFuture, BusError> {
         loop {
-            match self.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => return Ok(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
@@ -121,12 +133,13 @@ async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), BusError> {
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn send(&self, events: &[Envelope], watermark: u64) -> Result<Acks, BusError> {
+        let producer = self.usable_producer()?;
         let mut deliveries = Vec::with_capacity(events.len() + 2 * PARTITIONS_HINT);
         for event in events {
             let payload = serde_json::to_vec(event).expect("envelopes serialize");
             let (topic, key) = match route(event) {
-                Route::Messages { channel_id } => (&self.topics.messages, channel_id.to_string()),
-                Route::Workspaces { key } => (&self.topics.workspaces, key.to_string()),
+                Route::Messages { channel_id } => (&self.config.topics.messages, channel_id.to_string()),
+                Route::Workspaces { key } => (&self.config.topics.workspaces, key.to_string()),
             };
             let (schema_version, event_id) = (event.schema_version.to_string(), event.event_id.to_string());
             let headers = OwnedHeaders::new()
@@ -134,12 +147,13 @@ impl Publisher for KafkaPublisher {
                 .insert(Header { key: "schema_version", value: Some(&schema_version) })
                 .insert(Header { key: "event_id", value: Some(&event_id) });
             let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()).headers(headers);
-            deliveries.push(self.enqueue(record).await?);
+            deliveries.push(self.enqueue(&producer, record).await?);
         }
         // The idempotent producer keeps each partition in the order records were handed over,
         // so a watermark handed over after the events never overtakes them on their partition.
         let value = watermark_value(watermark);
-        let topics = [(&self.topics.messages, self.partitions.0), (&self.topics.workspaces, self.partitions.1)];
+        let topics =
+            [(&self.config.topics.messages, self.partitions.0), (&self.config.topics.workspaces, self.partitions.1)];
         for (topic, partitions) in topics {
             for partition in 0..partitions {
                 let headers = OwnedHeaders::new().insert(Header { key: "type", value: Some("Watermark") });
@@ -147,19 +161,41 @@ impl Publisher for KafkaPublisher {
                     .partition(partition)
                     .payload(value.as_bytes())
                     .headers(headers);
-                deliveries.push(self.enqueue(record).await?);
+                deliveries.push(self.enqueue(&producer, record).await?);
             }
         }
         Ok(Box::pin(acknowledged(deliveries)))
     }
 
     async fn ping(&self) -> Result<(), BusError> {
-        self.partition_count(&self.topics.messages).await.map(|_| ())
+        self.partition_count(&self.config.topics.messages).await.map(|_| ())
     }
 }
 
 /// Room for the watermarks of two 12-partition topics.
 const PARTITIONS_HINT: usize = 12;
+
+/// The idempotent producer with the gapless guarantee and no delivery timeout: librdkafka
+/// retries a record until it is delivered, in order, and a record it cannot deliver fails the
+/// producer fatally rather than leaving a hole that later records and watermarks would cover.
+fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("partitioner", "murmur2_random");
+    for (key, value) in &config.options {
+        client.set(key, value);
+    }
+    client.create().map_err(unavailable)
+}
 
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())

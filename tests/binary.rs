@@ -176,67 +176,134 @@ fn the_served_openapi_document_holds_up_to_contract_fuzzing() {
     assert!(report.contains(" passed"), "schemathesis ran no case:\n{report}");
 }
 
+/// A PostgreSQL event store with a backlog of 10,000 events in 20 channels, fresh topics, and
+/// `quikapp relay` processes over them.
+struct RelayFixture {
+    url: String,
+    brokers: String,
+    topics: quikapp_bus::Topics,
+    store: std::sync::Arc<quikapp_commands::store::PostgresStore>,
+    head: u64,
+}
+
+/// Events per relay batch in these tests: small, so that a backlog takes many batches.
+const RELAY_BATCH: u64 = 100;
+
+impl RelayFixture {
+    async fn new() -> Option<Self> {
+        use quikapp_commands::store::EventStore;
+        use quikapp_commands::store::contract::{append_to, open_postgres};
+        let url = support::fresh_postgres_database().await?;
+        let brokers = support::service_url("QUIKAPP_KAFKA_BROKERS")?;
+        let store = open_postgres(&url, Default::default()).await;
+        for i in 0..20 {
+            let channel = Uuid::now_v7();
+            let mut request = append_to(&format!("test-{i}"), 0, &["e"; 500]);
+            request.events.iter_mut().for_each(|e| e.channel_id = Some(channel));
+            store.append(request).await.unwrap();
+        }
+        let head = store.head().await.unwrap();
+        let id = Uuid::now_v7().simple();
+        let topics = quikapp_bus::Topics {
+            messages: format!("test-{id}-messages"),
+            workspaces: format!("test-{id}-workspaces"),
+        };
+        Some(RelayFixture { url, brokers, topics, store, head })
+    }
+
+    fn relay(&self) -> Running {
+        let mut command = quikapp(&["relay"]);
+        command
+            .env("QUIKAPP_POSTGRES_URL", &self.url)
+            .env("QUIKAPP_KAFKA_BROKERS", &self.brokers)
+            .env("QUIKAPP_KAFKA_MESSAGES_TOPIC", &self.topics.messages)
+            .env("QUIKAPP_KAFKA_WORKSPACES_TOPIC", &self.topics.workspaces)
+            .env("QUIKAPP_KAFKA_PARTITIONS", "3")
+            .env("QUIKAPP_RELAY_BATCH_SIZE", RELAY_BATCH.to_string())
+            .env("QUIKAPP_RELAY_ADDR", "127.0.0.1:0");
+        Running::start(command, "relay")
+    }
+
+    async fn checkpoint(&self) -> u64 {
+        quikapp_bus::relay::checkpoint(self.store.pool(), "kafka").await.unwrap()
+    }
+
+    /// Waits (bounded) for the checkpoint to reach `position`.
+    async fn reaches(&self, position: u64) {
+        let reached = async {
+            while self.checkpoint().await < position {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        support::deadline(std::time::Duration::from_secs(120), reached).await.expect("the relay reached the position");
+    }
+
+    /// Reads the topics back and checks them against the store: every event, watermarks behind
+    /// their events, first occurrences in stream order, and duplicates only after `crash_at`
+    /// and no more than the batches in flight.
+    async fn check(&self, crash_at: u64) {
+        use quikapp_commands::store::EventStore;
+        let read = quikapp_bus::testing::read_until(&self.brokers, &self.topics, 3, self.head).await;
+        read.assert_watermarks_follow_their_events();
+        let stored: std::collections::HashSet<String> =
+            self.store.read_all(0, 100_000).await.unwrap().iter().map(|e| e.event_id.to_string()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut versions = std::collections::HashMap::new();
+        let mut duplicates = 0;
+        for (.., event) in &read.events {
+            if !seen.insert(event["event_id"].as_str().unwrap().to_owned()) {
+                duplicates += 1;
+                assert!(
+                    event["global_position"].as_u64().unwrap() > crash_at,
+                    "a duplicate from before the checkpoint"
+                );
+                continue;
+            }
+            let version = event["stream_version"].as_u64().unwrap();
+            let previous = versions.insert(event["stream_id"].as_str().unwrap().to_owned(), version);
+            assert_eq!(previous.unwrap_or(0) + 1, version, "each stream in order");
+        }
+        assert_eq!(seen, stored, "every stored event is on Kafka");
+        let in_flight = RELAY_BATCH * quikapp_bus::relay::IN_FLIGHT as u64;
+        assert!(duplicates <= in_flight, "{duplicates} duplicates: more than the batches in flight");
+    }
+}
+
 /// `quikapp relay` killed with SIGKILL in the middle of a backlog, then started again: every
 /// stored event is on Kafka, and the only duplicates are of the batches that were in flight.
 #[tokio::test]
 async fn a_relay_killed_mid_backlog_resumes_and_loses_nothing() {
-    use quikapp_bus::Topics;
-    use quikapp_commands::store::EventStore;
-    use quikapp_commands::store::contract::{append_to, open_postgres};
-
-    let Some(url) = support::fresh_postgres_database().await else { return };
-    let Some(brokers) = support::service_url("QUIKAPP_KAFKA_BROKERS") else { return };
-    let store = open_postgres(&url, Default::default()).await;
-    let channels: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
-    for (i, channel) in channels.iter().enumerate() {
-        let mut request = append_to(&format!("test-{i}"), 0, &["e"; 500]);
-        request.events.iter_mut().for_each(|e| e.channel_id = Some(*channel));
-        store.append(request).await.unwrap();
-    }
-    let head = store.head().await.unwrap();
-    let id = Uuid::now_v7().simple();
-    let topics = Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") };
-    const BATCH: u64 = 100;
-    let relay = || {
-        let mut command = quikapp(&["relay"]);
-        command
-            .env("QUIKAPP_POSTGRES_URL", &url)
-            .env("QUIKAPP_KAFKA_BROKERS", &brokers)
-            .env("QUIKAPP_KAFKA_MESSAGES_TOPIC", &topics.messages)
-            .env("QUIKAPP_KAFKA_WORKSPACES_TOPIC", &topics.workspaces)
-            .env("QUIKAPP_KAFKA_PARTITIONS", "3")
-            .env("QUIKAPP_RELAY_BATCH_SIZE", BATCH.to_string())
-            .env("QUIKAPP_RELAY_ADDR", "127.0.0.1:0");
-        Running::start(command, "relay")
-    };
-    let checkpoint = || quikapp_bus::relay::checkpoint(store.pool(), "kafka");
-    let reaches = |position: u64| async move {
-        while checkpoint().await.unwrap() < position {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    };
-
-    let first = relay();
-    support::deadline(std::time::Duration::from_secs(60), reaches(1)).await.expect("the relay started publishing");
+    let Some(fixture) = RelayFixture::new().await else { return };
+    let first = fixture.relay();
+    fixture.reaches(1).await;
     drop(first); // SIGKILL
-    let killed_at = checkpoint().await.unwrap();
-    assert!(killed_at < head, "killed mid-backlog (at {killed_at} of {head})");
+    let killed_at = fixture.checkpoint().await;
+    assert!(killed_at < fixture.head, "killed mid-backlog (at {killed_at} of {})", fixture.head);
+    let _second = fixture.relay();
+    fixture.reaches(fixture.head).await;
+    fixture.check(killed_at).await;
+}
 
-    let _second = relay();
-    support::deadline(std::time::Duration::from_secs(120), reaches(head)).await.expect("the restarted relay caught up");
-    let read = quikapp_bus::testing::read_until(&brokers, &topics, 3, head).await;
-    read.assert_watermarks_follow_their_events();
-    let stored: std::collections::HashSet<String> =
-        store.read_all(0, 100_000).await.unwrap().iter().map(|e| e.event_id.to_string()).collect();
-    let mut seen = std::collections::HashSet::new();
-    let mut duplicates = 0;
-    for (.., event) in &read.events {
-        if !seen.insert(event["event_id"].as_str().unwrap().to_owned()) {
-            duplicates += 1;
-            assert!(event["global_position"].as_u64().unwrap() > killed_at, "a duplicate from before the checkpoint");
-        }
-    }
-    assert_eq!(seen, stored, "every stored event is on Kafka");
-    let in_flight = BATCH * quikapp_bus::relay::IN_FLIGHT as u64;
-    assert!(duplicates <= in_flight, "{duplicates} duplicates: more than the batches in flight");
+/// Two `quikapp relay` processes: one publishes, the other stands by; SIGKILL the active one
+/// mid-backlog and the other takes over, with nothing lost and every stream still in order.
+#[tokio::test]
+async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
+    let Some(fixture) = RelayFixture::new().await else { return };
+    let relays = [fixture.relay(), fixture.relay()];
+    fixture.reaches(1).await;
+    let client = reqwest::Client::new();
+    let active = |relay: &Running| {
+        let request = client.get(format!("{}/metrics", relay.url)).send();
+        async move { request.await.unwrap().text().await.unwrap().contains("quikapp_relay_active 1") }
+    };
+    let (first, second) = (active(&relays[0]).await, active(&relays[1]).await);
+    assert!(first ^ second, "exactly one relay is active");
+    let [a, b] = relays;
+    let (active, standby) = if first { (a, b) } else { (b, a) };
+    drop(active); // SIGKILL
+    let killed_at = fixture.checkpoint().await;
+    assert!(killed_at < fixture.head, "killed mid-backlog (at {killed_at} of {})", fixture.head);
+    fixture.reaches(fixture.head).await;
+    drop(standby);
+    fixture.check(killed_at).await;
 }

@@ -96,6 +96,23 @@ impl StoreOptions {
 /// holds the writers back for long.
 pub(crate) const KEY_CLEANUP_CHUNK: i64 = 5_000;
 
+/// Runs `delete_chunk` (which deletes at most [`KEY_CLEANUP_CHUNK`] rows) until a chunk comes
+/// back short; answers how many rows went in all.
+pub(crate) async fn delete_in_chunks<F, Fut>(mut delete_chunk: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    let mut deleted = 0;
+    loop {
+        let chunk = delete_chunk().await?;
+        deleted += chunk;
+        if chunk < KEY_CLEANUP_CHUNK as u64 {
+            return Ok(deleted);
+        }
+    }
+}
+
 /// An event about to be stored: the store adds stream version and global position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {

@@ -14,7 +14,7 @@ use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
     AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
-    StoredReply,
+    StoredReply, delete_in_chunks,
 };
 
 /// The advisory lock every writer of the event log holds while it appends.
@@ -101,8 +101,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
-        let mut forgotten = 0;
-        loop {
+        delete_in_chunks(|| async {
             let deleted = sqlx::query(
                 // The outer test again: a key taken over meanwhile is live, and stays.
                 "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
@@ -112,13 +111,10 @@ impl EventStore for PostgresStore {
             .bind(self.options.retention_seconds())
             .bind(KEY_CLEANUP_CHUNK)
             .execute(&self.pool)
-            .await?
-            .rows_affected();
-            forgotten += deleted;
-            if deleted < KEY_CLEANUP_CHUNK as u64 {
-                return Ok(forgotten);
-            }
-        }
+            .await?;
+            Ok(deleted.rows_affected())
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

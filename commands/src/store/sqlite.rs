@@ -20,7 +20,7 @@ use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
     AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
-    StoredReply,
+    StoredReply, delete_in_chunks,
 };
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
@@ -88,8 +88,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn forget_expired_idempotency_keys(&self) -> Result<u64, StoreError> {
-        let mut forgotten = 0;
-        loop {
+        delete_in_chunks(|| async {
             let deleted = sqlx::query(
                 "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
                  WHERE created_at <= datetime('now', ?) LIMIT ?)",
@@ -97,13 +96,10 @@ impl EventStore for SqliteStore {
             .bind(retention_modifier(self.options.retention_seconds()))
             .bind(KEY_CLEANUP_CHUNK)
             .execute(&self.pool)
-            .await?
-            .rows_affected();
-            forgotten += deleted;
-            if deleted < KEY_CLEANUP_CHUNK as u64 {
-                return Ok(forgotten);
-            }
-        }
+            .await?;
+            Ok(deleted.rows_affected())
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -211,23 +211,16 @@ async fn run_relay(config: &Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", config.relay_addr))?;
     println!("relay listening on http://{}", listener.local_addr()?);
-    let shutdown = tokio::sync::watch::channel(false);
-    let (stop, mut stopped) = shutdown;
-    let mut stopped_too = stopped.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, ops)
-            .with_graceful_shutdown(async move {
-                let _ = stopped_too.wait_for(|s| *s).await;
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
             })
             .await
     });
-    let relaying = relay.run(async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    });
-    tokio::select! {
-        () = relaying => {}
-        () = shutdown_signal() => { let _ = stop.send(true); }
-    }
+    relay.run(shutdown_signal()).await;
+    let _ = stop.send(());
     server.await??;
     println!("relay stopped");
     Ok(())

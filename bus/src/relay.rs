@@ -18,8 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quikapp_commands::store::EventStore;
+use quikapp_domain::Envelope;
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, Executor, PgConnection};
+use tokio::sync::mpsc;
 
 use crate::{Acks, BusError, Publisher};
 
@@ -146,54 +148,49 @@ impl Relay {
         }
     }
 
-    /// Publishes until an error; the caller stands by again. Up to [`IN_FLIGHT`] batches are
-    /// handed to the bus before the oldest is acknowledged, so reading, sending and
-    /// acknowledging overlap; the checkpoint follows the acknowledgements, in order.
+    /// Publishes until an error; the caller stands by again. A reader task reads pages ahead
+    /// (so PostgreSQL's work overlaps the relay's), and up to [`IN_FLIGHT`] batches are handed
+    /// to the bus before the oldest is acknowledged; the checkpoint follows the
+    /// acknowledgements, in order.
     async fn lead(&self, lock: &mut PgConnection) -> Result<(), RelayError> {
         // Losing the last checkpoint in a database crash only means publishing its batch again.
         sqlx::query("SET synchronous_commit = off").execute(&mut *lock).await?;
         let mut wake = PgListener::connect_with(&self.pool).await?;
         wake.listen(WAKE_CHANNEL).await?;
         let mut checkpoint = self.load_checkpoint(lock).await?;
-        let mut sent_up_to = checkpoint;
+        let (pages_in, mut pages) = mpsc::channel(2);
+        let reader = tokio::spawn(read_ahead(self.store.clone(), checkpoint, self.config.clone(), wake, pages_in));
+        let _reader = AbortOnDrop(reader);
         let mut in_flight: VecDeque<(u64, usize, Acks)> = VecDeque::new();
-        let mut last_watermark = Instant::now() - self.config.tick;
+        let mut next_watermark = Instant::now();
         loop {
-            let events = match in_flight.len() < IN_FLIGHT {
-                true => self.store.read_all(sent_up_to, self.config.batch_size).await?,
-                false => vec![],
-            };
-            if let Some(last) = events.last() {
-                still_leading(lock).await?;
-                let lag = (chrono::Utc::now() - events[0].occurred_at).as_seconds_f64().max(0.0);
-                metrics::gauge!("quikapp_relay_lag_seconds").set(lag);
-                let head = last.global_position;
-                in_flight.push_back((head, events.len(), self.publisher.send(&events, head).await?));
-                sent_up_to = head;
-                last_watermark = Instant::now();
-                continue;
-            }
-            if let Some((head, count, acks)) = in_flight.pop_front() {
-                acks.await?;
-                self.save_checkpoint(lock, head).await?;
-                checkpoint = head;
-                metrics::counter!("quikapp_relay_published_events_total").increment(count as u64);
-                metrics::counter!("quikapp_relay_batches_total").increment(1);
-                self.record_lag(checkpoint).await;
-                continue;
-            }
-            // Idle: everything read is acknowledged.
-            metrics::gauge!("quikapp_relay_lag_seconds").set(0.0);
-            if last_watermark.elapsed() >= self.config.tick {
-                still_leading(lock).await?;
-                self.publisher.publish(&[], checkpoint).await?;
-                last_watermark = Instant::now();
-                while wake.next_buffered().is_some() {} // one read answers every pending wake-up
-            }
-            let wait = self.config.tick.saturating_sub(last_watermark.elapsed());
             tokio::select! {
-                notified = wake.recv() => { notified?; }
-                () = tokio::time::sleep(wait) => {}
+                biased;
+                acked = async { (&mut in_flight.front_mut().expect("not empty").2).await }, if !in_flight.is_empty() => {
+                    acked?;
+                    let (head, count, _) = in_flight.pop_front().expect("not empty");
+                    self.save_checkpoint(lock, head).await?;
+                    checkpoint = head;
+                    metrics::counter!("quikapp_relay_published_events_total").increment(count as u64);
+                    metrics::counter!("quikapp_relay_batches_total").increment(1);
+                    self.record_lag(checkpoint).await;
+                }
+                page = pages.recv(), if in_flight.len() < IN_FLIGHT => {
+                    let events = page.ok_or_else(|| RelayError::Store("the reader stopped".into()))??;
+                    still_leading(lock).await?;
+                    let lag = (chrono::Utc::now() - events[0].occurred_at).as_seconds_f64().max(0.0);
+                    metrics::gauge!("quikapp_relay_lag_seconds").set(lag);
+                    let head = events.last().expect("pages are not empty").global_position;
+                    in_flight.push_back((head, events.len(), self.publisher.send(&events, head).await?));
+                    next_watermark = Instant::now() + self.config.tick;
+                }
+                () = tokio::time::sleep_until(next_watermark.into()), if in_flight.is_empty() => {
+                    // Idle: everything read is acknowledged; say so on every partition.
+                    metrics::gauge!("quikapp_relay_lag_seconds").set(0.0);
+                    still_leading(lock).await?;
+                    self.publisher.publish(&[], checkpoint).await?;
+                    next_watermark = Instant::now() + self.config.tick;
+                }
             }
         }
     }
@@ -223,6 +220,50 @@ impl Relay {
         .execute(&mut *lock);
         bounded(save).await?;
         Ok(())
+    }
+}
+
+/// Reads the log from `after` and hands on every non-empty page, waiting for a wake-up (or a
+/// tick) when there is nothing new.
+async fn read_ahead(
+    store: Arc<dyn EventStore>,
+    mut after: u64,
+    config: RelayConfig,
+    mut wake: PgListener,
+    pages: mpsc::Sender<Result<Vec<Envelope>, RelayError>>,
+) {
+    loop {
+        let page = match store.read_all(after, config.batch_size).await {
+            Ok(events) if events.is_empty() => {
+                tokio::select! {
+                    notified = wake.recv() => if let Err(error) = notified {
+                        let _ = pages.send(Err(error.into())).await;
+                        return;
+                    },
+                    () = tokio::time::sleep(config.tick) => {}
+                }
+                while wake.next_buffered().is_some() {} // one read answers every pending wake-up
+                continue;
+            }
+            Ok(events) => {
+                after = events.last().expect("not empty").global_position;
+                Ok(events)
+            }
+            Err(error) => Err(error.into()),
+        };
+        let failed = page.is_err();
+        if pages.send(page).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Ends a task when its owner is done with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -4,13 +4,17 @@
 //! # Layout
 //! - [`Publisher`]: the port the relay writes through; [`route`] says where each event goes
 //!   (topic and key), the same for every adapter.
+//! - [`EventBus`]: the port consumers read through, one partition at a time from an offset they
+//!   keep; [`partition_of`] is Kafka's partitioning, shared by every adapter.
 //! - [`kafka`]: the Kafka adapter: an idempotent producer, topics created when missing,
-//!   watermark records to every partition.
+//!   watermark records to every partition; and [`kafka::KafkaBus`], the reading side.
+//! - [`embedded`]: the bus of `quikapp dev`: the event store's own log, partitioned the same way.
 //! - [`relay`]: follows the event store's global order from a checkpoint kept in the event
 //!   store's database, one active relay at a time (a PostgreSQL session advisory lock), woken
 //!   by the appends' NOTIFY.
 //! - `testing` (feature `testing`): reading the topics back, for the tests of every crate.
 
+pub mod embedded;
 pub mod kafka;
 pub mod relay;
 #[cfg(feature = "testing")]
@@ -90,4 +94,120 @@ pub trait Publisher: Send + Sync {
 
     /// A round trip to the bus, for readiness.
     async fn ping(&self) -> Result<(), BusError>;
+}
+
+/// A partition of one of the two event topics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
+    pub topic: String,
+    pub index: i32,
+}
+
+/// What a consumer of the bus reads from a partition. Offsets grow along a partition; their
+/// values are the adapter's own (Kafka offsets, or global positions for the embedded bus).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Event {
+        offset: u64,
+        event: Envelope,
+    },
+    /// Every event up to `position` that belongs to this partition was read before this.
+    Watermark {
+        offset: u64,
+        position: u64,
+    },
+}
+
+impl Record {
+    pub fn offset(&self) -> u64 {
+        match self {
+            Record::Event { offset, .. } | Record::Watermark { offset, .. } => *offset,
+        }
+    }
+}
+
+/// Reads the bus, one partition at a time, from an offset the reader keeps (a projector keeps
+/// it with its effects, so that a restart resumes where its effects end).
+///
+/// An adapter MUST deliver each partition's records in offset order; every event of a channel
+/// on the partition [`partition_of`] names; each event at least once (after a crash of the
+/// relay, a batch may come twice with the same event_id); and a watermark of `P` on a
+/// partition only after every event of that partition up to `P`. Reading after an offset MUST
+/// deliver exactly the records that follow it.
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    /// The partitions of both topics.
+    fn partitions(&self) -> Vec<Partition>;
+
+    /// Up to `max` records of `partition` after `after` (from the start when `None`), waiting
+    /// at most `wait` for the first.
+    async fn read(
+        &self,
+        partition: &Partition,
+        after: Option<u64>,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<Vec<Record>, BusError>;
+}
+
+/// The partition of a key among `partitions`, as Kafka's Java clients and librdkafka's
+/// `murmur2_random` partitioner compute it: murmur2 of the key's bytes, sign bit cleared.
+pub fn partition_for_key(key: &str, partitions: i32) -> i32 {
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions
+}
+
+/// Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2).
+fn murmur2(data: &[u8]) -> i32 {
+    const M: i32 = 0x5bd1_e995;
+    let length = data.len();
+    let mut h: i32 = 0x9747_b28c_u32 as i32 ^ length as i32;
+    for chunk in data.chunks_exact(4) {
+        let mut k = i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= ((k as u32) >> 24) as i32;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = &data[length & !3..];
+    if tail.len() >= 3 {
+        h ^= (tail[2] as i32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as i32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as i32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= ((h as u32) >> 13) as i32;
+    h = h.wrapping_mul(M);
+    h ^= ((h as u32) >> 15) as i32;
+    h
+}
+
+/// The topic and partition an event goes to among `partitions` per topic.
+pub fn partition_of(event: &Envelope, topics: &Topics, partitions: i32) -> Partition {
+    let (topic, key) = match route(event) {
+        Route::Messages { channel_id } => (&topics.messages, channel_id),
+        Route::Workspaces { key } => (&topics.workspaces, key),
+    };
+    Partition { topic: topic.clone(), index: partition_for_key(&key.to_string(), partitions) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values from Kafka's own test of the partitioner (DefaultPartitionerTest and
+    /// UtilsTest.testMurmur2), so that a channel lands where Java clients put it.
+    #[test]
+    fn murmur2_matches_kafka() {
+        assert_eq!(murmur2(b"21"), -973932308);
+        assert_eq!(murmur2(b"foobar"), -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58897971);
+        assert_eq!(murmur2(&[b'a', b'b', b'c']), 479470107);
+    }
 }

@@ -97,3 +97,94 @@ impl Read {
         }
     }
 }
+
+// ------------------------------------------------------------------ the EventBus contract
+
+/// Everything a partition delivers from `after` until a watermark of at least `head`.
+async fn drain(
+    bus: &dyn crate::EventBus,
+    partition: &crate::Partition,
+    after: Option<u64>,
+    head: u64,
+) -> Vec<crate::Record> {
+    let mut records: Vec<crate::Record> = Vec::new();
+    let mut offset = after;
+    let reading = async {
+        loop {
+            let page = bus.read(partition, offset, 1_000, Duration::from_secs(2)).await.expect("read the bus");
+            offset = page.last().map(crate::Record::offset).or(offset);
+            let done = page.iter().any(|r| matches!(r, crate::Record::Watermark { position, .. } if *position >= head));
+            records.extend(page);
+            if done {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(90), reading).await.expect("the partition reached the head");
+    records
+}
+
+/// Every partition delivers its events (and only its own, as Kafka's partitioner puts them) in
+/// position order, every stored event at least once, and no watermark before an event it
+/// covers; a partition without events still reaches the head.
+pub async fn every_partition_delivers_its_events_in_order_then_a_watermark(
+    bus: &dyn crate::EventBus,
+    stored: &[quikapp_domain::Envelope],
+    topics: &Topics,
+    partitions: i32,
+) {
+    let head = stored.last().expect("events").global_position;
+    let mut delivered = std::collections::HashSet::new();
+    for partition in bus.partitions() {
+        let mut seen = std::collections::HashSet::new();
+        let mut last = 0;
+        for record in drain(bus, &partition, None, head).await {
+            match record {
+                crate::Record::Event { event, .. } => {
+                    assert_eq!(crate::partition_of(&event, topics, partitions), partition, "the event's partition");
+                    if seen.insert(event.global_position) {
+                        assert!(event.global_position > last, "{partition:?}: {} after {last}", event.global_position);
+                        last = event.global_position;
+                    }
+                    delivered.insert(event.event_id);
+                }
+                crate::Record::Watermark { position, .. } => {
+                    let missing = stored.iter().find(|e| {
+                        e.global_position <= position
+                            && crate::partition_of(e, topics, partitions) == partition
+                            && !seen.contains(&e.global_position)
+                    });
+                    assert!(missing.is_none(), "{partition:?}: watermark {position} before {missing:?}");
+                }
+            }
+        }
+    }
+    let stored_ids: std::collections::HashSet<Uuid> = stored.iter().map(|e| e.event_id).collect();
+    assert_eq!(delivered, stored_ids, "every stored event, nothing else");
+}
+
+/// Reading after an offset delivers the records that follow it: a reader that restarts from
+/// its checkpoint misses nothing.
+pub async fn reading_after_an_offset_delivers_what_follows(
+    bus: &dyn crate::EventBus,
+    stored: &[quikapp_domain::Envelope],
+) {
+    let head = stored.last().expect("events").global_position;
+    for partition in bus.partitions() {
+        let events = |records: Vec<crate::Record>| -> Vec<Uuid> {
+            records
+                .into_iter()
+                .filter_map(|r| match r {
+                    crate::Record::Event { event, .. } => Some(event.event_id),
+                    crate::Record::Watermark { .. } => None,
+                })
+                .collect()
+        };
+        let all = drain(bus, &partition, None, head).await;
+        let event_offsets: Vec<u64> =
+            all.iter().filter(|r| matches!(r, crate::Record::Event { .. })).map(crate::Record::offset).collect();
+        let Some(&checkpoint) = event_offsets.get(event_offsets.len() / 2) else { continue };
+        let expected: Vec<Uuid> = events(all).into_iter().skip(event_offsets.len() / 2 + 1).collect();
+        assert_eq!(events(drain(bus, &partition, Some(checkpoint), head).await), expected, "{partition:?}");
+    }
+}

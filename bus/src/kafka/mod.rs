@@ -200,3 +200,65 @@ fn create_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
 fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())
 }
+
+/// The consumer side of the Kafka adapter: reads one partition from an offset. Each read
+/// assigns a consumer of its own to the partition (no consumer group, no committed offsets:
+/// the reader keeps its offsets), which suits occasional reads; a projector keeps its consumer.
+pub struct KafkaBus {
+    pub brokers: String,
+    pub topics: Topics,
+    pub partitions: i32,
+}
+
+#[async_trait]
+impl crate::EventBus for KafkaBus {
+    fn partitions(&self) -> Vec<crate::Partition> {
+        [&self.topics.messages, &self.topics.workspaces]
+            .into_iter()
+            .flat_map(|topic| (0..self.partitions).map(|index| crate::Partition { topic: topic.clone(), index }))
+            .collect()
+    }
+
+    async fn read(
+        &self,
+        partition: &crate::Partition,
+        after: Option<u64>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<crate::Record>, BusError> {
+        use rdkafka::consumer::{Consumer, StreamConsumer};
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "quikapp-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(unavailable)?;
+        let start = after.map_or(Offset::Beginning, |offset| Offset::Offset(offset as i64 + 1));
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&partition.topic, partition.index, start).map_err(unavailable)?;
+        consumer.assign(&assignment).map_err(unavailable)?;
+        let mut records = Vec::new();
+        // The first record may take up to `wait`; once records flow, a short pause ends the read.
+        let mut patience = wait;
+        while records.len() < max {
+            let Ok(message) = tokio::time::timeout(patience, consumer.recv()).await else { break };
+            let message = message.map_err(unavailable)?;
+            let offset = message.offset() as u64;
+            let payload = message.payload().unwrap_or_default();
+            let kind = message.headers().and_then(|h| h.iter().find(|h| h.key == "type")).and_then(|h| h.value);
+            records.push(match kind {
+                Some(b"Watermark") => {
+                    let value: serde_json::Value = serde_json::from_slice(payload).map_err(unavailable)?;
+                    let position = value["position"].as_str().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    crate::Record::Watermark { offset, position }
+                }
+                _ => crate::Record::Event { offset, event: serde_json::from_slice(payload).map_err(unavailable)? },
+            });
+            patience = Duration::from_millis(100);
+        }
+        Ok(records)
+    }
+}

@@ -1,0 +1,91 @@
+//! The EventBus contract against both adapters: the embedded bus over the SQLite store, and
+//! Kafka fed by the relay from PostgreSQL. The same events, the same partitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quikapp_bus::embedded::EmbeddedBus;
+use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
+use quikapp_bus::relay::{Relay, RelayConfig, checkpoint};
+use quikapp_bus::testing;
+use quikapp_bus::{EventBus, Topics};
+use quikapp_commands::store::EventStore;
+use quikapp_commands::store::contract::{self, append_to};
+use quikapp_domain::Envelope;
+use uuid::Uuid;
+
+const PARTITIONS: i32 = 3;
+
+/// Four channels and one workspace's events; two partitions of each topic at least stay empty
+/// of some channel, and the workspaces topic carries one key.
+async fn fill(store: &dyn EventStore) -> Vec<Envelope> {
+    let workspace = Uuid::now_v7();
+    let channels: Vec<Option<Uuid>> = (0..4).map(|_| Some(Uuid::now_v7())).chain([None]).collect();
+    for (i, channel) in channels.iter().enumerate() {
+        for version in 0..6 {
+            let mut request = append_to(&format!("test-{i}"), version, &["e"]);
+            request.events[0].channel_id = *channel;
+            request.events[0].workspace_id = Some(workspace);
+            store.append(request).await.unwrap();
+        }
+    }
+    store.read_all(0, 1_000).await.unwrap()
+}
+
+fn topics() -> Topics {
+    let id = Uuid::now_v7().simple();
+    Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") }
+}
+
+async fn check(bus: &dyn EventBus, stored: &[Envelope], topics: &Topics) {
+    testing::every_partition_delivers_its_events_in_order_then_a_watermark(bus, stored, topics, PARTITIONS).await;
+    testing::reading_after_an_offset_delivers_what_follows(bus, stored).await;
+}
+
+#[tokio::test]
+async fn the_embedded_bus_keeps_the_contract() {
+    let store = contract::fresh_sqlite().await;
+    let stored = fill(store.as_ref()).await;
+    let topics = topics();
+    let bus = EmbeddedBus::new(store, topics.clone(), PARTITIONS);
+    check(&bus, &stored, &topics).await;
+}
+
+#[tokio::test]
+async fn kafka_fed_by_the_relay_keeps_the_contract() {
+    let Some(url) = contract::fresh_postgres_database().await else { return };
+    let Some(brokers) = contract::service_url("QUIKAPP_KAFKA_BROKERS") else { return };
+    let store = contract::open_postgres(&url, Default::default()).await;
+    let stored = fill(store.as_ref()).await;
+    let topics = topics();
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        options: BTreeMap::new(),
+    };
+    let relay = Relay {
+        pool: store.pool().clone(),
+        store: store.clone(),
+        publisher: Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka")),
+        config: RelayConfig { tick: Duration::from_millis(200), ..RelayConfig::default() },
+    };
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        relay
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let head = stored.last().unwrap().global_position;
+    let published = async {
+        while checkpoint(store.pool(), "kafka").await.unwrap() < head {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), published).await.expect("the relay published everything");
+    let bus = KafkaBus { brokers, topics: topics.clone(), partitions: PARTITIONS };
+    check(&bus, &stored, &topics).await;
+}

@@ -1,30 +1,45 @@
 //! The embedded bus of `quikapp dev`: the event store's own log, seen through the same
 //! partitions as Kafka's topics. Nothing is copied and no relay runs: a partition's records
-//! are the log's events that [`partition_of`] puts there, each at its global position as its
-//! offset, followed by a watermark of the last position scanned. It keeps every promise of
+//! are the log's events that [`partition_of`] puts there, followed by a watermark of the last
+//! position scanned. An event at position P has offset 2P and a watermark of P has offset
+//! 2P+1, so offsets grow along a partition and a reader that stored the offset of the head's
+//! event is still handed the watermark that follows it. It keeps every promise of
 //! [`EventBus`], with no duplicates at all.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use quikapp_commands::store::EventStore;
+use quikapp_commands::store::{EventStore, StoreError};
 
 use crate::{BusError, EventBus, Partition, Record, Topics, partition_of};
-
-/// Events scanned per read, across all partitions.
-const SCAN: u32 = 5_000;
 
 pub struct EmbeddedBus {
     store: Arc<dyn EventStore>,
     topics: Topics,
     partitions: i32,
+    /// Events scanned per read, across all partitions.
+    scan: u32,
 }
 
 impl EmbeddedBus {
     pub fn new(store: Arc<dyn EventStore>, topics: Topics, partitions: i32) -> Self {
-        EmbeddedBus { store, topics, partitions }
+        EmbeddedBus { store, topics, partitions, scan: 5_000 }
     }
+
+    /// Scans `scan` events per read (small values let tests cross many pages).
+    pub fn scanning(mut self, scan: u32) -> Self {
+        self.scan = scan.max(1);
+        self
+    }
+}
+
+fn event_offset(position: u64) -> u64 {
+    position * 2
+}
+
+fn watermark(position: u64) -> Record {
+    Record::Watermark { offset: position * 2 + 1, position }
 }
 
 #[async_trait]
@@ -43,19 +58,17 @@ impl EventBus for EmbeddedBus {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Record>, BusError> {
-        let unavailable = |e: quikapp_commands::store::StoreError| BusError::Unavailable(e.to_string());
-        let from = after.unwrap_or(0);
+        let unavailable = |e: StoreError| BusError::Unavailable(e.to_string());
+        let max = max.max(1);
+        // The position read up to, and whether its watermark is still owed.
+        let from = after.map_or(0, |offset| offset / 2);
+        let watermark_owed = after.is_some_and(|offset| offset % 2 == 0);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let scanned = self.store.read_all(from, SCAN).await.map_err(unavailable)?;
+            let scanned = self.store.read_all(from, self.scan).await.map_err(unavailable)?;
             let Some(last) = scanned.last().map(|e| e.global_position) else {
-                // Nothing new in the log: the watermark is the head, if it moved past `after`.
-                let head = self.store.head().await.map_err(unavailable)?;
-                if head > from {
-                    continue; // appended meanwhile
-                }
-                if after.is_none_or(|after| head > after) && head > 0 {
-                    return Ok(vec![Record::Watermark { offset: head, position: head }]);
+                if watermark_owed {
+                    return Ok(vec![watermark(from)]);
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Ok(vec![]);
@@ -68,15 +81,11 @@ impl EventBus for EmbeddedBus {
                 .into_iter()
                 .filter(|event| partition_of(event, &self.topics, self.partitions) == *partition)
                 .take(max)
-                .map(|event| Record::Event { offset: event.global_position, event })
+                .map(|event| Record::Event { offset: event_offset(event.global_position), event })
                 .collect();
-            // Scanned up to `last` (or, when `max` cut it short, up to the last event kept).
-            let watermark = match records.len() == max {
-                true => records.last().map_or(last, Record::offset),
-                false => last,
-            };
+            // Everything of this partition up to `last` is in the page, unless `max` cut it.
             if records.len() < max {
-                records.push(Record::Watermark { offset: watermark, position: watermark });
+                records.push(watermark(last));
             }
             return Ok(records);
         }

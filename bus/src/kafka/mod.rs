@@ -230,10 +230,13 @@ impl crate::EventBus for KafkaBus {
         use rdkafka::message::{Headers, Message};
         use rdkafka::{Offset, TopicPartitionList};
 
+        // The partition is assigned and the offsets are the reader's (nothing is committed to
+        // the group). An offset out of range is an error, never a silent jump to the end.
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", "quikapp-reader")
             .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "error")
             .create()
             .map_err(unavailable)?;
         let start = after.map_or(Offset::Beginning, |offset| Offset::Offset(offset as i64 + 1));
@@ -252,13 +255,16 @@ impl crate::EventBus for KafkaBus {
             records.push(match kind {
                 Some(b"Watermark") => {
                     let value: serde_json::Value = serde_json::from_slice(payload).map_err(unavailable)?;
-                    let position = value["position"].as_str().and_then(|p| p.parse().ok()).unwrap_or(0);
+                    let position = value["position"].as_str().and_then(|p| p.parse().ok());
+                    let position = position.ok_or_else(|| unavailable(format!("a malformed watermark at {offset}")))?;
                     crate::Record::Watermark { offset, position }
                 }
                 _ => crate::Record::Event { offset, event: serde_json::from_slice(payload).map_err(unavailable)? },
             });
             patience = Duration::from_millis(100);
         }
+        // Closing a consumer may wait for the broker: not on this runtime's threads.
+        tokio::task::spawn_blocking(move || drop(consumer));
         Ok(records)
     }
 }

@@ -228,14 +228,8 @@ impl RelayFixture {
         quikapp_bus::relay::checkpoint(self.store.pool(), "kafka").await.unwrap()
     }
 
-    /// Waits (bounded) for the checkpoint to reach `position`.
     async fn reaches(&self, position: u64) {
-        let reached = async {
-            while self.checkpoint().await < position {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        };
-        support::deadline(std::time::Duration::from_secs(120), reached).await.expect("the relay reached the position");
+        quikapp_bus::testing::checkpoint_reaches(self.store.pool(), position).await;
     }
 
     /// Reads the topics back and checks them against the store: every event, watermarks behind

@@ -199,3 +199,49 @@ pub async fn reading_after_an_offset_delivers_what_follows(
         }
     }
 }
+
+// ------------------------------------------------------------------ an in-process relay
+
+/// Topics of a name no other test uses.
+pub fn fresh_topics() -> Topics {
+    let id = Uuid::now_v7().simple();
+    Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") }
+}
+
+/// A relay running in this process; it stops when this is dropped or its task is aborted.
+pub struct RunningRelay {
+    _stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts a relay over `store` publishing through `publisher`, ticking every 200 ms.
+pub fn spawn_relay(
+    store: std::sync::Arc<quikapp_commands::store::PostgresStore>,
+    publisher: std::sync::Arc<dyn crate::Publisher>,
+) -> RunningRelay {
+    let relay = crate::relay::Relay {
+        pool: store.pool().clone(),
+        store,
+        publisher,
+        config: crate::relay::RelayConfig { tick: Duration::from_millis(200), ..Default::default() },
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        relay
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    RunningRelay { _stop: stop, task }
+}
+
+/// Waits (bounded) until the relay's checkpoint in `pool` reaches `position`.
+pub async fn checkpoint_reaches(pool: &sqlx::PgPool, position: u64) {
+    let reached = async {
+        while crate::relay::checkpoint(pool, "kafka").await.unwrap() < position {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), reached).await.expect("the relay reached the position");
+}

@@ -3,11 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use quikapp_bus::embedded::EmbeddedBus;
 use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
-use quikapp_bus::relay::{Relay, RelayConfig, checkpoint};
 use quikapp_bus::testing;
 use quikapp_bus::{EventBus, Topics};
 use quikapp_commands::store::EventStore;
@@ -33,11 +31,6 @@ async fn fill(store: &dyn EventStore) -> Vec<Envelope> {
     store.read_all(0, 1_000).await.unwrap()
 }
 
-fn topics() -> Topics {
-    let id = Uuid::now_v7().simple();
-    Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") }
-}
-
 async fn check(bus: &dyn EventBus, stored: &[Envelope], topics: &Topics) {
     testing::every_partition_delivers_its_events_in_order_then_a_watermark(bus, stored, topics, PARTITIONS).await;
     testing::reading_after_an_offset_delivers_what_follows(bus, stored).await;
@@ -47,7 +40,7 @@ async fn check(bus: &dyn EventBus, stored: &[Envelope], topics: &Topics) {
 async fn the_embedded_bus_keeps_the_contract() {
     let store = contract::fresh_sqlite().await;
     let stored = fill(store.as_ref()).await;
-    let topics = topics();
+    let topics = testing::fresh_topics();
     let bus = EmbeddedBus::new(store, topics.clone(), PARTITIONS).scanning(5);
     check(&bus, &stored, &topics).await;
 }
@@ -58,34 +51,16 @@ async fn kafka_fed_by_the_relay_keeps_the_contract() {
     let Some(brokers) = contract::service_url("QUIKAPP_KAFKA_BROKERS") else { return };
     let store = contract::open_postgres(&url, Default::default()).await;
     let stored = fill(store.as_ref()).await;
-    let topics = topics();
+    let topics = testing::fresh_topics();
     let config = KafkaConfig {
         brokers: brokers.clone(),
         topics: topics.clone(),
         partitions: PARTITIONS,
         options: BTreeMap::new(),
     };
-    let relay = Relay {
-        pool: store.pool().clone(),
-        store: store.clone(),
-        publisher: Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka")),
-        config: RelayConfig { tick: Duration::from_millis(200), ..RelayConfig::default() },
-    };
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    let head = stored.last().unwrap().global_position;
-    let published = async {
-        while checkpoint(store.pool(), "kafka").await.unwrap() < head {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), published).await.expect("the relay published everything");
+    let publisher = Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka"));
+    let _relay = testing::spawn_relay(store.clone(), publisher);
+    testing::checkpoint_reaches(store.pool(), stored.last().unwrap().global_position).await;
     let bus = KafkaBus { brokers, topics: topics.clone(), partitions: PARTITIONS };
     check(&bus, &stored, &topics).await;
 }

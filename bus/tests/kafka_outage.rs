@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use quikapp_bus::Publisher;
 use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
-use quikapp_bus::relay::{Relay, RelayConfig, checkpoint};
-use quikapp_bus::testing::read_until;
-use quikapp_bus::{Publisher, Topics};
+use quikapp_bus::testing::{checkpoint_reaches, fresh_topics, read_until, spawn_relay};
 use quikapp_commands::store::EventStore;
 use quikapp_commands::store::contract::{self, append_to};
 use uuid::Uuid;
@@ -28,25 +27,11 @@ async fn commands_keep_succeeding_while_kafka_is_down_and_the_relay_catches_up_a
     let Some(url) = contract::fresh_postgres_database().await else { return };
     let Some(brokers) = contract::service_url("QUIKAPP_KAFKA_BROKERS") else { return };
     let store = contract::open_postgres(&url, Default::default()).await;
-    let id = Uuid::now_v7().simple();
-    let topics = Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") };
+    let topics = fresh_topics();
     let config =
         KafkaConfig { brokers: brokers.clone(), topics: topics.clone(), partitions: 3, options: BTreeMap::new() };
     let publisher = Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka"));
-    let relay = Relay {
-        pool: store.pool().clone(),
-        store: store.clone(),
-        publisher: publisher.clone(),
-        config: RelayConfig { tick: Duration::from_millis(200), ..RelayConfig::default() },
-    };
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        relay
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let _relay = spawn_relay(store.clone(), publisher.clone());
 
     // Commands keep coming, to four channels, until told to stop; every append must succeed.
     let writing = Arc::new(AtomicBool::new(true));
@@ -65,15 +50,7 @@ async fn commands_keep_succeeding_while_kafka_is_down_and_the_relay_catches_up_a
             appended
         }
     });
-    let reaches = |position: u64| {
-        let pool = store.pool().clone();
-        async move {
-            while checkpoint(&pool, "kafka").await.unwrap() < position {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), reaches(10)).await.expect("the relay publishes");
+    checkpoint_reaches(store.pool(), 10).await; // the relay publishes
 
     infra("down").await;
     let during = store.head().await.unwrap();
@@ -91,7 +68,7 @@ async fn commands_keep_succeeding_while_kafka_is_down_and_the_relay_catches_up_a
     let appended = writer.await.unwrap();
     let head = store.head().await.unwrap();
     assert_eq!(head, appended);
-    tokio::time::timeout(Duration::from_secs(120), reaches(head)).await.expect("the relay caught up");
+    checkpoint_reaches(store.pool(), head).await; // the relay caught up
     let read = read_until(&brokers, &topics, 3, head).await;
     read.assert_watermarks_follow_their_events();
     let stored: HashSet<String> =

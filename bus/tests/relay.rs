@@ -5,15 +5,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
-use quikapp_bus::relay::{Relay, RelayConfig};
-use quikapp_bus::testing::{Read, read_until};
+use quikapp_bus::testing::{Read, RunningRelay, checkpoint_reaches, fresh_topics, read_until, spawn_relay};
 use quikapp_bus::{Publisher, Topics};
 use quikapp_commands::store::contract::{self, append_to};
 use quikapp_commands::store::{EventStore, PostgresStore};
-use tokio::sync::oneshot;
 use uuid::Uuid;
 
 const PARTITIONS: i32 = 4;
@@ -29,8 +26,7 @@ async fn setup() -> Option<Setup> {
     let url = contract::fresh_postgres_database().await?;
     let brokers = contract::service_url("QUIKAPP_KAFKA_BROKERS")?;
     let store = contract::open_postgres(&url, Default::default()).await;
-    let id = Uuid::now_v7().simple();
-    let topics = Topics { messages: format!("test-{id}-messages"), workspaces: format!("test-{id}-workspaces") };
+    let topics = fresh_topics();
     Some(Setup { store, brokers, topics })
 }
 
@@ -45,23 +41,9 @@ impl Setup {
         Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka"))
     }
 
-    /// Starts a relay; dropping (or sending on) the handle stops it.
-    async fn relay(&self) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-        let relay = Relay {
-            pool: self.store.pool().clone(),
-            store: self.store.clone(),
-            publisher: self.publisher().await,
-            config: RelayConfig { tick: Duration::from_millis(200), ..RelayConfig::default() },
-        };
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            relay
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        (stop, task)
+    /// Starts a relay; it stops when the handle is dropped.
+    async fn relay(&self) -> RunningRelay {
+        spawn_relay(self.store.clone(), self.publisher().await)
     }
 
     /// Appends `per_writer` events from each of `writers` concurrent writers, each to a stream
@@ -136,7 +118,7 @@ async fn check(setup: &Setup, read: &Read, duplicates: bool) {
 #[tokio::test]
 async fn every_event_reaches_its_partition_in_order_and_watermarks_reach_every_partition() {
     let Some(setup) = setup().await else { return };
-    let (_stop, _relay) = setup.relay().await;
+    let _relay = setup.relay().await;
     setup.append(8, 25).await;
     let head = setup.store.head().await.unwrap();
     assert_eq!(head, 200);
@@ -148,34 +130,24 @@ async fn every_event_reaches_its_partition_in_order_and_watermarks_reach_every_p
     assert!(busy.len() < 2 * PARTITIONS as usize);
 }
 
-/// Waits (bounded) until the relay's checkpoint reaches `position`.
-async fn checkpoint_reaches(setup: &Setup, position: u64) {
-    let reached = async {
-        while quikapp_bus::relay::checkpoint(setup.store.pool(), "kafka").await.unwrap() < position {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), reached).await.expect("the relay caught up");
-}
-
 #[tokio::test]
 async fn a_standby_relay_takes_over_from_a_dead_one_without_loss_or_reordering() {
     let Some(setup) = setup().await else { return };
-    let (_first_stop, first) = setup.relay().await;
+    let first = setup.relay().await;
     setup.append(4, 20).await;
-    checkpoint_reaches(&setup, setup.store.head().await.unwrap()).await; // the first one leads
-    let (_second_stop, _second) = setup.relay().await;
+    checkpoint_reaches(setup.store.pool(), setup.store.head().await.unwrap()).await; // the first one leads
+    let _second = setup.relay().await;
     // Kill the active relay while commands keep coming: its lock connection closes with it.
     let more = tokio::spawn({
         let setup = setup.clone();
         async move { setup.append(4, 20).await }
     });
-    first.abort();
-    let _ = first.await;
+    first.task.abort();
+    let _ = first.task.await;
     more.await.unwrap();
     let head = setup.store.head().await.unwrap();
     assert_eq!(head, 160);
-    checkpoint_reaches(&setup, head).await; // the standby took over
+    checkpoint_reaches(setup.store.pool(), head).await; // the standby took over
     let read = read_until(&setup.brokers, &setup.topics, PARTITIONS, head).await;
     check(&setup, &read, true).await;
 }

@@ -41,6 +41,21 @@ impl Default for Topics {
     }
 }
 
+impl Topics {
+    /// Where projectors set aside the events they cannot apply.
+    pub fn dead_letters(&self) -> String {
+        format!("{}.dlq", self.messages)
+    }
+
+    /// Every partition of both topics, `partitions` each.
+    pub fn partitions(&self, partitions: i32) -> Vec<Partition> {
+        [&self.messages, &self.workspaces]
+            .into_iter()
+            .flat_map(|topic| (0..partitions).map(|index| Partition { topic: topic.clone(), index }))
+            .collect()
+    }
+}
+
 /// Which of the two topics an event goes to, and its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -116,12 +131,22 @@ pub enum Record {
         offset: u64,
         position: u64,
     },
+    /// A record that is neither a known event nor a watermark (an unknown type, a malformed
+    /// value): kept as read, so that a consumer can set it aside rather than stop.
+    Undecodable {
+        offset: u64,
+        key: Option<String>,
+        payload: Vec<u8>,
+        error: String,
+    },
 }
 
 impl Record {
     pub fn offset(&self) -> u64 {
         match self {
-            Record::Event { offset, .. } | Record::Watermark { offset, .. } => *offset,
+            Record::Event { offset, .. } | Record::Watermark { offset, .. } | Record::Undecodable { offset, .. } => {
+                *offset
+            }
         }
     }
 }
@@ -148,6 +173,42 @@ pub trait EventBus: Send + Sync {
         max: usize,
         wait: std::time::Duration,
     ) -> Result<Vec<Record>, BusError>;
+
+    /// Joins the consumer group `group` (one per read model), which shares the partitions of
+    /// both topics among its members.
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, BusError>;
+}
+
+/// One member of a consumer group: reads the partitions the group assigns it.
+///
+/// The member's reader keeps its offsets with its effects; the group's own committed offsets
+/// are only where reading starts after an assignment, so a reader MUST [`Subscription::seek`]
+/// each partition to its own offset before trusting what it reads there. Partitions can be
+/// taken away at any time (another member joined); a reader learns it when its stored offsets
+/// turn out to have moved.
+#[async_trait]
+pub trait Subscription: Send {
+    /// Up to `max` records of the assigned partitions, each partition's in offset order,
+    /// waiting at most `wait` for the first.
+    async fn poll(&mut self, max: usize, wait: std::time::Duration) -> Result<Vec<(Partition, Record)>, BusError>;
+
+    /// Reads `partition` again from the record after `after` (from its start when `None`);
+    /// records of that partition read before this call are not delivered again.
+    async fn seek(&mut self, partition: &Partition, after: Option<u64>) -> Result<(), BusError>;
+
+    /// Tells the group that `partition` is done up to `offset`, so that a member that takes it
+    /// over starts reading near there. A hint only.
+    fn commit(&mut self, done: &[(Partition, u64)]);
+
+    /// Sets a record aside on the dead-letter topic, with `model` and `error` in its headers;
+    /// resolves once the bus has it.
+    async fn dead_letter(
+        &mut self,
+        partition: &Partition,
+        record: &Record,
+        model: &str,
+        error: &str,
+    ) -> Result<(), BusError>;
 }
 
 /// The partition of a key among `partitions`, as Kafka's Java clients and librdkafka's

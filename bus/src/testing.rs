@@ -156,6 +156,7 @@ pub async fn every_partition_delivers_its_events_in_order_then_a_watermark(
                     }
                     delivered.insert(event.event_id);
                 }
+                crate::Record::Undecodable { offset, error, .. } => panic!("{partition:?}: {offset}: {error}"),
                 crate::Record::Watermark { position, .. } => {
                     let missing = stored.iter().find(|e| {
                         e.global_position <= position
@@ -184,7 +185,7 @@ pub async fn reading_after_an_offset_delivers_what_follows(
                 .into_iter()
                 .filter_map(|r| match r {
                     crate::Record::Event { event, .. } => Some(event.event_id),
-                    crate::Record::Watermark { .. } => None,
+                    crate::Record::Watermark { .. } | crate::Record::Undecodable { .. } => None,
                 })
                 .collect()
         };

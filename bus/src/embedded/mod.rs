@@ -6,13 +6,14 @@
 //! event is still handed the watermark that follows it. It keeps every promise of
 //! [`EventBus`], with no duplicates at all.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use quikapp_commands::store::{EventStore, StoreError};
 
-use crate::{BusError, EventBus, Partition, Record, Topics, partition_of};
+use crate::{BusError, EventBus, Partition, Record, Subscription, Topics, partition_of};
 
 pub struct EmbeddedBus {
     store: Arc<dyn EventStore>,
@@ -45,10 +46,7 @@ fn watermark(position: u64) -> Record {
 #[async_trait]
 impl EventBus for EmbeddedBus {
     fn partitions(&self) -> Vec<Partition> {
-        [&self.topics.messages, &self.topics.workspaces]
-            .into_iter()
-            .flat_map(|topic| (0..self.partitions).map(|index| Partition { topic: topic.clone(), index }))
-            .collect()
+        self.topics.partitions(self.partitions)
     }
 
     async fn read(
@@ -89,5 +87,84 @@ impl EventBus for EmbeddedBus {
             }
             return Ok(records);
         }
+    }
+
+    /// The one member of every group: all partitions, read in one pass over the log.
+    async fn subscribe(&self, _group: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(EmbeddedSubscription {
+            store: self.store.clone(),
+            partitions: self.partitions(),
+            topics: self.topics.clone(),
+            count: self.partitions,
+            delivered: HashMap::new(),
+        }))
+    }
+}
+
+/// Reads the log once for every partition; remembers the last offset delivered on each.
+struct EmbeddedSubscription {
+    store: Arc<dyn EventStore>,
+    partitions: Vec<Partition>,
+    topics: Topics,
+    count: i32,
+    delivered: HashMap<Partition, u64>,
+}
+
+#[async_trait]
+impl Subscription for EmbeddedSubscription {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<(Partition, Record)>, BusError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // The position every partition has been delivered up to.
+            let from = self.partitions.iter().map(|p| self.delivered.get(p).map_or(0, |offset| offset / 2)).min();
+            let from = from.unwrap_or(0);
+            let scanned = self.store.read_all(from, max.max(1) as u32).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+            let head = scanned.last().map_or(from, |e| e.global_position);
+            let mut records = Vec::new();
+            for event in scanned {
+                let partition = partition_of(&event, &self.topics, self.count);
+                let offset = event_offset(event.global_position);
+                if self.delivered.get(&partition).is_none_or(|done| offset > *done) {
+                    self.delivered.insert(partition.clone(), offset);
+                    records.push((partition, Record::Event { offset, event }));
+                }
+            }
+            if head > 0 {
+                for partition in &self.partitions {
+                    let mark = watermark(head);
+                    if self.delivered.get(partition).is_none_or(|done| mark.offset() > *done) {
+                        self.delivered.insert(partition.clone(), mark.offset());
+                        records.push((partition.clone(), mark));
+                    }
+                }
+            }
+            if !records.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(records);
+            }
+            // The embedded store has no notification: look again shortly, until the deadline.
+            tokio::time::sleep(Duration::from_millis(10).min(wait)).await;
+        }
+    }
+
+    async fn seek(&mut self, partition: &Partition, after: Option<u64>) -> Result<(), BusError> {
+        match after {
+            Some(offset) => self.delivered.insert(partition.clone(), offset),
+            None => self.delivered.remove(partition),
+        };
+        Ok(())
+    }
+
+    fn commit(&mut self, _done: &[(Partition, u64)]) {}
+
+    async fn dead_letter(
+        &mut self,
+        partition: &Partition,
+        record: &Record,
+        model: &str,
+        error: &str,
+    ) -> Result<(), BusError> {
+        // The embedded default has no dead-letter topic: the log keeps the event, this says which.
+        tracing::error!(?partition, offset = record.offset(), model, error, "dead-lettered an event");
+        Ok(())
     }
 }

@@ -17,6 +17,8 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::{Acks, BusError, Publisher, Route, Topics, route, watermark_value};
 
+mod consumer;
+
 /// How to reach Kafka and what to create there.
 #[derive(Debug, Clone)]
 pub struct KafkaConfig {
@@ -50,18 +52,8 @@ impl KafkaPublisher {
             return Err(BusError::Unavailable(format!("the relay's Kafka option {key} cannot be changed")));
         }
         let producer = create_producer(config)?;
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(unavailable)?;
-        // Replication -1: the broker's default.replication.factor.
-        let topics = [&config.topics.messages, &config.topics.workspaces]
-            .map(|name| NewTopic::new(name, config.partitions, TopicReplication::Fixed(-1)));
-        let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-        for result in admin.create_topics(&topics, &options).await.map_err(unavailable)? {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(BusError::Unavailable(format!("creating {topic}: {code}"))),
-            }
-        }
+        create_topics(&config.brokers, &[&config.topics.messages, &config.topics.workspaces], config.partitions)
+            .await?;
         let mut publisher =
             KafkaPublisher { producer: std::sync::RwLock::new(producer), config: config.clone(), partitions: (0, 0) };
         publisher.partitions = (publisher.partition_count(&config.topics.messages).await?, {
@@ -172,6 +164,23 @@ impl Publisher for KafkaPublisher {
     }
 }
 
+/// Creates the topics that do not exist yet, with `partitions` each.
+async fn create_topics(brokers: &str, names: &[&str], partitions: i32) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().map_err(unavailable)?;
+    // Replication -1: the broker's default.replication.factor.
+    let topics: Vec<NewTopic> =
+        names.iter().map(|name| NewTopic::new(name, partitions, TopicReplication::Fixed(-1))).collect();
+    let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    for result in admin.create_topics(&topics, &options).await.map_err(unavailable)? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(BusError::Unavailable(format!("creating {topic}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
 /// Room for the watermarks of two 12-partition topics.
 const PARTITIONS_HINT: usize = 12;
 
@@ -201,9 +210,9 @@ fn unavailable(error: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(error.to_string())
 }
 
-/// The consumer side of the Kafka adapter: reads one partition from an offset. Each read
-/// assigns a consumer of its own to the partition (no consumer group, no committed offsets:
-/// the reader keeps its offsets), which suits occasional reads; a projector keeps its consumer.
+/// The consumer side of the Kafka adapter: [`crate::EventBus::read`] reads one partition from
+/// an offset with a consumer of its own (no group, nothing committed), which suits occasional
+/// reads; [`crate::EventBus::subscribe`] joins a consumer group, which projectors use.
 pub struct KafkaBus {
     pub brokers: String,
     pub topics: Topics,
@@ -213,10 +222,7 @@ pub struct KafkaBus {
 #[async_trait]
 impl crate::EventBus for KafkaBus {
     fn partitions(&self) -> Vec<crate::Partition> {
-        [&self.topics.messages, &self.topics.workspaces]
-            .into_iter()
-            .flat_map(|topic| (0..self.partitions).map(|index| crate::Partition { topic: topic.clone(), index }))
-            .collect()
+        self.topics.partitions(self.partitions)
     }
 
     async fn read(
@@ -227,7 +233,6 @@ impl crate::EventBus for KafkaBus {
         wait: Duration,
     ) -> Result<Vec<crate::Record>, BusError> {
         use rdkafka::consumer::{Consumer, StreamConsumer};
-        use rdkafka::message::{Headers, Message};
         use rdkafka::{Offset, TopicPartitionList};
 
         // The partition is assigned and the offsets are the reader's (nothing is committed to
@@ -248,23 +253,15 @@ impl crate::EventBus for KafkaBus {
         let mut patience = wait;
         while records.len() < max {
             let Ok(message) = tokio::time::timeout(patience, consumer.recv()).await else { break };
-            let message = message.map_err(unavailable)?;
-            let offset = message.offset() as u64;
-            let payload = message.payload().unwrap_or_default();
-            let kind = message.headers().and_then(|h| h.iter().find(|h| h.key == "type")).and_then(|h| h.value);
-            records.push(match kind {
-                Some(b"Watermark") => {
-                    let value: serde_json::Value = serde_json::from_slice(payload).map_err(unavailable)?;
-                    let position = value["position"].as_str().and_then(|p| p.parse().ok());
-                    let position = position.ok_or_else(|| unavailable(format!("a malformed watermark at {offset}")))?;
-                    crate::Record::Watermark { offset, position }
-                }
-                _ => crate::Record::Event { offset, event: serde_json::from_slice(payload).map_err(unavailable)? },
-            });
+            records.push(consumer::record_of(&message.map_err(unavailable)?));
             patience = Duration::from_millis(100);
         }
         // Closing a consumer may wait for the broker: not on this runtime's threads.
         tokio::task::spawn_blocking(move || drop(consumer));
         Ok(records)
+    }
+
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn crate::Subscription>, BusError> {
+        Ok(Box::new(consumer::KafkaSubscription::join(self, group).await?))
     }
 }

@@ -1,0 +1,163 @@
+//! Reading Kafka: decoding records, and the consumer-group member projectors read through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::{KafkaBus, create_topics, unavailable};
+use crate::{BusError, Partition, Record, Topics};
+
+/// A record as the relay wrote it: a watermark (header `type: Watermark`) or an event envelope.
+/// Anything else is [`Record::Undecodable`], for the reader to set aside.
+pub(super) fn record_of(message: &BorrowedMessage<'_>) -> Record {
+    let offset = message.offset() as u64;
+    let payload = message.payload().unwrap_or_default();
+    let kind = message.headers().and_then(|h| h.iter().find(|h| h.key == "type")).and_then(|h| h.value);
+    let decoded = match kind {
+        Some(b"Watermark") => serde_json::from_slice::<serde_json::Value>(payload)
+            .map_err(|e| e.to_string())
+            .and_then(|value| {
+                let position = value["position"].as_str().and_then(|p| p.parse().ok());
+                position.ok_or_else(|| "a watermark without a position".to_owned())
+            })
+            .map(|position| Record::Watermark { offset, position }),
+        _ => serde_json::from_slice(payload).map(|event| Record::Event { offset, event }).map_err(|e| e.to_string()),
+    };
+    decoded.unwrap_or_else(|error| Record::Undecodable {
+        offset,
+        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: payload.to_vec(),
+        error,
+    })
+}
+
+/// A member of a consumer group over both event topics, with a producer for dead letters.
+pub(super) struct KafkaSubscription {
+    consumer: Arc<StreamConsumer>,
+    dead_letters: FutureProducer,
+    topics: Topics,
+}
+
+/// After the first record of a poll, how long more records may take to arrive before the
+/// poll answers with what it has.
+const LINGER: Duration = Duration::from_millis(5);
+
+impl KafkaSubscription {
+    pub(super) async fn join(bus: &KafkaBus, group: &str) -> Result<Self, BusError> {
+        let dead_letter_topic = bus.topics.dead_letters();
+        create_topics(&bus.brokers, &[&bus.topics.messages, &bus.topics.workspaces, &dead_letter_topic], bus.partitions)
+            .await?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bus.brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            // Where reading starts when the group has no offset; the reader seeks to its own.
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            // A dead member's partitions move to the others within this.
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .map_err(unavailable)?;
+        consumer.subscribe(&[&bus.topics.messages, &bus.topics.workspaces]).map_err(unavailable)?;
+        let dead_letters: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bus.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .map_err(unavailable)?;
+        Ok(KafkaSubscription { consumer: Arc::new(consumer), dead_letters, topics: bus.topics.clone() })
+    }
+}
+
+#[async_trait]
+impl crate::Subscription for KafkaSubscription {
+    async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<(Partition, Record)>, BusError> {
+        let mut records = Vec::new();
+        let mut patience = wait;
+        while records.len() < max {
+            let Ok(message) = tokio::time::timeout(patience, self.consumer.recv()).await else { break };
+            let message = message.map_err(unavailable)?;
+            let partition = Partition { topic: message.topic().to_owned(), index: message.partition() };
+            records.push((partition, record_of(&message)));
+            patience = LINGER;
+        }
+        Ok(records)
+    }
+
+    async fn seek(&mut self, partition: &Partition, after: Option<u64>) -> Result<(), BusError> {
+        let offset = after.map_or(Offset::Beginning, |offset| Offset::Offset(offset as i64 + 1));
+        let (consumer, partition) = (self.consumer.clone(), partition.clone());
+        // A seek waits for the fetcher to restart there (and so drops what it fetched before).
+        tokio::task::spawn_blocking(move || {
+            consumer.seek(&partition.topic, partition.index, offset, Duration::from_secs(10))
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+    }
+
+    fn commit(&mut self, done: &[(Partition, u64)]) {
+        let mut offsets = TopicPartitionList::new();
+        for (partition, offset) in done {
+            // Kafka's committed offset is the next one to read.
+            let next = Offset::Offset(*offset as i64 + 1);
+            if offsets.add_partition_offset(&partition.topic, partition.index, next).is_err() {
+                return;
+            }
+        }
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Async) {
+            tracing::debug!(%error, "could not commit offsets to the group (a hint only)");
+        }
+    }
+
+    async fn dead_letter(
+        &mut self,
+        partition: &Partition,
+        record: &Record,
+        model: &str,
+        error: &str,
+    ) -> Result<(), BusError> {
+        let (key, payload, event_type, event_id) = match record {
+            Record::Event { event, .. } => (
+                Some(event.channel_id.map_or(event.stream_id.clone(), |c| c.to_string())),
+                serde_json::to_vec(event).expect("envelopes serialize"),
+                event.event.type_name().to_owned(),
+                event.event_id.to_string(),
+            ),
+            Record::Undecodable { key, payload, .. } => (key.clone(), payload.clone(), String::new(), String::new()),
+            Record::Watermark { .. } => return Ok(()),
+        };
+        let (source_partition, source_offset) = (partition.index.to_string(), record.offset().to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "error", value: Some(error) })
+            .insert(Header { key: "model", value: Some(model) })
+            .insert(Header { key: "type", value: Some(&event_type) })
+            .insert(Header { key: "event_id", value: Some(&event_id) })
+            .insert(Header { key: "source_topic", value: Some(&partition.topic) })
+            .insert(Header { key: "source_partition", value: Some(&source_partition) })
+            .insert(Header { key: "source_offset", value: Some(&source_offset) });
+        let topic = self.topics.dead_letters();
+        let mut letter = FutureRecord::<str, [u8]>::to(&topic).payload(payload.as_slice()).headers(headers);
+        if let Some(key) = &key {
+            letter = letter.key(key.as_str());
+        }
+        self.dead_letters.send(letter, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| unavailable(e))
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        // Leaving the group waits for the broker: not on the runtime's threads.
+        let consumer = self.consumer.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || drop(consumer));
+        }
+    }
+}

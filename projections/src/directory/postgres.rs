@@ -1,0 +1,479 @@
+//! The directory on PostgreSQL, in a schema of its own (`directory`), beside or apart from the
+//! event store. A batch is one transaction: the progress rows of its partitions are locked and
+//! compared with the batch's moves, then each table gets one multi-row statement, then the
+//! progress, then a NOTIFY that read APIs wait on.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use quikapp_domain::workspace::Role;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{ChannelView, Changes, Directory, MemberView, WorkspaceView, role_name, role_of};
+use crate::{Batch, ProjectionError, Progress, Projector, Stored, check_moves, parse_partition_key, partition_key};
+
+/// The channel stored progress is announced on; the payload is the model's name.
+pub const PROGRESS_CHANNEL: &str = "quikapp_projection";
+
+/// The schema, created or brought up to date by [`PostgresDirectory::migrate`]. Every statement
+/// can run again; a change adds statements at the end, never edits one.
+const SCHEMA: &str = r#"
+CREATE SCHEMA IF NOT EXISTS directory;
+CREATE TABLE IF NOT EXISTS directory.users (
+    user_id uuid PRIMARY KEY,
+    display_name text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS directory.workspaces (
+    workspace_id uuid PRIMARY KEY,
+    name text NOT NULL,
+    owner_id uuid NOT NULL,
+    version bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS directory.workspace_members (
+    workspace_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    role text NOT NULL,
+    joined_at timestamptz NOT NULL,
+    PRIMARY KEY (workspace_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS directory.channels (
+    channel_id uuid PRIMARY KEY,
+    workspace_id uuid NOT NULL,
+    name text NOT NULL,
+    topic text,
+    private boolean NOT NULL,
+    archived boolean NOT NULL,
+    created_by uuid NOT NULL,
+    version bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS channels_by_workspace ON directory.channels (workspace_id, name);
+CREATE TABLE IF NOT EXISTS directory.channel_members (
+    channel_id uuid NOT NULL,
+    user_id uuid NOT NULL,
+    joined_at timestamptz NOT NULL,
+    PRIMARY KEY (channel_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS channel_members_by_user ON directory.channel_members (user_id);
+CREATE TABLE IF NOT EXISTS directory.progress (
+    partition text PRIMARY KEY,
+    "offset" bigint NOT NULL,
+    watermark bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS directory.totals (
+    model text PRIMARY KEY,
+    dead_lettered bigint NOT NULL
+);
+"#;
+
+/// Serializes concurrent migrations of the schema.
+const MIGRATION_LOCK: i64 = 0x5155_494b_4449_5231; // "QUIKDIR1"
+
+pub struct PostgresDirectory {
+    pool: PgPool,
+    listener: tokio::sync::Mutex<Option<PgListener>>,
+}
+
+impl PostgresDirectory {
+    pub async fn connect(url: &str) -> Result<Self, ProjectionError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(classify)?;
+        Ok(Self::with_pool(pool))
+    }
+
+    pub fn with_pool(pool: PgPool) -> Self {
+        PostgresDirectory { pool, listener: tokio::sync::Mutex::new(None) }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(classify)?;
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    pub async fn ping(&self) -> Result<(), ProjectionError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(classify)
+    }
+}
+
+/// Faults of the batch itself (SQLSTATE classes 22, data, and 23, constraints) refuse it; the
+/// rest may pass with time.
+pub(crate) fn classify(error: sqlx::Error) -> ProjectionError {
+    let code = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned()).unwrap_or_default();
+    if code.starts_with("22") || code.starts_with("23") {
+        ProjectionError::Rejected(error.to_string())
+    } else {
+        ProjectionError::Unavailable(error.to_string())
+    }
+}
+
+async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> Result<(), ProjectionError> {
+    if !changes.users.is_empty() {
+        let (ids, names): (Vec<Uuid>, Vec<String>) = changes.users.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO directory.users (user_id, display_name) SELECT * FROM UNNEST($1::uuid[], $2::text[])
+             ON CONFLICT (user_id) DO UPDATE SET display_name = excluded.display_name",
+        )
+        .bind(ids)
+        .bind(names)
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    let created: Vec<(Uuid, String, Uuid, i64)> = changes
+        .workspaces
+        .iter()
+        .filter_map(|(id, w)| w.created.clone().map(|(name, owner)| (*id, name, owner, w.version as i64)))
+        .collect();
+    if !created.is_empty() {
+        sqlx::query(
+            "INSERT INTO directory.workspaces (workspace_id, name, owner_id, version)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::bigint[])",
+        )
+        .bind(created.iter().map(|c| c.0).collect::<Vec<_>>())
+        .bind(created.iter().map(|c| c.1.clone()).collect::<Vec<_>>())
+        .bind(created.iter().map(|c| c.2).collect::<Vec<_>>())
+        .bind(created.iter().map(|c| c.3).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    let versions: Vec<(Uuid, i64)> =
+        changes.workspaces.iter().filter(|(_, w)| w.created.is_none()).map(|(id, w)| (*id, w.version as i64)).collect();
+    if !versions.is_empty() {
+        let updated = sqlx::query(
+            "UPDATE directory.workspaces w SET version = GREATEST(w.version, v.version)
+             FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, version) WHERE w.workspace_id = v.id",
+        )
+        .bind(versions.iter().map(|v| v.0).collect::<Vec<_>>())
+        .bind(versions.iter().map(|v| v.1).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        refuse_unless(updated.rows_affected() == versions.len() as u64, "a workspace that is not in the directory")?;
+    }
+    if !changes.workspace_members.is_empty() {
+        let members: Vec<_> = changes.workspace_members.into_iter().collect();
+        sqlx::query(
+            "INSERT INTO directory.workspace_members (workspace_id, user_id, role, joined_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
+             ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(members.iter().map(|((w, _), _)| *w).collect::<Vec<_>>())
+        .bind(members.iter().map(|((_, u), _)| *u).collect::<Vec<_>>())
+        .bind(members.iter().map(|(_, (role, _))| role_name(*role)).collect::<Vec<_>>())
+        .bind(members.iter().map(|(_, (_, at))| *at).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    let (created, updated): (Vec<_>, Vec<_>) = changes.channels.into_iter().partition(|(_, c)| c.created.is_some());
+    if !created.is_empty() {
+        sqlx::query(
+            "INSERT INTO directory.channels (channel_id, workspace_id, name, topic, private, archived, created_by, version)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[], $6::bool[], $7::uuid[],
+                                  $8::bigint[])",
+        )
+        .bind(created.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.created.expect("created").0).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.name.clone().unwrap_or_default()).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.topic.clone().flatten()).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.created.expect("created").2).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.archived).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.created.expect("created").1).collect::<Vec<_>>())
+        .bind(created.iter().map(|(_, c)| c.version as i64).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !updated.is_empty() {
+        let rows = sqlx::query(
+            "UPDATE directory.channels c SET
+                name = COALESCE(v.name, c.name),
+                topic = CASE WHEN v.topic_changed THEN v.topic ELSE c.topic END,
+                archived = c.archived OR v.archived,
+                version = GREATEST(c.version, v.version)
+             FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::text[], $5::bool[], $6::bigint[])
+                  AS v(id, name, topic_changed, topic, archived, version)
+             WHERE c.channel_id = v.id",
+        )
+        .bind(updated.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(updated.iter().map(|(_, c)| c.name.clone()).collect::<Vec<_>>())
+        .bind(updated.iter().map(|(_, c)| c.topic.is_some()).collect::<Vec<_>>())
+        .bind(updated.iter().map(|(_, c)| c.topic.clone().flatten()).collect::<Vec<_>>())
+        .bind(updated.iter().map(|(_, c)| c.archived).collect::<Vec<_>>())
+        .bind(updated.iter().map(|(_, c)| c.version as i64).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        refuse_unless(rows.rows_affected() == updated.len() as u64, "a channel that is not in the directory")?;
+    }
+    let (joined, left): (Vec<_>, Vec<_>) = changes.channel_members.into_iter().partition(|(_, at)| at.is_some());
+    if !left.is_empty() {
+        sqlx::query(
+            "DELETE FROM directory.channel_members m USING UNNEST($1::uuid[], $2::uuid[]) AS v(channel_id, user_id)
+             WHERE m.channel_id = v.channel_id AND m.user_id = v.user_id",
+        )
+        .bind(left.iter().map(|((c, _), _)| *c).collect::<Vec<_>>())
+        .bind(left.iter().map(|((_, u), _)| *u).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !joined.is_empty() {
+        sqlx::query(
+            "INSERT INTO directory.channel_members (channel_id, user_id, joined_at)
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[])
+             ON CONFLICT (channel_id, user_id) DO UPDATE SET joined_at = excluded.joined_at",
+        )
+        .bind(joined.iter().map(|((c, _), _)| *c).collect::<Vec<_>>())
+        .bind(joined.iter().map(|((_, u), _)| *u).collect::<Vec<_>>())
+        .bind(joined.iter().map(|(_, at)| at.expect("joined")).collect::<Vec<DateTime<Utc>>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn refuse_unless(holds: bool, what: &str) -> Result<(), ProjectionError> {
+    if holds { Ok(()) } else { Err(ProjectionError::Rejected(format!("the batch changes {what}"))) }
+}
+
+impl From<sqlx::Error> for ProjectionError {
+    fn from(error: sqlx::Error) -> Self {
+        classify(error)
+    }
+}
+
+#[async_trait]
+impl Projector for PostgresDirectory {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn stored(&self) -> Result<Stored, ProjectionError> {
+        stored(&self.pool, self.name()).await
+    }
+
+    async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let keys: Vec<String> = batch.moves.iter().map(|m| partition_key(&m.partition)).collect();
+        let rows = sqlx::query(
+            r#"SELECT partition, "offset" FROM directory.progress WHERE partition = ANY($1) ORDER BY partition FOR UPDATE"#,
+        )
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        let offsets: std::collections::HashMap<String, u64> =
+            rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64)).collect();
+        check_moves(&batch.moves, |p| offsets.get(&partition_key(p)).copied())?;
+
+        write_changes(&mut tx, Changes::of(&batch.events)).await?;
+        sqlx::query(
+            r#"INSERT INTO directory.progress (partition, "offset", watermark)
+               SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
+               ON CONFLICT (partition) DO UPDATE SET "offset" = excluded."offset", watermark = excluded.watermark"#,
+        )
+        .bind(&keys)
+        .bind(batch.moves.iter().map(|m| m.to.offset as i64).collect::<Vec<_>>())
+        .bind(batch.moves.iter().map(|m| m.to.watermark as i64).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if batch.dead_lettered > 0 {
+            add_dead_letters(&mut tx, self.name(), batch.dead_lettered).await.map_err(classify)?;
+        }
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(PROGRESS_CHANNEL)
+            .bind(self.name())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn changed(&self) {
+        wait_for_notification(&self.pool, &self.listener, self.name()).await
+    }
+}
+
+pub(crate) async fn add_dead_letters(
+    tx: &mut Transaction<'_, Postgres>,
+    model: &str,
+    count: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO directory.totals (model, dead_lettered) VALUES ($1, $2)
+         ON CONFLICT (model) DO UPDATE SET dead_lettered = directory.totals.dead_lettered + excluded.dead_lettered",
+    )
+    .bind(model)
+    .bind(count as i64)
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+}
+
+pub(crate) async fn stored(pool: &PgPool, model: &str) -> Result<Stored, ProjectionError> {
+    let rows = sqlx::query(r#"SELECT partition, "offset", watermark FROM directory.progress"#)
+        .fetch_all(pool)
+        .await
+        .map_err(classify)?;
+    let partitions = rows
+        .iter()
+        .filter_map(|row| {
+            let partition = parse_partition_key(row.get::<&str, _>(0))?;
+            Some((partition, Progress { offset: row.get::<i64, _>(1) as u64, watermark: row.get::<i64, _>(2) as u64 }))
+        })
+        .collect();
+    let dead_lettered: Option<i64> = sqlx::query_scalar("SELECT dead_lettered FROM directory.totals WHERE model = $1")
+        .bind(model)
+        .fetch_optional(pool)
+        .await
+        .map_err(classify)?;
+    Ok(Stored { partitions, dead_lettered: dead_lettered.unwrap_or(0) as u64 })
+}
+
+/// Waits for a NOTIFY of `model`'s progress (at most a second), listening on a connection kept
+/// between calls.
+pub(crate) async fn wait_for_notification(
+    pool: &PgPool,
+    listener: &tokio::sync::Mutex<Option<PgListener>>,
+    model: &str,
+) {
+    let waiting = async {
+        let mut listener = listener.lock().await;
+        if listener.is_none() {
+            let mut fresh = PgListener::connect_with(pool).await.ok()?;
+            fresh.listen(PROGRESS_CHANNEL).await.ok()?;
+            *listener = Some(fresh);
+        }
+        loop {
+            match listener.as_mut()?.recv().await {
+                Ok(notification) if notification.payload() == model => return Some(()),
+                Ok(_) => {}
+                Err(_) => {
+                    *listener = None;
+                    return None;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), waiting).await;
+}
+
+fn workspace_view(row: &sqlx::postgres::PgRow) -> WorkspaceView {
+    WorkspaceView {
+        workspace_id: row.get("workspace_id"),
+        name: row.get("name"),
+        owner_id: row.get("owner_id"),
+        member_count: row.get::<i64, _>("member_count") as u64,
+        version: row.get::<i64, _>("version") as u64,
+    }
+}
+
+fn channel_view(row: &sqlx::postgres::PgRow) -> ChannelView {
+    ChannelView {
+        channel_id: row.get("channel_id"),
+        workspace_id: row.get("workspace_id"),
+        name: row.get("name"),
+        topic: row.get("topic"),
+        private: row.get("private"),
+        archived: row.get("archived"),
+        created_by: row.get("created_by"),
+        member_count: row.get::<i64, _>("member_count") as u64,
+        version: row.get::<i64, _>("version") as u64,
+    }
+}
+
+const CHANNEL_COLUMNS: &str = "c.channel_id, c.workspace_id, c.name, c.topic, c.private, c.archived, c.created_by,
+     c.version, (SELECT count(*) FROM directory.channel_members m WHERE m.channel_id = c.channel_id) AS member_count";
+
+#[async_trait]
+impl Directory for PostgresDirectory {
+    async fn workspace(&self, workspace_id: Uuid) -> Result<Option<WorkspaceView>, ProjectionError> {
+        let row = sqlx::query(
+            "SELECT w.workspace_id, w.name, w.owner_id, w.version,
+                    (SELECT count(*) FROM directory.workspace_members m WHERE m.workspace_id = w.workspace_id)
+                        AS member_count
+             FROM directory.workspaces w WHERE w.workspace_id = $1",
+        )
+        .bind(workspace_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(row.as_ref().map(workspace_view))
+    }
+
+    async fn role(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, ProjectionError> {
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM directory.workspace_members WHERE workspace_id = $1 AND user_id = $2")
+                .bind(workspace_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+        Ok(role.as_deref().and_then(role_of))
+    }
+
+    async fn channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<ChannelView>, ProjectionError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM directory.channels c
+             WHERE c.workspace_id = $1 AND (NOT c.private OR EXISTS (
+                 SELECT 1 FROM directory.channel_members m WHERE m.channel_id = c.channel_id AND m.user_id = $2))
+             ORDER BY c.name, c.channel_id"
+        ))
+        .bind(workspace_id)
+        .bind(viewer)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows.iter().map(channel_view).collect())
+    }
+
+    async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError> {
+        let row = sqlx::query(&format!("SELECT {CHANNEL_COLUMNS} FROM directory.channels c WHERE c.channel_id = $1"))
+            .bind(channel_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(row.as_ref().map(channel_view))
+    }
+
+    async fn is_member(&self, channel_id: Uuid, user_id: Uuid) -> Result<bool, ProjectionError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM directory.channel_members WHERE channel_id = $1 AND user_id = $2)",
+        )
+        .bind(channel_id)
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
+    async fn members(&self, channel_id: Uuid) -> Result<Vec<MemberView>, ProjectionError> {
+        let rows = sqlx::query(
+            "SELECT m.user_id, u.display_name, m.joined_at FROM directory.channel_members m
+             LEFT JOIN directory.users u ON u.user_id = m.user_id
+             WHERE m.channel_id = $1 ORDER BY m.joined_at, m.user_id",
+        )
+        .bind(channel_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(rows
+            .iter()
+            .map(|row| MemberView {
+                user_id: row.get("user_id"),
+                display_name: row.get("display_name"),
+                joined_at: row.get("joined_at"),
+            })
+            .collect())
+    }
+}

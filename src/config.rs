@@ -29,6 +29,9 @@ const KEYS: &[&str] = &[
     "kafka_messages_topic",
     "kafka_workspaces_topic",
     "idempotency_retention_hours",
+    "projector_addr",
+    "projector_batch_size",
+    "min_position_wait_seconds",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +95,27 @@ pub struct Config {
     /// How long an Idempotency-Key keeps its first answer; older keys are deleted.
     #[serde(default = "default_idempotency_retention_hours")]
     pub idempotency_retention_hours: u64,
+    /// Listen address of a projector's /healthz, /readyz and /metrics.
+    #[serde(default = "default_projector_addr")]
+    pub projector_addr: SocketAddr,
+    /// Records a projector reads and applies per batch, at most.
+    #[serde(default = "default_projector_batch_size")]
+    pub projector_batch_size: usize,
+    /// The longest a query waits for the position of X-Min-Position before answering 503.
+    #[serde(default = "default_min_position_wait_seconds")]
+    pub min_position_wait_seconds: u64,
+}
+
+fn default_projector_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8084))
+}
+
+fn default_projector_batch_size() -> usize {
+    2_000
+}
+
+fn default_min_position_wait_seconds() -> u64 {
+    5
 }
 
 fn default_data_dir() -> PathBuf {
@@ -164,6 +188,9 @@ impl Default for Config {
             kafka_options: Default::default(),
             request_timeout_seconds: default_request_timeout_seconds(),
             idempotency_retention_hours: default_idempotency_retention_hours(),
+            projector_addr: default_projector_addr(),
+            projector_batch_size: default_projector_batch_size(),
+            min_position_wait_seconds: default_min_position_wait_seconds(),
         }
     }
 }
@@ -181,8 +208,8 @@ impl Config {
 
     /// Values that parse but cannot work.
     fn validate(&self) -> anyhow::Result<()> {
-        if self.relay_batch_size == 0 || self.kafka_partitions < 1 {
-            anyhow::bail!("relay_batch_size and kafka_partitions must be at least 1");
+        if self.relay_batch_size == 0 || self.kafka_partitions < 1 || self.projector_batch_size == 0 {
+            anyhow::bail!("relay_batch_size, projector_batch_size and kafka_partitions must be at least 1");
         }
         if self.request_timeout_seconds == 0 {
             anyhow::bail!("request_timeout_seconds must be at least 1");

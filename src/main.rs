@@ -3,8 +3,10 @@
 //! # Layout
 //! - `main.rs`: the command line, and how each role is put together from the crates.
 //! - `config.rs`: configuration from a TOML file and `QUIKAPP_*` variables.
+//! - `models.rs`: the read models, the bus and the projectors, real or embedded.
 
 mod config;
+mod models;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,8 +44,15 @@ enum Role {
     Dev,
     /// The command REST API.
     WriteApi,
+    /// The query REST API.
+    ReadApi,
     /// Publish every stored event to Kafka in commit order (one active relay; others stand by).
     Relay,
+    /// Keep read models up to date from Kafka: one consumer group each.
+    Project {
+        /// `postgres`, `redis`, or `all`.
+        model: models::Selection,
+    },
     /// Create or upgrade the schemas of every configured store.
     Migrate,
     /// Mint a bearer token for local use.
@@ -70,6 +79,10 @@ async fn main() -> Result<()> {
             init_tracing();
             open_event_store(&config).await?;
             println!("migrated the event store ({})", store_description(&config));
+            if config.postgres_url.is_some() {
+                models::open_directory(&config).await?;
+                println!("migrated the PostgreSQL read model");
+            }
             Ok(())
         }
         Role::Dev => {
@@ -79,7 +92,7 @@ async fn main() -> Result<()> {
                 DEV_JWT_SECRET.to_owned()
             });
             println!("event store: {}", store_description(&config));
-            run_write_api(&config, &secret).await
+            run_dev(&config, &secret).await
         }
         Role::Relay => {
             init_tracing();
@@ -87,11 +100,29 @@ async fn main() -> Result<()> {
         }
         Role::WriteApi => {
             init_tracing();
-            let Some(secret) = config.jwt_secret.clone() else {
-                bail!("QUIKAPP_JWT_SECRET (or jwt_secret in the config file) is required by every role but `dev`");
-            };
-            run_write_api(&config, &secret).await
+            let store = open_event_store(&config).await?;
+            run_write_api(&config, &required_secret(&config)?, store, shutdown_signal()).await
         }
+        Role::ReadApi => {
+            init_tracing();
+            let (Some(_), Some(_)) = (&config.postgres_url, &config.redis_url) else {
+                bail!("the read API needs QUIKAPP_POSTGRES_URL and QUIKAPP_REDIS_URL (its read models)");
+            };
+            let store = open_event_store(&config).await?;
+            let models = models::ReadModels::open(&config).await?;
+            run_read_api(&config, &required_secret(&config)?, store, &models, shutdown_signal()).await
+        }
+        Role::Project { model } => {
+            init_tracing();
+            run_projectors(&config, model).await
+        }
+    }
+}
+
+fn required_secret(config: &Config) -> Result<String> {
+    match &config.jwt_secret {
+        Some(secret) => Ok(secret.clone()),
+        None => bail!("QUIKAPP_JWT_SECRET (or jwt_secret in the config file) is required by every role but `dev`"),
     }
 }
 
@@ -133,9 +164,13 @@ fn store_options(config: &Config) -> StoreOptions {
     StoreOptions { idempotency_retention, ..StoreOptions::default() }
 }
 
-async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
+async fn run_write_api(
+    config: &Config,
+    secret: &str,
+    store: Arc<dyn EventStore>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let tokens = Tokens::new(secret)?;
-    let store = open_event_store(config).await?;
     let limits = Limits {
         rate_limit: RateLimit { per_second: config.rate_limit_per_second, burst: config.rate_limit_burst },
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
@@ -147,12 +182,148 @@ async fn run_write_api(config: &Config, secret: &str) -> Result<()> {
         .with_context(|| format!("binding {}", config.write_addr))?;
     // Tests and scripts read this line to find a port chosen by the system (address :0).
     println!("write API listening on http://{}", listener.local_addr()?);
-    quikapp_write_api::serve(listener, quikapp_write_api::router(api), shutdown_signal()).await?;
+    quikapp_write_api::serve(listener, quikapp_write_api::router(api), shutdown).await?;
     println!("write API stopped");
     Ok(())
 }
 
-async fn run_relay(config: &Config) -> Result<()> {
+async fn run_read_api(
+    config: &Config,
+    secret: &str,
+    store: Arc<dyn EventStore>,
+    models: &models::ReadModels,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let read_config = quikapp_read_api::ReadConfig {
+        partitions: topics(config).partitions(config.kafka_partitions),
+        min_position_wait: Duration::from_secs(config.min_position_wait_seconds),
+        request_timeout: Duration::from_secs(config.request_timeout_seconds),
+    };
+    let api = quikapp_read_api::ReadApi::new(models.served(), store, Tokens::new(secret)?, read_config);
+    let listener =
+        tokio::net::TcpListener::bind(config.read_addr).await.with_context(|| format!("binding {}", config.read_addr))?;
+    println!("read API listening on http://{}", listener.local_addr()?);
+    quikapp_read_api::serve(listener, quikapp_read_api::router(api), shutdown).await?;
+    println!("read API stopped");
+    Ok(())
+}
+
+/// Every role in one process: the write API, the bus (the store's own log, or the relay and
+/// Kafka when configured), the projectors and the read API.
+async fn run_dev(config: &Config, secret: &str) -> Result<()> {
+    let store = open_event_store(config).await?;
+    let models = models::ReadModels::open(config).await?;
+    let bus = models::open_bus(config, store.clone()).await?;
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let stopped = |stop: &tokio::sync::broadcast::Sender<()>| {
+        let mut receiver = stop.subscribe();
+        async move {
+            let _ = receiver.recv().await;
+        }
+    };
+    let mut background = tokio::task::JoinSet::new();
+    if config.kafka_brokers.is_some() {
+        let relay = relay(config).await?;
+        let until = stopped(&stop);
+        background.spawn(async move { relay.run(until).await });
+    }
+    for projector in models.projectors() {
+        let runtime = models::runtime(config, projector, bus.clone());
+        let until = stopped(&stop);
+        background.spawn(async move { runtime.run(until).await });
+    }
+    let write = run_write_api(config, secret, store.clone(), stopped(&stop));
+    let read = run_read_api(config, secret, store, &models, stopped(&stop));
+    let signal = async {
+        shutdown_signal().await;
+        let _ = stop.send(());
+    };
+    let (write, read, ()) = tokio::join!(write, read, signal);
+    write?;
+    read?;
+    background.join_all().await;
+    Ok(())
+}
+
+/// The projectors of `selection`, on Kafka, each with its ops endpoint.
+async fn run_projectors(config: &Config, selection: models::Selection) -> Result<()> {
+    let Some(brokers) = &config.kafka_brokers else { bail!("projectors read Kafka: set QUIKAPP_KAFKA_BROKERS") };
+    let models = models::ReadModels::open_selected(config, selection).await?;
+    let bus: Arc<dyn quikapp_bus::EventBus> = Arc::new(quikapp_bus::kafka::KafkaBus {
+        brokers: brokers.clone(),
+        topics: topics(config),
+        partitions: config.kafka_partitions,
+    });
+    let projectors = models.projectors();
+    let check = projectors.clone();
+    let readiness = move || {
+        let projectors = check.clone();
+        async move {
+            for projector in projectors {
+                projector.stored().await.map_err(|e| format!("{}: {e}", projector.name()))?;
+            }
+            Ok(())
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.projector_addr)
+        .await
+        .with_context(|| format!("binding {}", config.projector_addr))?;
+    println!("projector listening on http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, ops_router(readiness))
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let (signal, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut running = tokio::task::JoinSet::new();
+    for projector in projectors {
+        let runtime = models::runtime(config, projector, bus.clone());
+        let mut until = signal.subscribe();
+        running.spawn(async move {
+            runtime
+                .run(async move {
+                    let _ = until.recv().await;
+                })
+                .await
+        });
+    }
+    shutdown_signal().await;
+    let _ = signal.send(());
+    running.join_all().await;
+    let _ = stop.send(());
+    server.await??;
+    println!("projector stopped");
+    Ok(())
+}
+
+/// `/healthz`, `/readyz` (answered by `readiness`) and `/metrics`, for roles without an API.
+fn ops_router<F, Fut>(readiness: F) -> axum::Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let metrics = quikapp_write_api::ops::metrics_handle();
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(quikapp_write_api::ops::healthz))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let readiness = readiness.clone();
+                async move { quikapp_write_api::ops::readiness(readiness().await) }
+            }),
+        )
+        .route("/metrics", axum::routing::get(move || async move { quikapp_write_api::ops::render_metrics(&metrics) }))
+}
+
+fn topics(config: &Config) -> Topics {
+    Topics { messages: config.kafka_messages_topic.clone(), workspaces: config.kafka_workspaces_topic.clone() }
+}
+
+/// The relay, connected to the event store and (retrying until it answers) to Kafka.
+async fn relay(config: &Config) -> Result<Relay> {
     let (Some(url), Some(brokers)) = (&config.postgres_url, &config.kafka_brokers) else {
         bail!("the relay needs QUIKAPP_POSTGRES_URL (the event store) and QUIKAPP_KAFKA_BROKERS");
     };
@@ -161,10 +332,7 @@ async fn run_relay(config: &Config) -> Result<()> {
     store.migrate().await.context("migrating the PostgreSQL event store")?;
     let kafka = KafkaConfig {
         brokers: brokers.clone(),
-        topics: Topics {
-            messages: config.kafka_messages_topic.clone(),
-            workspaces: config.kafka_workspaces_topic.clone(),
-        },
+        topics: topics(config),
         partitions: config.kafka_partitions,
         options: config.kafka_options.clone(),
     };
@@ -175,45 +343,39 @@ async fn run_relay(config: &Config) -> Result<()> {
             Ok(publisher) => break Arc::new(publisher),
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "cannot reach Kafka yet");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown_signal() => return Ok(()),
-                }
+                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
             }
         }
     };
-    let relay = Relay {
+    Ok(Relay {
         pool: store.pool().clone(),
-        store: store.clone(),
-        publisher: publisher.clone(),
+        store,
+        publisher,
         config: RelayConfig { batch_size: config.relay_batch_size, ..RelayConfig::default() },
+    })
+}
+
+async fn run_relay(config: &Config) -> Result<()> {
+    let relay = tokio::select! {
+        relay = relay(config) => relay?,
+        () = shutdown_signal() => return Ok(()),
     };
-    let metrics = quikapp_write_api::ops::metrics_handle();
-    let ops = axum::Router::new()
-        .route("/healthz", axum::routing::get(quikapp_write_api::ops::healthz))
-        .route(
-            "/readyz",
-            axum::routing::get(move || {
-                let (store, publisher) = (store.clone(), publisher.clone());
-                async move {
-                    let store_ready = store.ping().await.map_err(|e| e.to_string());
-                    let ready = match store_ready {
-                        Ok(()) => publisher.ping().await.map_err(|e| e.to_string()),
-                        error => error,
-                    };
-                    quikapp_write_api::ops::readiness(ready)
-                }
-            }),
-        )
-        .route("/metrics", axum::routing::get(move || async move { quikapp_write_api::ops::render_metrics(&metrics) }));
+    let (store, publisher) = (relay.store.clone(), relay.publisher.clone());
+    let readiness = move || {
+        let (store, publisher) = (store.clone(), publisher.clone());
+        async move {
+            store.ping().await.map_err(|e| e.to_string())?;
+            publisher.ping().await.map_err(|e| e.to_string())
+        }
+    };
     let listener = tokio::net::TcpListener::bind(config.relay_addr)
         .await
         .with_context(|| format!("binding {}", config.relay_addr))?;
     println!("relay listening on http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, ops)
+        axum::serve(listener, ops_router(readiness))
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
             })

@@ -31,17 +31,19 @@ pub struct RuntimeConfig {
     pub retries: u32,
     /// The longest pause between attempts while a store or the bus is down.
     pub max_backoff: Duration,
+    /// The consumer group is this followed by the model's name.
+    pub group_prefix: String,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { batch_size: 2_000, retries: 3, max_backoff: Duration::from_secs(10) }
+        RuntimeConfig {
+            batch_size: 2_000,
+            retries: 3,
+            max_backoff: Duration::from_secs(10),
+            group_prefix: "quikapp-projector-".into(),
+        }
     }
-}
-
-/// The consumer group of a read model.
-pub fn group_of(model: &str) -> String {
-    format!("quikapp-projector-{model}")
 }
 
 pub struct Runtime {
@@ -79,7 +81,7 @@ impl Runtime {
         let model = self.projector.name();
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.bus.subscribe(&group_of(model)).await {
+            match self.bus.subscribe(&format!("{}{model}", self.config.group_prefix)).await {
                 Ok(subscription) => {
                     backoff = Duration::from_millis(500);
                     let Stop::Bus(error) = self.member(subscription).await;
@@ -113,8 +115,13 @@ impl Runtime {
                 }
             }
             let mut records = Vec::with_capacity(polled.len());
+            // Partitions sought in this poll: the rest of what it read of them is dropped.
+            let mut sought = std::collections::HashSet::new();
             for (partition, record) in polled {
                 let state = known.get_mut(&partition).expect("learned above");
+                if sought.contains(&partition) {
+                    continue;
+                }
                 if !state.positioned {
                     state.positioned = true;
                     let follows = state.applied.is_some_and(|applied| record.offset() == applied + 1);
@@ -123,6 +130,7 @@ impl Runtime {
                         if let Err(error) = subscription.seek(&partition, state.applied).await {
                             return Stop::Bus(error);
                         }
+                        sought.insert(partition);
                         continue;
                     }
                 }

@@ -221,20 +221,24 @@ pub fn router(api: WriteApi) -> Router {
         .route("/metrics", get(|State(api): State<WriteApi>| async move { ops::render_metrics(&api.inner.metrics) }))
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
         .with_state(api);
-    with_common_layers(routes, request_timeout)
+    // A command past its time may still commit: the client learns which by retrying it.
+    with_common_layers(routes, request_timeout, ApiError::OutcomeUnknown)
 }
 
 /// What every route of an API gets: problem+json for unknown routes (404), wrong methods
-/// (405), panics (500) and requests over the time limit (503, outcome unknown); request ids
-/// and traces.
-pub fn with_common_layers(routes: Router, request_timeout: Duration) -> Router {
+/// (405), panics (500) and requests over the time limit (503, `on_timeout`); request ids and
+/// traces.
+pub fn with_common_layers(routes: Router, request_timeout: Duration, on_timeout: ApiError) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     routes
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(
             tower::ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|_: BoxError| async { ApiError::OutcomeUnknown }))
+                .layer(HandleErrorLayer::new(move |_: BoxError| {
+                    let error = on_timeout.clone();
+                    async move { error }
+                }))
                 .timeout(request_timeout),
         )
         .layer(CatchPanicLayer::custom(|_| ApiError::Internal.into_response()))

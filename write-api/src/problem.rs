@@ -34,6 +34,9 @@ pub enum ApiError {
         retry_after_seconds: u64,
     },
     Unavailable,
+    /// 503: the read model has not applied the position the request asked for (X-Min-Position)
+    /// within the wait.
+    Lagging(String),
     /// 503: the command may or may not have been applied (its commit could not be confirmed in
     /// time); a retry with the same Idempotency-Key answers which.
     OutcomeUnknown,
@@ -74,6 +77,7 @@ impl ApiError {
             Unavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a store is unavailable; retry shortly".into())
             }
+            Lagging(detail) => (StatusCode::SERVICE_UNAVAILABLE, "position-not-reached", detail.clone()),
             OutcomeUnknown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "outcome-unknown",
@@ -102,7 +106,7 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         let retry_after = match self {
             ApiError::TooManyRequests { retry_after_seconds } => Some(retry_after_seconds),
-            ApiError::Unavailable | ApiError::OutcomeUnknown => Some(RETRY_AFTER_UNAVAILABLE),
+            ApiError::Unavailable | ApiError::OutcomeUnknown | ApiError::Lagging(_) => Some(RETRY_AFTER_UNAVAILABLE),
             _ => None,
         };
         if let Some(seconds) = retry_after {

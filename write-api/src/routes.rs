@@ -36,7 +36,7 @@ pub fn commands() -> OpenApiRouter<WriteApi> {
 }
 
 /// Path ids; one that is not a UUID names nothing that exists (404).
-pub struct Ids<T>(T);
+pub struct Ids<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Ids<T> {
     type Rejection = ApiError;

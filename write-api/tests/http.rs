@@ -730,7 +730,11 @@ async fn unknown_routes_wrong_methods_and_panics_answer_problems() {
             "unreachable"
         }),
     );
-    let panicking = quikapp_write_api::with_common_layers(panicking, std::time::Duration::from_secs(5));
+    let panicking = quikapp_write_api::with_common_layers(
+        panicking,
+        std::time::Duration::from_secs(5),
+        quikapp_write_api::problem::ApiError::OutcomeUnknown,
+    );
     let request = Request::builder().uri("/boom").body(Body::empty()).unwrap();
     let response = panicking.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);

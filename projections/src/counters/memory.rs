@@ -91,7 +91,8 @@ impl Keyspace for MemoryKeyspace {
             }
             state.stored.dead_lettered += dead_lettered;
         }
-        self.changed.notify_waiters();
+        // One permit kept when no one waits: the read API's tracker misses no change.
+        self.changed.notify_one();
         Ok(())
     }
 

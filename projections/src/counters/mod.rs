@@ -160,14 +160,14 @@ fn preview(text: &str) -> String {
     text.chars().take(PREVIEW_CHARS).collect()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LastMessage {
     pub message_id: Uuid,
     pub author_id: Uuid,
     pub preview: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ChannelStats {
     pub channel_id: Uuid,
     pub message_count: u64,
@@ -176,7 +176,7 @@ pub struct ChannelStats {
     pub last_message: Option<LastMessage>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Unread {
     pub channel_id: Uuid,
     pub unread: u64,

@@ -144,7 +144,8 @@ impl Projector for MemoryDirectory {
             }
             state.stored.dead_lettered += batch.dead_lettered;
         }
-        self.changed.notify_waiters();
+        // One permit kept when no one waits: the read API's tracker misses no change.
+        self.changed.notify_one();
         Ok(())
     }
 

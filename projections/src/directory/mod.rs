@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::ProjectionError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WorkspaceView {
     pub workspace_id: Uuid,
     pub name: String,
@@ -30,7 +30,7 @@ pub struct WorkspaceView {
     pub version: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ChannelView {
     pub channel_id: Uuid,
     pub workspace_id: Uuid,
@@ -43,7 +43,7 @@ pub struct ChannelView {
     pub version: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct MemberView {
     pub user_id: Uuid,
     /// `None` until the user sets a profile.

@@ -1,0 +1,252 @@
+//! One handler per query endpoint, each documented for `/openapi.json`.
+
+use axum::Json;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use quikapp_projections::counters::{ChannelStats, Unread};
+use quikapp_projections::directory::{ChannelView, MemberView, WorkspaceView};
+use quikapp_write_api::auth::Actor;
+use quikapp_write_api::problem::ApiError;
+use quikapp_write_api::routes::{Ids, Problem};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::{ReadApi, store_error};
+
+pub(crate) fn queries() -> OpenApiRouter<ReadApi> {
+    OpenApiRouter::new()
+        .routes(routes!(workspace))
+        .routes(routes!(channels))
+        .routes(routes!(channel))
+        .routes(routes!(members))
+        .routes(routes!(unread))
+        .routes(routes!(stats))
+        .routes(routes!(projections))
+}
+
+/// The models each kind of request reads; X-Min-Position waits for all of them.
+const DIRECTORY: &[&str] = &["postgres"];
+const COUNTERS_WITH_VISIBILITY: &[&str] = &["postgres", "redis"];
+const COUNTERS: &[&str] = &["redis"];
+
+/// `X-Min-Position` or `?min_position=`: a position the read models must have applied first.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct MinPositionDocs {
+    /// Wait (bounded) until the models this request reads have applied this position; 503 if
+    /// they have not in time. `?min_position=` works too.
+    #[param(rename = "X-Min-Position")]
+    x_min_position: Option<String>,
+}
+
+pub(crate) struct MinPosition(Option<u64>);
+
+#[derive(Deserialize)]
+struct MinPositionQuery {
+    min_position: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let parse = |field: &str, value: &str| {
+            value.trim().parse::<u64>().map(|p| MinPosition(Some(p))).map_err(|_| {
+                ApiError::invalid(field, "must be a position: a decimal integer, as a command's answer gives it")
+            })
+        };
+        if let Some(header) = parts.headers.get("x-min-position") {
+            return parse("X-Min-Position", header.to_str().unwrap_or("?"));
+        }
+        let query = Query::<MinPositionQuery>::try_from_uri(&parts.uri).map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        match query.0.min_position {
+            Some(value) => parse("min_position", &value),
+            None => Ok(MinPosition(None)),
+        }
+    }
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::NotFound(format!("{what} not found"))
+}
+
+impl ReadApi {
+    /// The channel, if `user` may see it: a member of its workspace, and of the channel when it
+    /// is private (API.md: invisible is 404, as if it did not exist).
+    async fn visible_channel(&self, user: Uuid, channel_id: Uuid) -> Result<ChannelView, ApiError> {
+        let directory = &self.inner.models.directory;
+        let channel = directory.channel(channel_id).await.map_err(store_error)?.ok_or_else(|| not_found("channel"))?;
+        let in_workspace = directory.role(channel.workspace_id, user).await.map_err(store_error)?.is_some();
+        let may_read = in_workspace
+            && (!channel.private || directory.is_member(channel_id, user).await.map_err(store_error)?);
+        if may_read { Ok(channel) } else { Err(not_found("channel")) }
+    }
+
+    async fn visible_workspace(&self, user: Uuid, workspace_id: Uuid) -> Result<WorkspaceView, ApiError> {
+        let directory = &self.inner.models.directory;
+        if directory.role(workspace_id, user).await.map_err(store_error)?.is_none() {
+            return Err(not_found("workspace"));
+        }
+        directory.workspace(workspace_id).await.map_err(store_error)?.ok_or_else(|| not_found("workspace"))
+    }
+}
+
+#[utoipa::path(get, path = "/v1/workspaces/{workspace_id}", tag = "workspaces",
+    params(("workspace_id" = Uuid, Path), MinPositionDocs),
+    responses((status = 200, body = WorkspaceView), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn workspace(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(workspace_id): Ids<Uuid>,
+) -> Result<Json<WorkspaceView>, ApiError> {
+    api.reached(DIRECTORY, min).await?;
+    Ok(Json(api.visible_workspace(actor.0, workspace_id).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+struct ChannelList {
+    channels: Vec<ChannelView>,
+}
+
+#[utoipa::path(get, path = "/v1/workspaces/{workspace_id}/channels", tag = "workspaces",
+    params(("workspace_id" = Uuid, Path), MinPositionDocs),
+    responses((status = 200, body = ChannelList, description = "public channels and the private ones the caller is in, by name"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn channels(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(workspace_id): Ids<Uuid>,
+) -> Result<Json<ChannelList>, ApiError> {
+    api.reached(DIRECTORY, min).await?;
+    api.visible_workspace(actor.0, workspace_id).await?;
+    let channels = api.inner.models.directory.channels(workspace_id, actor.0).await.map_err(store_error)?;
+    Ok(Json(ChannelList { channels }))
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels",
+    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    responses((status = 200, body = ChannelView), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn channel(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(channel_id): Ids<Uuid>,
+) -> Result<Json<ChannelView>, ApiError> {
+    api.reached(DIRECTORY, min).await?;
+    Ok(Json(api.visible_channel(actor.0, channel_id).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+struct MemberList {
+    members: Vec<MemberView>,
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "channels",
+    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    responses((status = 200, body = MemberList, description = "by join time"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn members(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(channel_id): Ids<Uuid>,
+) -> Result<Json<MemberList>, ApiError> {
+    api.reached(DIRECTORY, min).await?;
+    api.visible_channel(actor.0, channel_id).await?;
+    let members = api.inner.models.directory.members(channel_id).await.map_err(store_error)?;
+    Ok(Json(MemberList { members }))
+}
+
+#[derive(Serialize, ToSchema)]
+struct UnreadList {
+    channels: Vec<Unread>,
+}
+
+#[utoipa::path(get, path = "/v1/users/me/unread", tag = "users",
+    params(MinPositionDocs),
+    responses((status = 200, body = UnreadList, description = "every channel the caller is a member of"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn unread(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+) -> Result<Json<UnreadList>, ApiError> {
+    api.reached(COUNTERS, min).await?;
+    let channels = api.inner.models.counters.unread(actor.0).await.map_err(store_error)?;
+    Ok(Json(UnreadList { channels }))
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/stats", tag = "channels",
+    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    responses((status = 200, body = ChannelStats), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn stats(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(channel_id): Ids<Uuid>,
+) -> Result<Json<ChannelStats>, ApiError> {
+    api.reached(COUNTERS_WITH_VISIBILITY, min).await?;
+    api.visible_channel(actor.0, channel_id).await?;
+    Ok(Json(api.inner.models.counters.stats(channel_id).await.map_err(store_error)?))
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProjectionList {
+    projections: Vec<ProjectionStatus>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProjectionStatus {
+    name: String,
+    /// The position the model has applied, as a decimal string.
+    position: String,
+    /// Events in the store beyond it.
+    lag_events: u64,
+    /// How long ago the first event it has not applied was stored; 0 when it has them all.
+    lag_seconds: f64,
+    /// `running`; `rebuilding` and `paused` come with replay.
+    state: String,
+    /// Events set aside on the dead-letter topic.
+    dead_lettered: u64,
+}
+
+#[utoipa::path(get, path = "/v1/projections", tag = "projections",
+    responses((status = 200, body = ProjectionList), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn projections(State(api): State<ReadApi>, _actor: Actor) -> Result<Json<ProjectionList>, ApiError> {
+    let store = &api.inner.store;
+    let head = store.head().await?;
+    let mut projections = Vec::new();
+    for (name, progress) in &api.inner.progress {
+        let applied = *progress.borrow();
+        let lag_events = head.saturating_sub(applied.position);
+        let lag_seconds = match lag_events {
+            0 => 0.0,
+            _ => store.read_all(applied.position, 1).await?.first().map_or(0.0, |next| {
+                let behind = chrono::Utc::now() - next.occurred_at;
+                (behind.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0)
+            }),
+        };
+        projections.push(ProjectionStatus {
+            name: name.to_string(),
+            position: applied.position.to_string(),
+            lag_events,
+            lag_seconds,
+            state: "running".into(),
+            dead_lettered: applied.dead_lettered,
+        });
+    }
+    Ok(Json(ProjectionList { projections }))
+}

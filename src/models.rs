@@ -1,0 +1,118 @@
+//! The read models, the bus and the projector runtimes, as the configuration names them: the
+//! real stores when their URLs are set, the embedded ones otherwise.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use quikapp_bus::EventBus;
+use quikapp_bus::embedded::EmbeddedBus;
+use quikapp_bus::kafka::KafkaBus;
+use quikapp_commands::store::EventStore;
+use quikapp_projections::Projector;
+use quikapp_projections::counters::memory::MemoryKeyspace;
+use quikapp_projections::counters::redis::RedisKeyspace;
+use quikapp_projections::counters::{Counters, Keys};
+use quikapp_projections::directory::Directory;
+use quikapp_projections::directory::memory::MemoryDirectory;
+use quikapp_projections::directory::postgres::PostgresDirectory;
+use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+
+use crate::config::Config;
+use crate::topics;
+
+/// Which read models `quikapp project` keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Selection {
+    Postgres,
+    Redis,
+    Mongo,
+    Search,
+    All,
+}
+
+/// The directory (PostgreSQL) and counters (Redis) models, each with its projector.
+pub struct ReadModels {
+    directory: Option<(Arc<dyn Directory>, Arc<dyn Projector>)>,
+    counters: Option<Counters>,
+}
+
+impl ReadModels {
+    /// Both models.
+    pub async fn open(config: &Config) -> Result<Self> {
+        Self::open_selected(config, Selection::All).await
+    }
+
+    pub async fn open_selected(config: &Config, selection: Selection) -> Result<Self> {
+        if matches!(selection, Selection::Mongo | Selection::Search) {
+            bail!("the {selection:?} read model is not built yet; this build has `postgres` and `redis`");
+        }
+        let directory = match selection {
+            Selection::Postgres | Selection::All => Some(open_directory(config).await?),
+            _ => None,
+        };
+        let counters = match selection {
+            Selection::Redis | Selection::All => Some(open_counters(config).await?),
+            _ => None,
+        };
+        Ok(ReadModels { directory, counters })
+    }
+
+    pub fn projectors(&self) -> Vec<Arc<dyn Projector>> {
+        let directory = self.directory.iter().map(|(_, projector)| projector.clone());
+        let counters = self.counters.iter().map(|counters| Arc::new(counters.clone()) as Arc<dyn Projector>);
+        directory.chain(counters).collect()
+    }
+
+    /// What the read API serves (every model is open when it runs).
+    pub fn served(&self) -> quikapp_read_api::Models {
+        let (directory, _) = self.directory.clone().expect("the read API opens every model");
+        let counters = self.counters.clone().expect("the read API opens every model");
+        quikapp_read_api::Models { directory, counters, projectors: self.projectors() }
+    }
+}
+
+/// The directory on PostgreSQL (migrated) when `postgres_url` is set, else in memory.
+pub async fn open_directory(config: &Config) -> Result<(Arc<dyn Directory>, Arc<dyn Projector>)> {
+    match &config.postgres_url {
+        Some(url) => {
+            let directory = Arc::new(PostgresDirectory::connect(url).await.context("connecting to PostgreSQL")?);
+            directory.migrate().await.context("migrating the PostgreSQL read model")?;
+            Ok((directory.clone(), directory))
+        }
+        None => {
+            let directory = Arc::new(MemoryDirectory::new());
+            Ok((directory.clone(), directory))
+        }
+    }
+}
+
+async fn open_counters(config: &Config) -> Result<Counters> {
+    let keys = Keys::default();
+    Ok(match &config.redis_url {
+        Some(url) => Counters::new(
+            Arc::new(RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?),
+            keys,
+        ),
+        None => Counters::new(Arc::new(MemoryKeyspace::new()), keys),
+    })
+}
+
+/// Kafka when `kafka_brokers` is set, else the event store's own log.
+pub async fn open_bus(config: &Config, store: Arc<dyn EventStore>) -> Result<Arc<dyn EventBus>> {
+    Ok(match &config.kafka_brokers {
+        Some(brokers) => {
+            Arc::new(KafkaBus { brokers: brokers.clone(), topics: topics(config), partitions: config.kafka_partitions })
+        }
+        None => Arc::new(EmbeddedBus::new(store, topics(config), config.kafka_partitions)),
+    })
+}
+
+pub fn runtime(config: &Config, projector: Arc<dyn Projector>, bus: Arc<dyn EventBus>) -> Runtime {
+    let runtime_config = RuntimeConfig {
+        batch_size: config.projector_batch_size,
+        max_backoff: Duration::from_secs(10),
+        ..RuntimeConfig::default()
+    };
+    Runtime { projector, bus, config: runtime_config }
+}

@@ -32,6 +32,8 @@ const KEYS: &[&str] = &[
     "projector_addr",
     "projector_batch_size",
     "min_position_wait_seconds",
+    "redis_key_prefix",
+    "kafka_group_prefix",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +106,20 @@ pub struct Config {
     /// The longest a query waits for the position of X-Min-Position before answering 503.
     #[serde(default = "default_min_position_wait_seconds")]
     pub min_position_wait_seconds: u64,
+    /// Every key of the Redis read model starts with this.
+    #[serde(default = "default_redis_key_prefix")]
+    pub redis_key_prefix: String,
+    /// A projector's consumer group is this followed by its model's name.
+    #[serde(default = "default_kafka_group_prefix")]
+    pub kafka_group_prefix: String,
+}
+
+fn default_redis_key_prefix() -> String {
+    "quikapp:".into()
+}
+
+fn default_kafka_group_prefix() -> String {
+    "quikapp-projector-".into()
 }
 
 fn default_projector_addr() -> SocketAddr {
@@ -191,6 +207,8 @@ impl Default for Config {
             projector_addr: default_projector_addr(),
             projector_batch_size: default_projector_batch_size(),
             min_position_wait_seconds: default_min_position_wait_seconds(),
+            redis_key_prefix: default_redis_key_prefix(),
+            kafka_group_prefix: default_kafka_group_prefix(),
         }
     }
 }

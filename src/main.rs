@@ -200,8 +200,9 @@ async fn run_read_api(
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
     };
     let api = quikapp_read_api::ReadApi::new(models.served(), store, Tokens::new(secret)?, read_config);
-    let listener =
-        tokio::net::TcpListener::bind(config.read_addr).await.with_context(|| format!("binding {}", config.read_addr))?;
+    let listener = tokio::net::TcpListener::bind(config.read_addr)
+        .await
+        .with_context(|| format!("binding {}", config.read_addr))?;
     println!("read API listening on http://{}", listener.local_addr()?);
     quikapp_read_api::serve(listener, quikapp_read_api::router(api), shutdown).await?;
     println!("read API stopped");

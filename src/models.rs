@@ -88,7 +88,7 @@ pub async fn open_directory(config: &Config) -> Result<(Arc<dyn Directory>, Arc<
 }
 
 async fn open_counters(config: &Config) -> Result<Counters> {
-    let keys = Keys::default();
+    let keys = Keys { prefix: config.redis_key_prefix.clone() };
     Ok(match &config.redis_url {
         Some(url) => Counters::new(
             Arc::new(RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?),
@@ -112,6 +112,7 @@ pub fn runtime(config: &Config, projector: Arc<dyn Projector>, bus: Arc<dyn Even
     let runtime_config = RuntimeConfig {
         batch_size: config.projector_batch_size,
         max_backoff: Duration::from_secs(10),
+        group_prefix: config.kafka_group_prefix.clone(),
         ..RuntimeConfig::default()
     };
     Runtime { projector, bus, config: runtime_config }

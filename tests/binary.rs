@@ -1,6 +1,8 @@
 //! The real `quikapp` binary, on port 0, through its public HTTP API only: the README's
 //! walk-through on the embedded default, and the rules every role starts by.
 
+#[path = "e2e/pipeline.rs"]
+mod pipeline;
 mod support;
 
 use serde_json::{Value, json};
@@ -30,8 +32,11 @@ async fn send(
 
 fn dev(data_dir: &std::path::Path) -> Running {
     let mut command = quikapp(&["dev"]);
-    command.env("QUIKAPP_DATA_DIR", data_dir).env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0");
-    Running::start(command, "write API")
+    command
+        .env("QUIKAPP_DATA_DIR", data_dir)
+        .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0")
+        .env("QUIKAPP_READ_ADDR", "127.0.0.1:0");
+    Running::start_all(command, &["write API", "read API"])
 }
 
 #[tokio::test]
@@ -69,6 +74,23 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
     // WorkspaceCreated, ChannelCreated, ChannelMemberJoined, then this MessagePosted.
     assert_eq!(message["position"], "4");
     assert_eq!(client.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+
+    // The read API of the same process answers once its models have the message.
+    let read = &server.urls["read API"];
+    let stats = client
+        .get(format!("{read}/v1/channels/{ch}/stats"))
+        .bearer_auth(&alice_token)
+        .header("x-min-position", "4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats.status(), 200);
+    let stats: Value = stats.json().await.unwrap();
+    assert_eq!(
+        (stats["message_count"].clone(), stats["last_message"]["preview"].clone()),
+        (json!(1), json!("hello, world"))
+    );
+    assert_eq!(client.get(format!("{read}/readyz")).send().await.unwrap().status(), 200);
 
     assert!(server.stop().success(), "dev stops cleanly on SIGTERM");
     assert!(data_dir.join("events.db").exists(), "the embedded store lives under QUIKAPP_DATA_DIR");

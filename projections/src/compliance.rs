@@ -14,7 +14,7 @@ use quikapp_domain::{Envelope, Event};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{Batch, Move, ProjectionError, Progress, Projector};
+use crate::{Batch, Move, Progress, ProjectionError, Projector};
 
 /// The partitions of each topic in the scenario.
 pub const PARTITIONS: i32 = 12;
@@ -67,12 +67,36 @@ impl Default for Cast {
 pub fn scenario(c: &Cast) -> Vec<Envelope> {
     let mut log = Log::default();
     let (ws, general, secret) = (Some(c.workspace), Some(c.general), Some(c.secret));
-    log.push(&format!("user-{}", c.ada), None, None, c.ada, UserProfileUpdated { user_id: c.ada, display_name: "Ada".into() });
-    log.push(&format!("user-{}", c.bob), None, None, c.bob, UserProfileUpdated { user_id: c.bob, display_name: "Bob".into() });
+    log.push(
+        &format!("user-{}", c.ada),
+        None,
+        None,
+        c.ada,
+        UserProfileUpdated { user_id: c.ada, display_name: "Ada".into() },
+    );
+    log.push(
+        &format!("user-{}", c.bob),
+        None,
+        None,
+        c.bob,
+        UserProfileUpdated { user_id: c.bob, display_name: "Bob".into() },
+    );
     let workspace = format!("workspace-{}", c.workspace);
-    log.push(&workspace, ws, None, c.ada, WorkspaceCreated { workspace_id: c.workspace, name: "acme".into(), owner_id: c.ada });
+    log.push(
+        &workspace,
+        ws,
+        None,
+        c.ada,
+        WorkspaceCreated { workspace_id: c.workspace, name: "acme".into(), owner_id: c.ada },
+    );
     for (user, role) in [(c.bob, Role::Member), (c.cy, Role::Admin)] {
-        log.push(&workspace, ws, None, c.ada, WorkspaceMemberAdded { workspace_id: c.workspace, user_id: user, role, added_by: c.ada });
+        log.push(
+            &workspace,
+            ws,
+            None,
+            c.ada,
+            WorkspaceMemberAdded { workspace_id: c.workspace, user_id: user, role, added_by: c.ada },
+        );
     }
     let (g, s) = (format!("channel-{}", c.general), format!("channel-{}", c.secret));
     let created = |channel_id, name: &str, private| ChannelCreated {
@@ -100,19 +124,44 @@ pub fn scenario(c: &Cast) -> Vec<Envelope> {
     let p1 = log.push(&m(c.m1), ws, general, c.ada, posted(c.m1, c.general, c.ada, "hello", None));
     log.push(&m(c.m2), ws, general, c.bob, posted(c.m2, c.general, c.bob, "hi Ada", None));
     log.push(&m(c.m3), ws, general, c.bob, posted(c.m3, c.general, c.bob, "a reply", Some(c.m1)));
-    log.push(&g, ws, general, c.ada, ChannelRenamed { channel_id: c.general, name: "town-square".into(), previous_name: "general".into() });
+    log.push(
+        &g,
+        ws,
+        general,
+        c.ada,
+        ChannelRenamed { channel_id: c.general, name: "town-square".into(), previous_name: "general".into() },
+    );
     log.push(&m(c.m4), ws, general, c.ada, posted(c.m4, c.general, c.ada, "draft", None));
     log.push(&m(c.m5), ws, secret, c.ada, posted(c.m5, c.secret, c.ada, "psst", None));
     log.push(&s, ws, secret, c.ada, ChannelTopicChanged { channel_id: c.secret, topic: Some("plans".into()) });
-    log.push(&m(c.m4), ws, general, c.ada, MessageEdited { message_id: c.m4, channel_id: c.general, text: "final words".into() });
-    log.push(&m(c.m1), ws, general, c.cy, ReactionAdded { message_id: c.m1, channel_id: c.general, user_id: c.cy, emoji: "tada".into() });
-    log.push(&m(c.m2), ws, general, c.bob, MessageDeleted { message_id: c.m2, channel_id: c.general, author_id: c.bob, thread_root_id: None });
-    log.push(&format!("readmark-{}-{}", c.general, c.bob), ws, general, c.bob, ChannelReadMarked {
-        channel_id: c.general,
-        user_id: c.bob,
-        message_id: c.m1,
-        message_position: p1,
-    });
+    log.push(
+        &m(c.m4),
+        ws,
+        general,
+        c.ada,
+        MessageEdited { message_id: c.m4, channel_id: c.general, text: "final words".into() },
+    );
+    log.push(
+        &m(c.m1),
+        ws,
+        general,
+        c.cy,
+        ReactionAdded { message_id: c.m1, channel_id: c.general, user_id: c.cy, emoji: "tada".into() },
+    );
+    log.push(
+        &m(c.m2),
+        ws,
+        general,
+        c.bob,
+        MessageDeleted { message_id: c.m2, channel_id: c.general, author_id: c.bob, thread_root_id: None },
+    );
+    log.push(
+        &format!("readmark-{}-{}", c.general, c.bob),
+        ws,
+        general,
+        c.bob,
+        ChannelReadMarked { channel_id: c.general, user_id: c.bob, message_id: c.m1, message_position: p1 },
+    );
     log.push(&s, ws, secret, c.cy, ChannelMemberLeft { channel_id: c.secret, user_id: c.cy, removed_by: c.cy });
     log.push(&s, ws, secret, c.ada, ChannelArchived { channel_id: c.secret });
     log.events
@@ -192,8 +241,12 @@ fn moved(result: Result<(), ProjectionError>, what: &str) {
 
 /// Every batch applied once in order, then each again: the repeats are refused and change
 /// nothing. `snapshot` reads the model; `expected` is what the scenario implies.
-pub async fn the_same_batch_twice_changes_nothing<F, Fut>(projector: &dyn Projector, events: &[Envelope], snapshot: F, expected: Value)
-where
+pub async fn the_same_batch_twice_changes_nothing<F, Fut>(
+    projector: &dyn Projector,
+    events: &[Envelope],
+    snapshot: F,
+    expected: Value,
+) where
     F: Fn() -> Fut,
     Fut: Future<Output = Value>,
 {

@@ -121,10 +121,7 @@ pub fn applied_position(stored: &Stored, partitions: &[Partition]) -> u64 {
 }
 
 /// Checks the [`Move`]s of a batch against stored offsets, for stores that read them first.
-pub fn check_moves<'a>(
-    moves: &[Move],
-    stored: impl Fn(&Partition) -> Option<u64> + 'a,
-) -> Result<(), ProjectionError> {
+pub fn check_moves<'a>(moves: &[Move], stored: impl Fn(&Partition) -> Option<u64> + 'a) -> Result<(), ProjectionError> {
     for step in moves {
         let now = stored(&step.partition);
         if now != step.from {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use quikapp_bus::{BusError, EventBus, Partition, Record, Subscription};
 use quikapp_domain::event::schema_version_of;
 
-use crate::{Batch, Move, ProjectionError, Progress, Projector};
+use crate::{Batch, Move, Progress, ProjectionError, Projector};
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
@@ -232,7 +232,8 @@ impl Runtime {
                         state.applied = Some(step.to.offset);
                         state.watermark = step.to.watermark;
                     }
-                    subscription.commit(&batch.moves.iter().map(|m| (m.partition.clone(), m.to.offset)).collect::<Vec<_>>());
+                    subscription
+                        .commit(&batch.moves.iter().map(|m| (m.partition.clone(), m.to.offset)).collect::<Vec<_>>());
                     metrics::counter!("quikapp_projector_events_total", "model" => model)
                         .increment(batch.events.len() as u64);
                     metrics::counter!("quikapp_projector_batches_total", "model" => model).increment(1);

@@ -10,9 +10,9 @@ use quikapp_projections::compliance::{self, Cast, scenario};
 use quikapp_projections::counters::memory::MemoryKeyspace;
 use quikapp_projections::counters::redis::RedisKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
+use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::directory::postgres::PostgresDirectory;
-use quikapp_projections::directory::Directory;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -41,9 +41,10 @@ async fn directory_snapshot(directory: &dyn Directory, c: &Cast) -> Value {
 }
 
 fn joined_at(events: &[Envelope], channel: Uuid, user: Uuid) -> String {
-    let joined = events.iter().rev().find(|e| {
-        matches!(&e.event, Event::ChannelMemberJoined(j) if j.channel_id == channel && j.user_id == user)
-    });
+    let joined = events
+        .iter()
+        .rev()
+        .find(|e| matches!(&e.event, Event::ChannelMemberJoined(j) if j.channel_id == channel && j.user_id == user));
     timestamp::format(&joined.expect("a join").occurred_at)
 }
 
@@ -91,11 +92,25 @@ async fn directory_in_memory_complies() {
             0 => compliance::the_same_batch_twice_changes_nothing(first.as_ref(), &events, snapshot, expected).await,
             1 => {
                 let other = first.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(first.as_ref(), other.as_ref(), &events, snapshot, expected)
-                    .await
+                compliance::redelivery_after_a_rebalance_is_refused(
+                    first.as_ref(),
+                    other.as_ref(),
+                    &events,
+                    snapshot,
+                    expected,
+                )
+                .await
             }
-            _ => compliance::a_crash_while_applying_leaves_all_or_nothing(first.as_ref(), false, &events, snapshot, expected)
-                .await,
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    first.as_ref(),
+                    false,
+                    &events,
+                    snapshot,
+                    expected,
+                )
+                .await
+            }
         }
     }
 }
@@ -113,11 +128,17 @@ async fn directory_on_postgres_complies() {
             1 => {
                 // A second member: another process's pool on the same database.
                 let second = PostgresDirectory::with_pool(
-                    sqlx::postgres::PgPoolOptions::new().connect_with((*first.pool().connect_options()).clone()).await.unwrap(),
+                    sqlx::postgres::PgPoolOptions::new()
+                        .connect_with((*first.pool().connect_options()).clone())
+                        .await
+                        .unwrap(),
                 );
                 compliance::redelivery_after_a_rebalance_is_refused(&first, &second, &events, snapshot, expected).await
             }
-            _ => compliance::a_crash_while_applying_leaves_all_or_nothing(&first, true, &events, snapshot, expected).await,
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(&first, true, &events, snapshot, expected)
+                    .await
+            }
         }
     }
 }
@@ -177,10 +198,13 @@ async fn counters_in_memory_comply() {
             0 => compliance::the_same_batch_twice_changes_nothing(&counters, &events, snapshot, expected).await,
             1 => {
                 let other = counters.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected).await
+                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected)
+                    .await
             }
-            _ => compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, false, &events, snapshot, expected)
-                .await,
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, false, &events, snapshot, expected)
+                    .await
+            }
         }
     }
 }
@@ -200,9 +224,13 @@ async fn counters_on_redis_comply() {
                 let url = service_url("QUIKAPP_REDIS_URL").unwrap();
                 let keys = counters.keys().clone();
                 let other = Counters::new(Arc::new(RedisKeyspace::connect(&url, keys.clone()).await.unwrap()), keys);
-                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected).await
+                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected)
+                    .await
             }
-            _ => compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, true, &events, snapshot, expected).await,
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, true, &events, snapshot, expected)
+                    .await
+            }
         }
     }
 }
@@ -339,8 +367,12 @@ async fn kafka_fixture() -> Option<KafkaFixture> {
     let brokers = service_url("QUIKAPP_KAFKA_BROKERS")?;
     let store = fresh_postgres().await?;
     let topics = quikapp_bus::testing::fresh_topics();
-    let config =
-        KafkaConfig { brokers: brokers.clone(), topics: topics.clone(), partitions: PARTITIONS, options: Default::default() };
+    let config = KafkaConfig {
+        brokers: brokers.clone(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        options: Default::default(),
+    };
     let publisher = Arc::new(KafkaPublisher::connect(&config).await.expect("connect to Kafka"));
     let relay = quikapp_bus::testing::spawn_relay(store.clone(), publisher);
     let bus = Arc::new(KafkaBus { brokers: brokers.clone(), topics: topics.clone(), partitions: PARTITIONS });
@@ -412,7 +444,10 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_applies() {
     let directory = Arc::new(MemoryDirectory::new());
     let counters = Counters::new(Arc::new(MemoryKeyspace::new()), Keys::default());
     let group = format!("test-{}-", Uuid::now_v7());
-    let _running = [runtime(directory.clone(), kafka.bus.clone(), &group), runtime(Arc::new(counters.clone()), kafka.bus.clone(), &group)];
+    let _running = [
+        runtime(directory.clone(), kafka.bus.clone(), &group),
+        runtime(Arc::new(counters.clone()), kafka.bus.clone(), &group),
+    ];
     caught_up(directory.as_ref(), &partitions, head).await;
     caught_up(&counters, &partitions, head).await;
     assert_eq!(directory.stored().await.unwrap().dead_lettered, 2);
@@ -430,9 +465,13 @@ async fn poison_records_go_to_the_dead_letter_topic_and_the_rest_applies() {
     consumer.subscribe(&[&kafka.topics.dead_letters()]).unwrap();
     let mut letters = Vec::new();
     while letters.len() < 4 {
-        let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("4 dead letters").unwrap();
+        let message =
+            tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("4 dead letters").unwrap();
         let header = |name: &str| {
-            message.headers().and_then(|h| h.iter().find(|h| h.key == name)).and_then(|h| h.value)
+            message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == name))
+                .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         assert_eq!(message.key(), Some(key.as_bytes()));

@@ -90,9 +90,7 @@ impl ReadApi {
             tokio::spawn(track(projector.clone(), config.partitions.clone(), sender));
             progress.insert(projector.name(), receiver);
         }
-        ReadApi {
-            inner: Arc::new(Inner { tokens, models, store, progress, config, metrics: ops::metrics_handle() }),
-        }
+        ReadApi { inner: Arc::new(Inner { tokens, models, store, progress, config, metrics: ops::metrics_handle() }) }
     }
 
     /// Waits until every one of `models` has applied `min` (when given), within the configured wait.

@@ -62,7 +62,8 @@ impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
         if let Some(header) = parts.headers.get("x-min-position") {
             return parse("X-Min-Position", header.to_str().unwrap_or("?"));
         }
-        let query = Query::<MinPositionQuery>::try_from_uri(&parts.uri).map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        let query =
+            Query::<MinPositionQuery>::try_from_uri(&parts.uri).map_err(|e| ApiError::BadRequest(e.body_text()))?;
         match query.0.min_position {
             Some(value) => parse("min_position", &value),
             None => Ok(MinPosition(None)),
@@ -81,8 +82,8 @@ impl ReadApi {
         let directory = &self.inner.models.directory;
         let channel = directory.channel(channel_id).await.map_err(store_error)?.ok_or_else(|| not_found("channel"))?;
         let in_workspace = directory.role(channel.workspace_id, user).await.map_err(store_error)?.is_some();
-        let may_read = in_workspace
-            && (!channel.private || directory.is_member(channel_id, user).await.map_err(store_error)?);
+        let may_read =
+            in_workspace && (!channel.private || directory.is_member(channel_id, user).await.map_err(store_error)?);
         if may_read { Ok(channel) } else { Err(not_found("channel")) }
     }
 

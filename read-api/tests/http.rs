@@ -64,17 +64,13 @@ async fn app(min_position_wait: Duration) -> App {
     let runtimes = projectors
         .iter()
         .map(|projector| {
-            let runtime =
-                Runtime { projector: projector.clone(), bus: bus.clone(), config: RuntimeConfig::default() };
+            let runtime = Runtime { projector: projector.clone(), bus: bus.clone(), config: RuntimeConfig::default() };
             tokio::spawn(runtime.run(std::future::pending()))
         })
         .collect();
     let tokens = Tokens::new("a test secret that is long enough for HS256").unwrap();
-    let write = quikapp_write_api::router(WriteApi::new(
-        CommandService::new(store.clone()),
-        tokens.clone(),
-        Limits::default(),
-    ));
+    let write =
+        quikapp_write_api::router(WriteApi::new(CommandService::new(store.clone()), tokens.clone(), Limits::default()));
     let config = ReadConfig {
         partitions: Topics::default().partitions(PARTITIONS),
         min_position_wait,
@@ -86,7 +82,15 @@ async fn app(min_position_wait: Duration) -> App {
 }
 
 impl App {
-    async fn call(&self, router: &Router, method: Method, path: &str, user: Option<Uuid>, body: Option<Value>, headers: &[(&str, &str)]) -> Answer {
+    async fn call(
+        &self,
+        router: &Router,
+        method: Method,
+        path: &str,
+        user: Option<Uuid>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let mut request = Request::builder().method(method).uri(path);
         if let Some(user) = user {
             request = request.header("authorization", format!("Bearer {}", self.tokens.mint(user)));
@@ -115,7 +119,8 @@ impl App {
 
     /// A query that waits for `position`.
     async fn query(&self, user: Uuid, path: &str, position: &str) -> Answer {
-        self.call(&self.read, Method::GET, &format!("/v1{path}"), Some(user), None, &[("x-min-position", position)]).await
+        self.call(&self.read, Method::GET, &format!("/v1{path}"), Some(user), None, &[("x-min-position", position)])
+            .await
     }
 }
 
@@ -130,31 +135,93 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
     app.command(ada, Method::PUT, "/users/me", Some(json!({ "display_name": "Ada" }))).await;
     app.command(bob, Method::PUT, "/users/me", Some(json!({ "display_name": "Bob" }))).await;
     let ws = id(&app.command(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
-    app.command(ada, Method::POST, &format!("/workspaces/{ws}/members"), Some(json!({ "user_id": bob, "role": "member" }))).await;
-    let general = id(&app.command(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(json!({ "name": "general", "topic": "all" }))).await, "channel_id");
-    let secret = id(&app.command(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(json!({ "name": "secret", "private": true }))).await, "channel_id");
+    app.command(
+        ada,
+        Method::POST,
+        &format!("/workspaces/{ws}/members"),
+        Some(json!({ "user_id": bob, "role": "member" })),
+    )
+    .await;
+    let general = id(
+        &app.command(
+            ada,
+            Method::POST,
+            &format!("/workspaces/{ws}/channels"),
+            Some(json!({ "name": "general", "topic": "all" })),
+        )
+        .await,
+        "channel_id",
+    );
+    let secret = id(
+        &app.command(
+            ada,
+            Method::POST,
+            &format!("/workspaces/{ws}/channels"),
+            Some(json!({ "name": "secret", "private": true })),
+        )
+        .await,
+        "channel_id",
+    );
     app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
     let mut ada_messages = Vec::new();
     for text in ["one", "two", "three"] {
-        ada_messages.push(id(&app.command(ada, Method::POST, &format!("/channels/{general}/messages"), Some(json!({ "text": text }))).await, "message_id"));
+        ada_messages.push(id(
+            &app.command(ada, Method::POST, &format!("/channels/{general}/messages"), Some(json!({ "text": text })))
+                .await,
+            "message_id",
+        ));
     }
     app.command(bob, Method::POST, &format!("/channels/{general}/messages"), Some(json!({ "text": "mine" }))).await;
-    app.command(bob, Method::POST, &format!("/channels/{general}/messages"), Some(json!({ "text": "a reply", "thread_root_id": ada_messages[0] }))).await;
-    app.command(ada, Method::PATCH, &format!("/channels/{general}/messages/{}", ada_messages[2]), Some(json!({ "text": "three, edited" }))).await;
+    app.command(
+        bob,
+        Method::POST,
+        &format!("/channels/{general}/messages"),
+        Some(json!({ "text": "a reply", "thread_root_id": ada_messages[0] })),
+    )
+    .await;
+    app.command(
+        ada,
+        Method::PATCH,
+        &format!("/channels/{general}/messages/{}", ada_messages[2]),
+        Some(json!({ "text": "three, edited" })),
+    )
+    .await;
     app.command(ada, Method::DELETE, &format!("/channels/{general}/messages/{}", ada_messages[1]), None).await;
     app.command(ada, Method::POST, &format!("/channels/{secret}/messages"), Some(json!({ "text": "psst" }))).await;
-    let last = app.command(bob, Method::POST, &format!("/channels/{general}/read"), Some(json!({ "message_id": ada_messages[0] }))).await;
+    let last = app
+        .command(
+            bob,
+            Method::POST,
+            &format!("/channels/{general}/read"),
+            Some(json!({ "message_id": ada_messages[0] })),
+        )
+        .await;
     let at = last["position"].as_str().unwrap().to_owned();
 
     let workspace = app.query(bob, &format!("/workspaces/{ws}"), &at).await.ok();
-    assert_eq!(workspace, json!({ "workspace_id": ws, "name": "acme", "owner_id": ada, "member_count": 2, "version": 2 }));
-    let names = |body: Value| body["channels"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>();
-    assert_eq!(names(app.query(ada, &format!("/workspaces/{ws}/channels"), &at).await.ok()), [json!("general"), json!("secret")]);
+    assert_eq!(
+        workspace,
+        json!({ "workspace_id": ws, "name": "acme", "owner_id": ada, "member_count": 2, "version": 2 })
+    );
+    let names =
+        |body: Value| body["channels"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        names(app.query(ada, &format!("/workspaces/{ws}/channels"), &at).await.ok()),
+        [json!("general"), json!("secret")]
+    );
     assert_eq!(names(app.query(bob, &format!("/workspaces/{ws}/channels"), &at).await.ok()), [json!("general")]);
     let channel = app.query(bob, &format!("/channels/{general}"), &at).await.ok();
-    assert_eq!((channel["topic"].clone(), channel["member_count"].clone(), channel["private"].clone()), (json!("all"), json!(2), json!(false)));
+    assert_eq!(
+        (channel["topic"].clone(), channel["member_count"].clone(), channel["private"].clone()),
+        (json!("all"), json!(2), json!(false))
+    );
     let members = app.query(bob, &format!("/channels/{general}/members"), &at).await.ok();
-    let members: Vec<_> = members["members"].as_array().unwrap().iter().map(|m| (m["user_id"].clone(), m["display_name"].clone())).collect();
+    let members: Vec<_> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["user_id"].clone(), m["display_name"].clone()))
+        .collect();
     assert_eq!(members, [(json!(ada), json!("Ada")), (json!(bob), json!("Bob"))]);
 
     // Stats count messages and replies not deleted, the last by position (an edit does not move
@@ -164,13 +231,20 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
     assert_eq!(stats["last_message"]["preview"], "a reply");
     assert!(stats["last_message_at"].as_str().unwrap().ends_with('Z'));
     let unread = app.query(bob, "/users/me/unread", &at).await.ok();
-    assert_eq!(unread, json!({ "channels": [{ "channel_id": general, "unread": 1 }] }), "three, edited: after the mark");
-    let mut expected = vec![json!({ "channel_id": general, "unread": 1 }), json!({ "channel_id": secret, "unread": 0 })];
+    assert_eq!(
+        unread,
+        json!({ "channels": [{ "channel_id": general, "unread": 1 }] }),
+        "three, edited: after the mark"
+    );
+    let mut expected =
+        vec![json!({ "channel_id": general, "unread": 1 }), json!({ "channel_id": secret, "unread": 0 })];
     expected.sort_by_key(|c| c["channel_id"].as_str().unwrap().to_owned());
     assert_eq!(app.query(ada, "/users/me/unread", &at).await.ok(), json!({ "channels": expected }), "Bob's message");
 
     // Invisible is 404: a private channel to a non-member, a workspace to an outsider.
-    for path in [format!("/channels/{secret}"), format!("/channels/{secret}/members"), format!("/channels/{secret}/stats")] {
+    for path in
+        [format!("/channels/{secret}"), format!("/channels/{secret}/members"), format!("/channels/{secret}/stats")]
+    {
         app.query(bob, &path, &at).await.problem(StatusCode::NOT_FOUND);
     }
     for path in [format!("/workspaces/{ws}"), format!("/workspaces/{ws}/channels"), format!("/channels/{general}")] {
@@ -186,7 +260,10 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
     for projection in projections["projections"].as_array().unwrap() {
         let position: u64 = projection["position"].as_str().unwrap().parse().unwrap();
         assert!(position >= at.parse().unwrap(), "{projection}");
-        assert_eq!((projection["lag_events"].clone(), projection["state"].clone(), projection["dead_lettered"].clone()), (json!(0), json!("running"), json!(0)));
+        assert_eq!(
+            (projection["lag_events"].clone(), projection["state"].clone(), projection["dead_lettered"].clone()),
+            (json!(0), json!("running"), json!(0))
+        );
     }
 }
 

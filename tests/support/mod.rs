@@ -33,6 +33,8 @@ pub struct Running {
     pub child: Child,
     /// The base URL it printed, e.g. `http://127.0.0.1:40123`.
     pub url: String,
+    /// Every URL it was waited for by, by what printed it (`write API`, `read API`, ...).
+    pub urls: std::collections::HashMap<String, String>,
     pub lines: mpsc::Receiver<String>,
 }
 
@@ -45,7 +47,13 @@ impl Drop for Running {
 
 impl Running {
     /// Starts `command` and waits (bounded) for the line `<what> listening on <url>`.
-    pub fn start(mut command: Command, what: &str) -> Running {
+    pub fn start(command: Command, what: &str) -> Running {
+        Running::start_all(command, &[what])
+    }
+
+    /// Starts `command` and waits (bounded) for a `<what> listening on <url>` line of each of
+    /// `whats`; `url` is the first one's.
+    pub fn start_all(mut command: Command, whats: &[&str]) -> Running {
         let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start quikapp");
         let stdout = child.stdout.take().unwrap();
         let (sender, lines) = mpsc::channel();
@@ -56,17 +64,20 @@ impl Running {
                 }
             }
         });
-        let prefix = format!("{what} listening on ");
-        loop {
+        let mut urls = std::collections::HashMap::new();
+        while urls.len() < whats.len() {
             match lines.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
-                    if let Some(url) = line.strip_prefix(&prefix) {
-                        return Running { child, url: url.to_owned(), lines };
+                    if let Some((what, url)) = line.split_once(" listening on ")
+                        && whats.contains(&what)
+                    {
+                        urls.insert(what.to_owned(), url.to_owned());
                     }
                 }
-                Err(_) => panic!("quikapp did not print `{prefix}…` within a minute"),
+                Err(_) => panic!("quikapp did not print `<{whats:?}> listening on …` within a minute"),
             }
         }
+        Running { child, url: urls[whats[0]].clone(), urls, lines }
     }
 
     /// Sends SIGTERM and waits (bounded) for a clean exit.

@@ -118,7 +118,8 @@ impl Subscription for EmbeddedSubscription {
             // The position every partition has been delivered up to.
             let from = self.partitions.iter().map(|p| self.delivered.get(p).map_or(0, |offset| offset / 2)).min();
             let from = from.unwrap_or(0);
-            let scanned = self.store.read_all(from, max.max(1) as u32).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+            let scanned =
+                self.store.read_all(from, max.max(1) as u32).await.map_err(|e| BusError::Unavailable(e.to_string()))?;
             let head = scanned.last().map_or(from, |e| e.global_position);
             let mut records = Vec::new();
             for event in scanned {

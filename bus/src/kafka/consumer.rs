@@ -50,8 +50,12 @@ const LINGER: Duration = Duration::from_millis(5);
 impl KafkaSubscription {
     pub(super) async fn join(bus: &KafkaBus, group: &str) -> Result<Self, BusError> {
         let dead_letter_topic = bus.topics.dead_letters();
-        create_topics(&bus.brokers, &[&bus.topics.messages, &bus.topics.workspaces, &dead_letter_topic], bus.partitions)
-            .await?;
+        create_topics(
+            &bus.brokers,
+            &[&bus.topics.messages, &bus.topics.workspaces, &dead_letter_topic],
+            bus.partitions,
+        )
+        .await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bus.brokers)
             .set("group.id", group)

@@ -18,11 +18,13 @@ pub struct MemoryKeyspace {
     changed: Notify,
 }
 
+/// Members by score, and each member's score.
+type SortedSet = (BTreeSet<(u64, String)>, HashMap<String, u64>);
+
 #[derive(Default)]
 struct State {
     stored: Stored,
-    /// Sorted sets: members by score, and each member's score.
-    zsets: HashMap<String, (BTreeSet<(u64, String)>, HashMap<String, u64>)>,
+    zsets: HashMap<String, SortedSet>,
     hashes: HashMap<String, HashMap<String, String>>,
     sets: HashMap<String, HashSet<String>>,
 }
@@ -113,9 +115,10 @@ impl Keyspace for MemoryKeyspace {
         Ok(queries
             .iter()
             .map(|(key, min)| {
-                state.zsets.get(key).map_or(0, |(ordered, _)| {
-                    ordered.range((min.saturating_add(1), String::new())..).count() as u64
-                })
+                state
+                    .zsets
+                    .get(key)
+                    .map_or(0, |(ordered, _)| ordered.range((min.saturating_add(1), String::new())..).count() as u64)
             })
             .collect())
     }

@@ -120,10 +120,8 @@ pub fn ops_of(keys: &Keys, events: &[Envelope]) -> Vec<Op> {
                     ],
                 });
             }
-            Event::MessageEdited(e) => ops.push(Op::HSet {
-                key: keys.message(e.message_id),
-                fields: vec![("preview".into(), preview(&e.text))],
-            }),
+            Event::MessageEdited(e) => ops
+                .push(Op::HSet { key: keys.message(e.message_id), fields: vec![("preview".into(), preview(&e.text))] }),
             Event::MessageDeleted(e) => {
                 let member = e.message_id.to_string();
                 ops.push(Op::ZRem { key: keys.all(e.channel_id), member: member.clone() });
@@ -221,8 +219,13 @@ impl Counters {
 
     /// Every channel `user_id` is a member of, with its unread count, by channel id.
     pub async fn unread(&self, user_id: Uuid) -> Result<Vec<Unread>, ProjectionError> {
-        let mut channels: Vec<Uuid> =
-            self.keyspace.smembers(&self.keys.channels_of(user_id)).await?.iter().filter_map(|c| c.parse().ok()).collect();
+        let mut channels: Vec<Uuid> = self
+            .keyspace
+            .smembers(&self.keys.channels_of(user_id))
+            .await?
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect();
         channels.sort();
         let marks = self.keyspace.hgetall(&self.keys.marks_of(user_id)).await?;
         let queries: Vec<(String, u64)> = channels

@@ -12,7 +12,7 @@ use redis::aio::{ConnectionManager, PubSub};
 use serde_json::{Value, json};
 
 use super::{Keys, Keyspace, Op};
-use crate::{Move, ProjectionError, Progress, Stored, parse_partition_key, partition_key};
+use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partition_key};
 
 /// The pub/sub channel stored progress is announced on.
 pub const PROGRESS_CHANNEL: &str = "quikapp:projection:redis";
@@ -96,15 +96,17 @@ fn op_json(op: &Op) -> Value {
 impl Keyspace for RedisKeyspace {
     async fn stored(&self) -> Result<Stored, ProjectionError> {
         let mut connection = self.connection.clone();
-        let progress: HashMap<String, String> =
-            connection.hgetall(self.keys.progress()).await.map_err(unavailable)?;
+        let progress: HashMap<String, String> = connection.hgetall(self.keys.progress()).await.map_err(unavailable)?;
         let dead_lettered: Option<u64> =
             connection.hget(self.keys.totals(), "dead_lettered").await.map_err(unavailable)?;
         let partitions = progress
             .iter()
             .filter_map(|(key, value)| {
                 let (offset, watermark) = value.split_once(':')?;
-                Some((parse_partition_key(key)?, Progress { offset: offset.parse().ok()?, watermark: watermark.parse().ok()? }))
+                Some((
+                    parse_partition_key(key)?,
+                    Progress { offset: offset.parse().ok()?, watermark: watermark.parse().ok()? },
+                ))
             })
             .collect();
         Ok(Stored { partitions, dead_lettered: dead_lettered.unwrap_or(0) })
@@ -118,8 +120,7 @@ impl Keyspace for RedisKeyspace {
                 json!([partition_key(&m.partition), from, format!("{}:{}", m.to.offset, m.to.watermark)])
             })
             .collect();
-        let batch =
-            json!({ "moves": moves, "dead": dead_lettered.to_string(), "ops": ops.iter().map(op_json).collect::<Vec<_>>() });
+        let batch = json!({ "moves": moves, "dead": dead_lettered.to_string(), "ops": ops.iter().map(op_json).collect::<Vec<_>>() });
         self.script
             .key(self.keys.progress())
             .key(self.keys.totals())

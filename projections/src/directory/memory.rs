@@ -11,7 +11,7 @@ use quikapp_domain::workspace::Role;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::{ChannelView, Changes, Directory, MemberView, WorkspaceView};
+use super::{Changes, ChannelView, Directory, MemberView, WorkspaceView};
 use crate::{Batch, ProjectionError, Projector, Stored, check_moves};
 
 #[derive(Default)]

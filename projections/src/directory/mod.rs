@@ -140,7 +140,9 @@ impl Changes {
                 change.topic = Some(e.topic.clone());
             }
             Event::ChannelRenamed(e) => touch(&mut self.channels, e.channel_id, version).name = Some(e.name.clone()),
-            Event::ChannelTopicChanged(e) => touch(&mut self.channels, e.channel_id, version).topic = Some(e.topic.clone()),
+            Event::ChannelTopicChanged(e) => {
+                touch(&mut self.channels, e.channel_id, version).topic = Some(e.topic.clone())
+            }
             Event::ChannelArchived(e) => touch(&mut self.channels, e.channel_id, version).archived = true,
             Event::ChannelMemberJoined(e) => {
                 touch(&mut self.channels, e.channel_id, version);

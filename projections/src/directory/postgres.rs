@@ -12,8 +12,8 @@ use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{ChannelView, Changes, Directory, MemberView, WorkspaceView, role_name, role_of};
-use crate::{Batch, ProjectionError, Progress, Projector, Stored, check_moves, parse_partition_key, partition_key};
+use super::{Changes, ChannelView, Directory, MemberView, WorkspaceView, role_name, role_of};
+use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
 /// The channel stored progress is announced on; the payload is the model's name.
 pub const PROGRESS_CHANNEL: &str = "quikapp_projection";
@@ -21,6 +21,7 @@ pub const PROGRESS_CHANNEL: &str = "quikapp_projection";
 /// The schema, created or brought up to date by [`PostgresDirectory::migrate`]. Every statement
 /// can run again; a change adds statements at the end, never edits one.
 const SCHEMA: &str = r#"
+SET LOCAL client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS directory;
 CREATE TABLE IF NOT EXISTS directory.users (
     user_id uuid PRIMARY KEY,
@@ -97,7 +98,11 @@ impl PostgresDirectory {
 
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await.map_err(classify)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(classify)?;
         tx.commit().await.map_err(classify)
     }

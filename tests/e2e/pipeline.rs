@@ -1,0 +1,340 @@
+//! The whole pipeline as separate processes of the real binary, on the real services: write
+//! API, relay, one projector process per model, read API. Clients drive it through HTTP only;
+//! every read waits for the last command's position with X-Min-Position (no fixed sleeps), and
+//! both projectors are SIGKILLed and restarted in the middle of the run.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::support::{Running, fresh_postgres_database, quikapp, service_url};
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+const MESSAGES: usize = 2_000;
+
+struct Pipeline {
+    env: Vec<(&'static str, String)>,
+}
+
+impl Pipeline {
+    async fn new() -> Option<Pipeline> {
+        let brokers = service_url("QUIKAPP_KAFKA_BROKERS")?;
+        let redis = service_url("QUIKAPP_REDIS_URL")?;
+        let postgres = fresh_postgres_database().await?;
+        let run = Uuid::now_v7().simple().to_string();
+        let env = vec![
+            ("QUIKAPP_POSTGRES_URL", postgres),
+            ("QUIKAPP_KAFKA_BROKERS", brokers),
+            ("QUIKAPP_REDIS_URL", redis),
+            ("QUIKAPP_KAFKA_MESSAGES_TOPIC", format!("test-{run}-messages")),
+            ("QUIKAPP_KAFKA_WORKSPACES_TOPIC", format!("test-{run}-workspaces")),
+            ("QUIKAPP_KAFKA_PARTITIONS", "4".into()),
+            ("QUIKAPP_KAFKA_GROUP_PREFIX", format!("test-{run}-")),
+            ("QUIKAPP_REDIS_KEY_PREFIX", format!("test:{run}:")),
+            ("QUIKAPP_JWT_SECRET", SECRET.into()),
+            ("QUIKAPP_MIN_POSITION_WAIT_SECONDS", "90".into()),
+            ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
+            ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
+            ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
+            ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
+            ("QUIKAPP_RELAY_ADDR", "127.0.0.1:0".into()),
+            ("QUIKAPP_PROJECTOR_ADDR", "127.0.0.1:0".into()),
+        ];
+        let pipeline = Pipeline { env };
+        let migrate = pipeline.command(&["migrate"]).output().unwrap();
+        assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+        Some(pipeline)
+    }
+
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = quikapp(args);
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command
+    }
+
+    fn start(&self, args: &[&str], what: &str) -> Running {
+        Running::start(self.command(args), what)
+    }
+}
+
+/// What the commands imply, kept as their answers come.
+#[derive(Default)]
+struct Expected {
+    /// message → (channel, author, global position, top-level, text, deleted)
+    messages: HashMap<Uuid, (Uuid, Uuid, u64, bool, String, bool)>,
+    /// (user, channel) → (position of the mark command, position of the marked message)
+    marks: HashMap<(Uuid, Uuid), (u64, u64)>,
+    last_position: u64,
+}
+
+struct Client {
+    http: reqwest::Client,
+    write: String,
+    read: String,
+    tokens: HashMap<Uuid, String>,
+    expected: Mutex<Expected>,
+}
+
+impl Client {
+    /// A command; answers its body when it succeeded, and notes its position.
+    async fn command(
+        &self,
+        user: Uuid,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, (u16, Value)> {
+        let mut request =
+            self.http.request(method, format!("{}/v1{path}", self.write)).bearer_auth(&self.tokens[&user]);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the write API answers");
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !(200..300).contains(&status) {
+            return Err((status, body));
+        }
+        let position: u64 = body["position"].as_str().unwrap().parse().unwrap();
+        let mut expected = self.expected.lock().unwrap();
+        expected.last_position = expected.last_position.max(position);
+        Ok(body)
+    }
+
+    async fn must(&self, user: Uuid, method: Method, path: &str, body: Option<Value>) -> Value {
+        self.command(user, method, path, body).await.unwrap_or_else(|(status, body)| panic!("{path}: {status} {body}"))
+    }
+
+    async fn post(&self, author: Uuid, channel: Uuid, text: String, root: Option<Uuid>) -> Uuid {
+        let body = self
+            .must(
+                author,
+                Method::POST,
+                &format!("/channels/{channel}/messages"),
+                Some(json!({ "text": text, "thread_root_id": root })),
+            )
+            .await;
+        let id: Uuid = body["message_id"].as_str().unwrap().parse().unwrap();
+        let position = body["position"].as_str().unwrap().parse().unwrap();
+        self.expected.lock().unwrap().messages.insert(id, (channel, author, position, root.is_none(), text, false));
+        id
+    }
+
+    /// A query as `user`, waiting for every command so far.
+    async fn query(&self, user: Uuid, path: &str) -> (u16, Value) {
+        let at = self.expected.lock().unwrap().last_position.to_string();
+        let response = self
+            .http
+            .get(format!("{}/v1{path}", self.read))
+            .bearer_auth(&self.tokens[&user])
+            .header("x-min-position", at)
+            .send()
+            .await
+            .expect("the read API answers");
+        (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn read(&self, user: Uuid, path: &str) -> Value {
+        let (status, body) = self.query(user, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+}
+
+fn id(body: &Value, name: &str) -> Uuid {
+    body[name].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn separate_processes_answer_what_the_commands_imply_through_a_projector_crash() {
+    let Some(pipeline) = Pipeline::new().await else { return };
+    let write = pipeline.start(&["write-api"], "write API");
+    let _relay = pipeline.start(&["relay"], "relay");
+    let mut projectors =
+        [pipeline.start(&["project", "postgres"], "projector"), pipeline.start(&["project", "redis"], "projector")];
+    let read = pipeline.start(&["read-api"], "read API");
+
+    let users: [Uuid; 4] = std::array::from_fn(|_| Uuid::now_v7());
+    let [ada, bob, cy, dan] = users;
+    let mut tokens = HashMap::new();
+    for user in users {
+        let output = pipeline.command(&["token", &user.to_string()]).output().unwrap();
+        tokens.insert(user, String::from_utf8(output.stdout).unwrap().trim().to_owned());
+    }
+    let client = Arc::new(Client {
+        http: reqwest::Client::new(),
+        write: write.url.clone(),
+        read: read.url.clone(),
+        tokens,
+        expected: Mutex::default(),
+    });
+
+    for (user, name) in users.iter().zip(["Ada", "Bob", "Cy", "Dan"]) {
+        client.must(*user, Method::PUT, "/users/me", Some(json!({ "display_name": name }))).await;
+    }
+    let ws = id(&client.must(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+    for (user, role) in [(bob, "member"), (cy, "admin"), (dan, "member")] {
+        client
+            .must(
+                ada,
+                Method::POST,
+                &format!("/workspaces/{ws}/members"),
+                Some(json!({ "user_id": user, "role": role })),
+            )
+            .await;
+    }
+    let mut channels = Vec::new();
+    for (name, private) in [("general", false), ("random", false), ("secret", true)] {
+        let body = json!({ "name": name, "private": private });
+        channels.push(id(
+            &client.must(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await,
+            "channel_id",
+        ));
+    }
+    let [general, random, secret] = [channels[0], channels[1], channels[2]];
+    let joins = [(general, bob, bob), (general, cy, cy), (general, dan, dan), (random, bob, bob), (secret, bob, ada)];
+    for (channel, user, by) in joins {
+        client.must(by, Method::POST, &format!("/channels/{channel}/members"), Some(json!({ "user_id": user }))).await;
+    }
+    let members: HashMap<Uuid, Vec<Uuid>> =
+        HashMap::from([(general, vec![ada, bob, cy, dan]), (random, vec![ada, bob]), (secret, vec![ada, bob])]);
+    let mut roots = HashMap::new();
+    for channel in [general, random, secret] {
+        roots.insert(channel, client.post(ada, channel, format!("root of {channel}"), None).await);
+    }
+
+    // Thousands of messages from concurrent clients; both projectors killed half-way.
+    let post = |i: usize| {
+        let client = client.clone();
+        let channel = [general, general, random, secret][i % 4];
+        let author = members[&channel][i % members[&channel].len()];
+        let root = (i % 10 == 9).then(|| roots[&channel]);
+        async move { client.post(author, channel, format!("message {i}"), root).await }
+    };
+    let first: Vec<Uuid> = futures::stream::iter(0..MESSAGES / 2).map(post).buffered(16).collect().await;
+    for projector in &mut projectors {
+        projector.child.kill().expect("SIGKILL");
+        projector.child.wait().unwrap();
+    }
+    projectors =
+        [pipeline.start(&["project", "postgres"], "projector"), pipeline.start(&["project", "redis"], "projector")];
+    let second: Vec<Uuid> = futures::stream::iter(MESSAGES / 2..MESSAGES).map(post).buffered(16).collect().await;
+    let posted: Vec<Uuid> = first.into_iter().chain(second).collect();
+
+    // Edits and deletions by their authors, read marks from concurrent clients, a leave.
+    let changes = futures::stream::iter(posted.iter().enumerate().filter(|(i, _)| i % 20 == 3 || i % 20 == 7))
+        .map(|(i, message)| {
+            let client = client.clone();
+            async move {
+                let (channel, author) = {
+                    let expected = client.expected.lock().unwrap();
+                    let (channel, author, ..) = expected.messages[message];
+                    (channel, author)
+                };
+                let path = format!("/channels/{channel}/messages/{message}");
+                if i % 20 == 3 {
+                    client.must(author, Method::DELETE, &path, None).await;
+                    client.expected.lock().unwrap().messages.get_mut(message).unwrap().5 = true;
+                } else {
+                    let text = format!("edited {i}");
+                    client.must(author, Method::PATCH, &path, Some(json!({ "text": text }))).await;
+                    client.expected.lock().unwrap().messages.get_mut(message).unwrap().4 = text;
+                }
+            }
+        })
+        .buffer_unordered(16);
+    changes.collect::<Vec<()>>().await;
+    let marks = futures::stream::iter((0..40).map(|i| (users[1 + i % 3], posted[i * 37 % posted.len()])))
+        .map(|(user, message)| {
+            let (client, members) = (client.clone(), &members);
+            async move {
+                let (channel, marked_at, deleted) = {
+                    let expected = client.expected.lock().unwrap();
+                    let (channel, _, position, _, _, deleted) = expected.messages[&message];
+                    (channel, position, deleted)
+                };
+                if deleted || !members[&channel].contains(&user) {
+                    return;
+                }
+                let body = json!({ "message_id": message });
+                if let Ok(answer) =
+                    client.command(user, Method::POST, &format!("/channels/{channel}/read"), Some(body)).await
+                {
+                    let at: u64 = answer["position"].as_str().unwrap().parse().unwrap();
+                    let mut expected = client.expected.lock().unwrap();
+                    let mark = expected.marks.entry((user, channel)).or_insert((0, 0));
+                    if at > mark.0 {
+                        *mark = (at, marked_at);
+                    }
+                }
+            }
+        })
+        .buffer_unordered(8);
+    marks.collect::<Vec<()>>().await;
+    client.must(dan, Method::DELETE, &format!("/channels/{general}/members/{dan}"), None).await;
+    let mut members = members;
+    members.get_mut(&general).unwrap().retain(|user| *user != dan);
+
+    // Every figure, as the commands imply it.
+    let expected = client.expected.lock().unwrap().messages.clone();
+    let marks = client.expected.lock().unwrap().marks.clone();
+    let workspace = client.read(bob, &format!("/workspaces/{ws}")).await;
+    assert_eq!((workspace["member_count"].clone(), workspace["owner_id"].clone()), (json!(4), json!(ada)));
+    let names = |body: Value| -> Vec<String> {
+        body["channels"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(names(client.read(bob, &format!("/workspaces/{ws}/channels")).await), ["general", "random", "secret"]);
+    assert_eq!(names(client.read(cy, &format!("/workspaces/{ws}/channels")).await), ["general", "random"]);
+    for who in [cy, dan] {
+        for path in
+            [format!("/channels/{secret}"), format!("/channels/{secret}/members"), format!("/channels/{secret}/stats")]
+        {
+            assert_eq!(client.query(who, &path).await.0, 404, "{path} is invisible to a non-member");
+        }
+    }
+    for channel in [general, random, secret] {
+        let view = client.read(ada, &format!("/channels/{channel}")).await;
+        assert_eq!(view["member_count"], members[&channel].len(), "{view}");
+        let listed = client.read(ada, &format!("/channels/{channel}/members")).await;
+        let listed: BTreeSet<Uuid> = listed["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["user_id"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(listed, members[&channel].iter().copied().collect());
+
+        let alive: Vec<_> = expected.iter().filter(|(_, m)| m.0 == channel && !m.5).collect();
+        let (last_id, last) = alive.iter().max_by_key(|(_, m)| m.2).unwrap();
+        let stats = client.read(ada, &format!("/channels/{channel}/stats")).await;
+        assert_eq!(stats["message_count"], alive.len(), "{stats}");
+        assert_eq!(stats["last_message"], json!({ "message_id": last_id, "author_id": last.1, "preview": last.4 }));
+    }
+    for user in users {
+        let mut want: Vec<Value> = [general, random, secret]
+            .into_iter()
+            .filter(|channel| members[channel].contains(&user))
+            .map(|channel| {
+                let mark = marks.get(&(user, channel)).map_or(0, |m| m.1);
+                let unread =
+                    expected.values().filter(|m| m.0 == channel && m.3 && !m.5 && m.1 != user && m.2 > mark).count();
+                json!({ "channel_id": channel, "unread": unread })
+            })
+            .collect();
+        want.sort_by_key(|c| c["channel_id"].as_str().unwrap().to_owned());
+        assert_eq!(client.read(user, "/users/me/unread").await, json!({ "channels": want }), "unread of {user}");
+    }
+    let projections = client.read(ada, "/projections").await;
+    let last = client.expected.lock().unwrap().last_position;
+    for projection in projections["projections"].as_array().unwrap() {
+        assert!(projection["position"].as_str().unwrap().parse::<u64>().unwrap() >= last, "{projection}");
+        assert_eq!(projection["dead_lettered"], 0, "{projection}");
+    }
+    drop(projectors);
+}

@@ -43,8 +43,7 @@ pub(super) struct KafkaSubscription {
     topics: Topics,
 }
 
-/// After the first record of a poll, how long more records may take to arrive before the
-/// poll answers with what it has.
+/// After the first record of a poll, how long the poll goes on collecting records.
 const LINGER: Duration = Duration::from_millis(5);
 
 impl KafkaSubscription {
@@ -84,13 +83,17 @@ impl KafkaSubscription {
 impl crate::Subscription for KafkaSubscription {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<(Partition, Record)>, BusError> {
         let mut records = Vec::new();
-        let mut patience = wait;
+        // The first record may take `wait`; the rest must come within LINGER of it, so that a
+        // steady trickle of records does not hold a batch back until it is full.
+        let mut deadline = tokio::time::Instant::now() + wait;
         while records.len() < max {
-            let Ok(message) = tokio::time::timeout(patience, self.consumer.recv()).await else { break };
+            let Ok(message) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else { break };
             let message = message.map_err(unavailable)?;
             let partition = Partition { topic: message.topic().to_owned(), index: message.partition() };
             records.push((partition, record_of(&message)));
-            patience = LINGER;
+            if records.len() == 1 {
+                deadline = tokio::time::Instant::now() + LINGER;
+            }
         }
         Ok(records)
     }

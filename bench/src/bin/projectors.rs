@@ -1,0 +1,403 @@
+//! Projector benchmark against the real Kafka, PostgreSQL and Redis, in one run so the ratios
+//! compare like with like:
+//!
+//! 1. a backlog of `--events` events in fresh Kafka topics, written there directly (with a
+//!    watermark of the last position on every partition after them): for the directory,
+//!    channels and their member joins; for the counters, messages in 1,000 channels;
+//! 2. each projector draining its backlog through the runtime (Kafka consumer group, batches,
+//!    progress), next to a raw baseline into the same store with the same effect: multi-row
+//!    INSERTs of the same member rows; pipelined ZADD and HSET commands of the same keys;
+//! 3. live: the whole pipeline in this process (write API, relay, both projectors, read API,
+//!    on loopback), `--rate` commands per second, and the time from each command's answer to
+//!    the read API's answer with X-Min-Position, per read model.
+//!
+//! Run it with `bench/projectors` (release build, starts the services).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
+use quikapp_bus::{EventBus, Topics, watermark_value};
+use quikapp_commands::CommandService;
+use quikapp_commands::store::{PostgresStore, contract};
+use quikapp_domain::Envelope;
+use quikapp_domain::event::{ChannelCreated, ChannelMemberJoined, MessagePosted, timestamp};
+use quikapp_projections::counters::redis::RedisKeyspace;
+use quikapp_projections::counters::{Counters, Keys};
+use quikapp_projections::directory::postgres::PostgresDirectory;
+use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+use quikapp_projections::{Projector, applied_position};
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+/// PostgreSQL comes from QUIKAPP_POSTGRES_URL: the bench makes a database of its own there.
+#[derive(Parser)]
+struct Args {
+    #[arg(long, env = "QUIKAPP_KAFKA_BROKERS")]
+    kafka_brokers: String,
+    #[arg(long, env = "QUIKAPP_REDIS_URL")]
+    redis_url: String,
+    /// Events in each backlog.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Commands per second in the live phase.
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Seconds of the live phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Records a projector applies per batch, at most.
+    #[arg(long, default_value_t = 2_000)]
+    batch: usize,
+}
+
+const PARTITIONS: i32 = 12;
+
+fn fresh_topics() -> Topics {
+    let id = Uuid::now_v7().simple();
+    Topics { messages: format!("bench-{id}-messages"), workspaces: format!("bench-{id}-workspaces") }
+}
+
+fn envelope(position: u64, stream_id: String, version: u64, channel: Uuid, event: quikapp_domain::Event) -> Envelope {
+    Envelope {
+        event_id: Uuid::now_v7(),
+        schema_version: event.schema_version(),
+        event,
+        stream_id,
+        stream_version: version,
+        global_position: position,
+        workspace_id: Some(Uuid::nil()),
+        channel_id: Some(channel),
+        actor_id: Uuid::nil(),
+        occurred_at: timestamp::now(),
+        correlation_id: Uuid::nil(),
+        causation_id: Uuid::nil(),
+    }
+}
+
+/// Writes `events` to the messages topic as the relay would (keyed by channel, headers), then a
+/// watermark of the last position on every partition of both topics.
+async fn backlog(args: &Args, topics: &Topics, events: impl Iterator<Item = Envelope>) -> Result<u64> {
+    let config =
+        KafkaConfig { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS, options: Default::default() };
+    KafkaPublisher::connect(&config).await?; // creates the topics
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &args.kafka_brokers)
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let mut last = 0;
+    let mut deliveries = Vec::new();
+    let mut send = |record: FutureRecord<'_, str, [u8]>| -> Result<()> {
+        let mut record = record;
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    return Ok(());
+                }
+                Err((_, back)) => {
+                    record = back;
+                    // The queue is full: the producer's own thread drains it meanwhile.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    };
+    for event in events {
+        last = event.global_position;
+        let key = event.channel_id.expect("channel events").to_string();
+        let payload = serde_json::to_vec(&event)?;
+        let (schema_version, event_id) = (event.schema_version.to_string(), event.event_id.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "type", value: Some(event.event.type_name()) })
+            .insert(Header { key: "schema_version", value: Some(&schema_version) })
+            .insert(Header { key: "event_id", value: Some(&event_id) });
+        send(FutureRecord::to(&topics.messages).key(key.as_str()).payload(payload.as_slice()).headers(headers))?;
+    }
+    let value = watermark_value(last);
+    for topic in [&topics.messages, &topics.workspaces] {
+        for partition in 0..PARTITIONS {
+            let headers = OwnedHeaders::new().insert(Header { key: "type", value: Some("Watermark") });
+            send(FutureRecord::to(topic).partition(partition).payload(value.as_bytes()).headers(headers))?;
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(last)
+}
+
+/// Runs `projector` over `topics` until it has applied `head`; answers events per second.
+async fn drain(args: &Args, topics: &Topics, projector: Arc<dyn Projector>, head: u64) -> Result<f64> {
+    let bus: Arc<dyn EventBus> =
+        Arc::new(KafkaBus { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS });
+    let config = RuntimeConfig {
+        batch_size: args.batch,
+        group_prefix: format!("bench-{}-", Uuid::now_v7()),
+        ..RuntimeConfig::default()
+    };
+    let started = Instant::now();
+    let running = tokio::spawn(Runtime { projector: projector.clone(), bus, config }.run(std::future::pending()));
+    let partitions = topics.partitions(PARTITIONS);
+    while applied_position(&projector.stored().await?, &partitions) < head {
+        projector.changed().await;
+    }
+    let rate = head as f64 / started.elapsed().as_secs_f64();
+    running.abort();
+    Ok(rate)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let url = contract::fresh_postgres_database().await.context("QUIKAPP_POSTGRES_URL names the server")?;
+
+    // The directory: 10,000 channels, each created then joined by members.
+    let channels = 10_000u64;
+    let per_channel = (args.events / channels).max(1);
+    let ids: Vec<Uuid> = (0..channels).map(|_| Uuid::now_v7()).collect();
+    let users: Vec<Uuid> = (0..per_channel).map(|_| Uuid::now_v7()).collect();
+    let directory_events = ids.iter().enumerate().flat_map(|(c, channel)| {
+        let stream = format!("channel-{channel}");
+        let base = c as u64 * (per_channel + 1);
+        let created = ChannelCreated {
+            channel_id: *channel,
+            workspace_id: Uuid::nil(),
+            name: format!("c{c}"),
+            topic: None,
+            private: false,
+            created_by: users[0],
+        };
+        std::iter::once(envelope(base + 1, stream.clone(), 1, *channel, created.into())).chain(users.iter().enumerate().map(
+            move |(u, user)| {
+                let joined = ChannelMemberJoined { channel_id: *channel, user_id: *user, added_by: *user };
+                envelope(base + 2 + u as u64, stream.clone(), 2 + u as u64, *channel, joined.into())
+            },
+        ))
+    });
+    let topics = fresh_topics();
+    let started = Instant::now();
+    let head = backlog(&args, &topics, directory_events).await?;
+    println!("directory backlog: {head} events to Kafka in {:.1} s", started.elapsed().as_secs_f64());
+
+    let pool = sqlx::PgPool::connect(&url).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE baseline_members (channel_id uuid NOT NULL, user_id uuid NOT NULL, joined_at timestamptz NOT NULL,
+                                        PRIMARY KEY (channel_id, user_id))",
+    )
+    .execute(&pool)
+    .await?;
+    let started = Instant::now();
+    let rows: Vec<(Uuid, Uuid)> = ids.iter().flat_map(|c| users.iter().map(move |u| (*c, *u))).collect();
+    for chunk in rows.chunks(args.batch) {
+        let now = timestamp::now();
+        sqlx::query(
+            "INSERT INTO baseline_members SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[])
+             ON CONFLICT (channel_id, user_id) DO UPDATE SET joined_at = excluded.joined_at",
+        )
+        .bind(chunk.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(vec![now; chunk.len()])
+        .execute(&pool)
+        .await?;
+    }
+    let raw = rows.len() as f64 / started.elapsed().as_secs_f64();
+    println!("PostgreSQL raw: multi-row INSERT of the member rows      {raw:>9.0} rows/s");
+    let directory = Arc::new(PostgresDirectory::connect(&url).await?);
+    directory.migrate().await?;
+    let projected = drain(&args, &topics, directory, head).await?;
+    println!("PostgreSQL projector: from Kafka, progress included     {projected:>9.0} events/s");
+    println!("PostgreSQL projector / raw: {:.2}x (target >= 0.7)", projected / raw);
+
+    // The counters: messages in 1,000 channels.
+    let channel_ids: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
+    let authors: Vec<Uuid> = (0..50).map(|_| Uuid::now_v7()).collect();
+    let messages: Vec<(Uuid, Uuid, Uuid)> = (0..args.events as usize)
+        .map(|i| (Uuid::now_v7(), channel_ids[i % channel_ids.len()], authors[i % authors.len()]))
+        .collect();
+    let counter_events = messages.iter().enumerate().map(|(i, (message, channel, author))| {
+        let posted = MessagePosted {
+            message_id: *message,
+            channel_id: *channel,
+            author_id: *author,
+            text: "Standup moved to 10:30, same room.".into(),
+            thread_root_id: None,
+        };
+        envelope(i as u64 + 1, format!("message-{message}"), 1, *channel, posted.into())
+    });
+    let topics = fresh_topics();
+    let started = Instant::now();
+    let head = backlog(&args, &topics, counter_events).await?;
+    println!("counters backlog: {head} events to Kafka in {:.1} s", started.elapsed().as_secs_f64());
+
+    let client = redis::Client::open(args.redis_url.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let prefix = format!("bench:{}:", Uuid::now_v7());
+    let started = Instant::now();
+    for (i, chunk) in messages.chunks(args.batch).enumerate() {
+        let mut pipeline = redis::pipe();
+        for (j, (message, channel, author)) in chunk.iter().enumerate() {
+            let score = (i * args.batch + j + 1) as u64;
+            let member = message.to_string();
+            pipeline.zadd(format!("{prefix}ch:{channel}:all"), &member, score).ignore();
+            pipeline.zadd(format!("{prefix}ch:{channel}:top"), &member, score).ignore();
+            pipeline.zadd(format!("{prefix}ch:{channel}:top:{author}"), &member, score).ignore();
+            pipeline
+                .hset_multiple(
+                    format!("{prefix}msg:{message}"),
+                    &[("author_id", author.to_string()), ("preview", "Standup moved to 10:30, same room.".into()), ("posted_at", timestamp::format(&timestamp::now()))],
+                )
+                .ignore();
+        }
+        pipeline.query_async::<()>(&mut connection).await?;
+    }
+    let raw = head as f64 / started.elapsed().as_secs_f64();
+    println!("Redis raw: pipelined ZADD and HSET of the same keys      {raw:>9.0} events/s");
+    let keys = Keys { prefix: format!("bench:{}:", Uuid::now_v7()) };
+    let counters = Counters::new(Arc::new(RedisKeyspace::connect(&args.redis_url, keys.clone()).await?), keys);
+    let projected = drain(&args, &topics, Arc::new(counters), head).await?;
+    println!("Redis projector: from Kafka, progress included          {projected:>9.0} events/s");
+    println!("Redis projector / raw: {:.2}x (target >= 0.7)", projected / raw);
+
+    live(&args).await
+}
+
+/// The whole pipeline in this process, and the time from a command's answer to the read
+/// API's answer with X-Min-Position.
+async fn live(args: &Args) -> Result<()> {
+    let url = contract::fresh_postgres_database().await.context("QUIKAPP_POSTGRES_URL names the server")?;
+    let store = Arc::new(PostgresStore::connect(&url).await?);
+    store.migrate().await?;
+    let topics = fresh_topics();
+    let config =
+        KafkaConfig { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS, options: Default::default() };
+    let publisher = Arc::new(KafkaPublisher::connect(&config).await?);
+    let relay = quikapp_bus::relay::Relay {
+        pool: store.pool().clone(),
+        store: store.clone(),
+        publisher,
+        config: quikapp_bus::relay::RelayConfig::default(),
+    };
+    tokio::spawn(async move { relay.run(std::future::pending()).await });
+    let directory = Arc::new(PostgresDirectory::connect(&url).await?);
+    directory.migrate().await?;
+    let keys = Keys { prefix: format!("bench:{}:", Uuid::now_v7()) };
+    let counters = Counters::new(Arc::new(RedisKeyspace::connect(&args.redis_url, keys.clone()).await?), keys);
+    let bus: Arc<dyn EventBus> =
+        Arc::new(KafkaBus { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS });
+    let group_prefix = format!("bench-{}-", Uuid::now_v7());
+    let projectors: Vec<Arc<dyn Projector>> = vec![directory.clone(), Arc::new(counters.clone())];
+    for projector in &projectors {
+        let config = RuntimeConfig { batch_size: args.batch, group_prefix: group_prefix.clone(), ..RuntimeConfig::default() };
+        tokio::spawn(Runtime { projector: projector.clone(), bus: bus.clone(), config }.run(std::future::pending()));
+    }
+    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
+    let limits = quikapp_write_api::Limits {
+        rate_limit: quikapp_write_api::RateLimit { per_second: 1_000_000, burst: 1_000_000 },
+        ..Default::default()
+    };
+    let write = quikapp_write_api::WriteApi::new(CommandService::new(store.clone()), tokens.clone(), limits);
+    let read_config = quikapp_read_api::ReadConfig {
+        partitions: topics.partitions(PARTITIONS),
+        min_position_wait: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(30),
+    };
+    let models = quikapp_read_api::Models { directory, counters, projectors };
+    let read = quikapp_read_api::ReadApi::new(models, store.clone(), tokens.clone(), read_config);
+    let serve = |router: axum::Router| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        anyhow::Ok(format!("http://{address}"))
+    };
+    let write_url = serve(quikapp_write_api::router(write)).await?;
+    let read_url = serve(quikapp_read_api::router(read)).await?;
+
+    let http = reqwest::Client::new();
+    let user = Uuid::now_v7();
+    let token = tokens.mint(user);
+    let workspace: serde_json::Value = http
+        .post(format!("{write_url}/v1/workspaces"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "name": "bench" }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let workspace = workspace["workspace_id"].as_str().context("a workspace")?.to_owned();
+    let mut channels = Vec::new();
+    for i in 0..20 {
+        let channel: serde_json::Value = http
+            .post(format!("{write_url}/v1/workspaces/{workspace}/channels"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({ "name": format!("c{i}") }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        channels.push(channel["channel_id"].as_str().context("a channel")?.to_owned());
+    }
+    // Warm up: the consumer groups must be assigned before timing.
+    let warm = http.get(format!("{read_url}/v1/users/me/unread")).bearer_auth(&token).header("x-min-position", "22");
+    anyhow::ensure!(warm.send().await?.status().is_success(), "the pipeline warms up");
+
+    let total = (args.rate * args.seconds) as usize;
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate as u32);
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for i in 0..total {
+        tick.tick().await;
+        let (http, token, write_url, read_url) = (http.clone(), token.clone(), write_url.clone(), read_url.clone());
+        let channel = channels[i % channels.len()].clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let answer: serde_json::Value = http
+                .post(format!("{write_url}/v1/channels/{channel}/messages"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({ "text": format!("message {i}") }))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let accepted = Instant::now();
+            let position = answer["position"].as_str().context("a position")?.to_owned();
+            let read = |path: String| {
+                let request = http.get(format!("{read_url}/v1{path}")).bearer_auth(&token).header("x-min-position", &position);
+                async move {
+                    let response = request.send().await?;
+                    anyhow::ensure!(response.status().is_success(), "read {}", response.status());
+                    anyhow::Ok(accepted.elapsed())
+                }
+            };
+            // GET /channels/{ch} waits for the PostgreSQL model, /users/me/unread for Redis.
+            let (postgres, redis) = tokio::join!(read(format!("/channels/{channel}")), read("/users/me/unread".into()));
+            anyhow::Ok((accepted - sent, postgres?, redis?))
+        });
+    }
+    let mut command = Vec::with_capacity(total);
+    let (mut postgres, mut redis) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    while let Some(result) = tasks.join_next().await {
+        let (c, p, r) = result??;
+        command.push(c);
+        postgres.push(p);
+        redis.push(r);
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    println!("live: {total} commands at {rate:.0}/s (asked {}/s)", args.rate);
+    for (name, latencies) in [("command answered", &mut command), ("PostgreSQL model", &mut postgres), ("Redis model", &mut redis)] {
+        latencies.sort_unstable();
+        let at = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+        let what = if name == "command answered" { "sent to answered" } else { "accepted to visible" };
+        println!("  {name:<17} {what:<20} p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms", at(0.5), at(0.99), at(1.0));
+    }
+    println!("  (target: accepted to visible p99 < 50 ms for both models)");
+    Ok(())
+}

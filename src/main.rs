@@ -195,7 +195,7 @@ async fn run_read_api(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let read_config = quikapp_read_api::ReadConfig {
-        partitions: topics(config).partitions(config.kafka_partitions),
+        partitions: models::partitions(config).await,
         min_position_wait: Duration::from_secs(config.min_position_wait_seconds),
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
     };
@@ -235,20 +235,35 @@ async fn run_dev(config: &Config, secret: &str) -> Result<()> {
     }
     let write = run_write_api(config, secret, store.clone(), stopped(&stop));
     let read = run_read_api(config, secret, store, &models, stopped(&stop));
-    let signal = async {
-        shutdown_signal().await;
-        let _ = stop.send(());
+    // Until a signal, or until either API fails (a port taken): then everything stops.
+    let (mut write, mut read) = (std::pin::pin!(write), std::pin::pin!(read));
+    let result = tokio::select! {
+        () = shutdown_signal() => Ok(()),
+        result = &mut write => result.context("the write API"),
+        result = &mut read => result.context("the read API"),
     };
-    let (write, read, ()) = tokio::join!(write, read, signal);
-    write?;
-    read?;
+    let _ = stop.send(());
+    if result.is_ok() {
+        let (write, read) = tokio::join!(write, read);
+        write?;
+        read?;
+    }
     background.join_all().await;
-    Ok(())
+    result
 }
 
 /// The projectors of `selection`, on Kafka, each with its ops endpoint.
 async fn run_projectors(config: &Config, selection: models::Selection) -> Result<()> {
     let Some(brokers) = &config.kafka_brokers else { bail!("projectors read Kafka: set QUIKAPP_KAFKA_BROKERS") };
+    // Outside `dev`, a model in memory would be lost with the process while the group's
+    // offsets move on: a projector needs its store.
+    let needs = |model: models::Selection| selection == model || selection == models::Selection::All;
+    if needs(models::Selection::Postgres) && config.postgres_url.is_none() {
+        bail!("the postgres projector needs QUIKAPP_POSTGRES_URL");
+    }
+    if needs(models::Selection::Redis) && config.redis_url.is_none() {
+        bail!("the redis projector needs QUIKAPP_REDIS_URL");
+    }
     let models = models::ReadModels::open_selected(config, selection).await?;
     let bus: Arc<dyn quikapp_bus::EventBus> = Arc::new(quikapp_bus::kafka::KafkaBus {
         brokers: brokers.clone(),

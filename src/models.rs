@@ -108,6 +108,22 @@ pub async fn open_bus(config: &Config, store: Arc<dyn EventStore>) -> Result<Arc
     })
 }
 
+/// Every partition of both topics: as Kafka has them when it is configured and answers, else
+/// `kafka_partitions` each (the embedded bus's, and what the relay creates topics with).
+pub async fn partitions(config: &Config) -> Vec<quikapp_bus::Partition> {
+    let topics = topics(config);
+    if let Some(brokers) = &config.kafka_brokers {
+        let bus = KafkaBus { brokers: brokers.clone(), topics: topics.clone(), partitions: config.kafka_partitions };
+        match bus.partitions_on_broker().await {
+            Ok(partitions) => return partitions,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the topics' partitions from Kafka; using kafka_partitions")
+            }
+        }
+    }
+    topics.partitions(config.kafka_partitions)
+}
+
 pub fn runtime(config: &Config, projector: Arc<dyn Projector>, bus: Arc<dyn EventBus>) -> Runtime {
     let runtime_config = RuntimeConfig {
         batch_size: config.projector_batch_size,

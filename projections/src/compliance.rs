@@ -28,7 +28,7 @@ pub struct Cast {
     pub workspace: Uuid,
     /// Public; renamed from "general" to "town-square".
     pub general: Uuid,
-    /// Private; Cy joins and leaves, then it is archived.
+    /// Private; Cy joins and leaves, Bob joins after its messages, then it is archived.
     pub secret: Uuid,
     /// In `general`: by Ada, by Bob (deleted), Bob's reply to m1, by Ada (edited); in `secret` by Ada.
     pub m1: Uuid,
@@ -162,6 +162,8 @@ pub fn scenario(c: &Cast) -> Vec<Envelope> {
         c.bob,
         ChannelReadMarked { channel_id: c.general, user_id: c.bob, message_id: c.m1, message_position: p1 },
     );
+    // Bob joins after the channel's messages: they are not unread to him.
+    log.push(&s, ws, secret, c.ada, ChannelMemberJoined { channel_id: c.secret, user_id: c.bob, added_by: c.ada });
     log.push(&s, ws, secret, c.cy, ChannelMemberLeft { channel_id: c.secret, user_id: c.cy, removed_by: c.cy });
     log.push(&s, ws, secret, c.ada, ChannelArchived { channel_id: c.secret });
     log.events
@@ -277,7 +279,13 @@ pub async fn redelivery_after_a_rebalance_is_refused<F, Fut>(
     Fut: Future<Output = Value>,
 {
     let batches = batches(events, &cuts(events));
-    first.apply(&batches[0]).await.expect("the first member applies batch 0");
+    // Both members handed the first batch at once (a partition moving while it was read).
+    let (one, other) = tokio::join!(first.apply(&batches[0]), second.apply(&batches[0]));
+    let refused = match (one, other) {
+        (Ok(()), refused) | (refused, Ok(())) => refused,
+        (one, other) => panic!("neither member applied batch 0: {one:?}, {other:?}"),
+    };
+    moved(refused, "batch 0 applied by both members at once");
     moved(second.apply(&batches[0]).await, "batch 0 redelivered to the second member");
     second.apply(&batches[1]).await.expect("the second member goes on from the stored offsets");
     moved(first.apply(&batches[1]).await, "batch 1 by the member that lost the partitions");

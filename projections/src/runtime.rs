@@ -97,6 +97,7 @@ impl Runtime {
 
     /// One membership of the group, until the bus fails.
     async fn member(&self, mut subscription: Box<dyn Subscription>) -> Stop {
+        let model = self.projector.name();
         let mut known: HashMap<Partition, Known> = HashMap::new();
         loop {
             let polled = match subscription.poll(self.config.batch_size, Duration::from_secs(1)).await {
@@ -118,17 +119,20 @@ impl Runtime {
             // Partitions sought in this poll: the rest of what it read of them is dropped.
             let mut sought = std::collections::HashSet::new();
             for (partition, record) in polled {
-                let state = known.get_mut(&partition).expect("learned above");
                 if sought.contains(&partition) {
                     continue;
                 }
+                let state = known.get_mut(&partition).expect("learned above");
                 if !state.positioned {
                     state.positioned = true;
                     let follows = state.applied.is_some_and(|applied| record.offset() == applied + 1);
                     if !follows {
                         // Read again from the model's own offset; drop what was read from elsewhere.
                         if let Err(error) = subscription.seek(&partition, state.applied).await {
-                            return Stop::Bus(error);
+                            // Most likely taken away by a rebalance meanwhile; if not, the next
+                            // record read from it starts over.
+                            tracing::info!(model, ?partition, %error, "could not seek; forgetting the partition");
+                            known.remove(&partition);
                         }
                         sought.insert(partition);
                         continue;

@@ -189,18 +189,28 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
             )
             .await;
     }
+    // A member's read mark starts where they joined (the creator joins with the creation).
+    let join = |user: Uuid, channel: Uuid, by: Uuid| {
+        let client = client.clone();
+        async move {
+            let path = format!("/channels/{channel}/members");
+            let answer = client.must(by, Method::POST, &path, Some(json!({ "user_id": user }))).await;
+            let at: u64 = answer["position"].as_str().unwrap().parse().unwrap();
+            client.expected.lock().unwrap().marks.insert((user, channel), (at, at));
+        }
+    };
     let mut channels = Vec::new();
     for (name, private) in [("general", false), ("random", false), ("secret", true)] {
         let body = json!({ "name": name, "private": private });
-        channels.push(id(
-            &client.must(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await,
-            "channel_id",
-        ));
+        let created = client.must(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await;
+        let at: u64 = created["position"].as_str().unwrap().parse().unwrap();
+        client.expected.lock().unwrap().marks.insert((ada, id(&created, "channel_id")), (at, at));
+        channels.push(id(&created, "channel_id"));
     }
     let [general, random, secret] = [channels[0], channels[1], channels[2]];
     let joins = [(general, bob, bob), (general, cy, cy), (general, dan, dan), (random, bob, bob), (secret, bob, ada)];
     for (channel, user, by) in joins {
-        client.must(by, Method::POST, &format!("/channels/{channel}/members"), Some(json!({ "user_id": user }))).await;
+        join(user, channel, by).await;
     }
     let members: HashMap<Uuid, Vec<Uuid>> =
         HashMap::from([(general, vec![ada, bob, cy, dan]), (random, vec![ada, bob]), (secret, vec![ada, bob])]);
@@ -226,6 +236,8 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         [pipeline.start(&["project", "postgres"], "projector"), pipeline.start(&["project", "redis"], "projector")];
     let second: Vec<Uuid> = futures::stream::iter(MESSAGES / 2..MESSAGES).map(post).buffered(16).collect().await;
     let posted: Vec<Uuid> = first.into_iter().chain(second).collect();
+    // Cy joins a channel with history: none of it is unread to Cy.
+    join(cy, random, cy).await;
 
     // Edits and deletions by their authors, read marks from concurrent clients, a leave.
     let changes = futures::stream::iter(posted.iter().enumerate().filter(|(i, _)| i % 20 == 3 || i % 20 == 7))
@@ -280,6 +292,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     client.must(dan, Method::DELETE, &format!("/channels/{general}/members/{dan}"), None).await;
     let mut members = members;
     members.get_mut(&general).unwrap().retain(|user| *user != dan);
+    members.get_mut(&random).unwrap().push(cy);
 
     // Every figure, as the commands imply it.
     let expected = client.expected.lock().unwrap().messages.clone();

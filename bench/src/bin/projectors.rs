@@ -82,8 +82,12 @@ fn envelope(position: u64, stream_id: String, version: u64, channel: Uuid, event
 /// Writes `events` to the messages topic as the relay would (keyed by channel, headers), then a
 /// watermark of the last position on every partition of both topics.
 async fn backlog(args: &Args, topics: &Topics, events: impl Iterator<Item = Envelope>) -> Result<u64> {
-    let config =
-        KafkaConfig { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS, options: Default::default() };
+    let config = KafkaConfig {
+        brokers: args.kafka_brokers.clone(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        options: Default::default(),
+    };
     KafkaPublisher::connect(&config).await?; // creates the topics
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.kafka_brokers)
@@ -176,12 +180,12 @@ async fn main() -> Result<()> {
             private: false,
             created_by: users[0],
         };
-        std::iter::once(envelope(base + 1, stream.clone(), 1, *channel, created.into())).chain(users.iter().enumerate().map(
-            move |(u, user)| {
+        std::iter::once(envelope(base + 1, stream.clone(), 1, *channel, created.into())).chain(
+            users.iter().enumerate().map(move |(u, user)| {
                 let joined = ChannelMemberJoined { channel_id: *channel, user_id: *user, added_by: *user };
                 envelope(base + 2 + u as u64, stream.clone(), 2 + u as u64, *channel, joined.into())
-            },
-        ))
+            }),
+        )
     });
     let topics = fresh_topics();
     let started = Instant::now();
@@ -253,7 +257,11 @@ async fn main() -> Result<()> {
             pipeline
                 .hset_multiple(
                     format!("{prefix}msg:{message}"),
-                    &[("author_id", author.to_string()), ("preview", "Standup moved to 10:30, same room.".into()), ("posted_at", timestamp::format(&timestamp::now()))],
+                    &[
+                        ("author_id", author.to_string()),
+                        ("preview", "Standup moved to 10:30, same room.".into()),
+                        ("posted_at", timestamp::format(&timestamp::now())),
+                    ],
                 )
                 .ignore();
         }
@@ -277,8 +285,12 @@ async fn live(args: &Args) -> Result<()> {
     let store = Arc::new(PostgresStore::connect(&url).await?);
     store.migrate().await?;
     let topics = fresh_topics();
-    let config =
-        KafkaConfig { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS, options: Default::default() };
+    let config = KafkaConfig {
+        brokers: args.kafka_brokers.clone(),
+        topics: topics.clone(),
+        partitions: PARTITIONS,
+        options: Default::default(),
+    };
     let publisher = Arc::new(KafkaPublisher::connect(&config).await?);
     let relay = quikapp_bus::relay::Relay {
         pool: store.pool().clone(),
@@ -296,7 +308,8 @@ async fn live(args: &Args) -> Result<()> {
     let group_prefix = format!("bench-{}-", Uuid::now_v7());
     let projectors: Vec<Arc<dyn Projector>> = vec![directory.clone(), Arc::new(counters.clone())];
     for projector in &projectors {
-        let config = RuntimeConfig { batch_size: args.batch, group_prefix: group_prefix.clone(), ..RuntimeConfig::default() };
+        let config =
+            RuntimeConfig { batch_size: args.batch, group_prefix: group_prefix.clone(), ..RuntimeConfig::default() };
         tokio::spawn(Runtime { projector: projector.clone(), bus: bus.clone(), config }.run(std::future::pending()));
     }
     let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
@@ -370,7 +383,8 @@ async fn live(args: &Args) -> Result<()> {
             let accepted = Instant::now();
             let position = answer["position"].as_str().context("a position")?.to_owned();
             let read = |path: String| {
-                let request = http.get(format!("{read_url}/v1{path}")).bearer_auth(&token).header("x-min-position", &position);
+                let request =
+                    http.get(format!("{read_url}/v1{path}")).bearer_auth(&token).header("x-min-position", &position);
                 async move {
                     let response = request.send().await?;
                     anyhow::ensure!(response.status().is_success(), "read {}", response.status());
@@ -392,11 +406,19 @@ async fn live(args: &Args) -> Result<()> {
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
     println!("live: {total} commands at {rate:.0}/s (asked {}/s)", args.rate);
-    for (name, latencies) in [("command answered", &mut command), ("PostgreSQL model", &mut postgres), ("Redis model", &mut redis)] {
+    for (name, latencies) in
+        [("command answered", &mut command), ("PostgreSQL model", &mut postgres), ("Redis model", &mut redis)]
+    {
         latencies.sort_unstable();
-        let at = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+        let at =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
         let what = if name == "command answered" { "sent to answered" } else { "accepted to visible" };
-        println!("  {name:<17} {what:<20} p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms", at(0.5), at(0.99), at(1.0));
+        println!(
+            "  {name:<17} {what:<20} p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
     }
     println!("  (target: accepted to visible p99 < 50 ms for both models)");
     Ok(())

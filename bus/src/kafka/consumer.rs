@@ -41,6 +41,11 @@ pub(super) struct KafkaSubscription {
     consumer: Arc<StreamConsumer>,
     dead_letters: FutureProducer,
     topics: Topics,
+    /// Partitions sought to an offset whose first record is not read yet: that record must
+    /// be the one sought. The relay's topics have no gaps (an idempotent producer, no
+    /// transactions, no compaction), so anything else means records were deleted (retention)
+    /// or the topic was made again, and reading on would skip events or stall silently.
+    sought: std::collections::HashMap<Partition, u64>,
 }
 
 /// After the first record of a poll, how long the poll goes on collecting records.
@@ -75,7 +80,12 @@ impl KafkaSubscription {
             .set("partitioner", "murmur2_random")
             .create()
             .map_err(unavailable)?;
-        Ok(KafkaSubscription { consumer: Arc::new(consumer), dead_letters, topics: bus.topics.clone() })
+        Ok(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            dead_letters,
+            topics: bus.topics.clone(),
+            sought: Default::default(),
+        })
     }
 }
 
@@ -90,6 +100,18 @@ impl crate::Subscription for KafkaSubscription {
             let Ok(message) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else { break };
             let message = message.map_err(unavailable)?;
             let partition = Partition { topic: message.topic().to_owned(), index: message.partition() };
+            if let Some(expected) = self.sought.remove(&partition)
+                && message.offset() as u64 != expected
+            {
+                return Err(BusError::Unavailable(format!(
+                    "{}/{}: the record after the reader's offset {} is gone (the next one is {}): deleted by \
+                     retention, or the topic was made again; rebuild the read model",
+                    partition.topic,
+                    partition.index,
+                    expected as i64 - 1,
+                    message.offset()
+                )));
+            }
             records.push((partition, record_of(&message)));
             if records.len() == 1 {
                 deadline = tokio::time::Instant::now() + LINGER;
@@ -100,14 +122,19 @@ impl crate::Subscription for KafkaSubscription {
 
     async fn seek(&mut self, partition: &Partition, after: Option<u64>) -> Result<(), BusError> {
         let offset = after.map_or(Offset::Beginning, |offset| Offset::Offset(offset as i64 + 1));
-        let (consumer, partition) = (self.consumer.clone(), partition.clone());
+        let (consumer, sought) = (self.consumer.clone(), partition.clone());
         // A seek waits for the fetcher to restart there (and so drops what it fetched before).
         tokio::task::spawn_blocking(move || {
-            consumer.seek(&partition.topic, partition.index, offset, Duration::from_secs(10))
+            consumer.seek(&sought.topic, sought.index, offset, Duration::from_secs(10))
         })
         .await
         .map_err(unavailable)?
-        .map_err(unavailable)
+        .map_err(unavailable)?;
+        match after {
+            Some(after) => self.sought.insert(partition.clone(), after + 1),
+            None => self.sought.remove(partition),
+        };
+        Ok(())
     }
 
     fn commit(&mut self, done: &[(Partition, u64)]) {

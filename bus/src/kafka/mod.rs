@@ -219,6 +219,31 @@ pub struct KafkaBus {
     pub partitions: i32,
 }
 
+impl KafkaBus {
+    /// Every partition of both topics, as the broker reports them (an error if a topic is
+    /// missing): what a reader must have watermarks from before it has applied a position.
+    pub async fn partitions_on_broker(&self) -> Result<Vec<crate::Partition>, BusError> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().map_err(unavailable)?;
+        let topics = [self.topics.messages.clone(), self.topics.workspaces.clone()];
+        tokio::task::spawn_blocking(move || {
+            let mut partitions = Vec::new();
+            for topic in topics {
+                let metadata = consumer.fetch_metadata(Some(&topic), TIMEOUT).map_err(unavailable)?;
+                let count = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
+                if count == 0 {
+                    return Err(BusError::Unavailable(format!("topic {topic} does not exist yet")));
+                }
+                partitions.extend((0..count).map(|index| crate::Partition { topic: topic.clone(), index }));
+            }
+            Ok(partitions)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
 #[async_trait]
 impl crate::EventBus for KafkaBus {
     fn partitions(&self) -> Vec<crate::Partition> {

@@ -7,7 +7,8 @@
 //! - `ch:{c}:top` and `ch:{c}:top:{u}`: top-level messages not deleted, all and by author `u`.
 //!   A member's unread count is those of `top` after their read mark, less their own.
 //! - `msg:{m}`: author, preview and time of a message not deleted.
-//! - `user:{u}:channels` (a set) and `user:{u}:marks` (channel → position of the read mark).
+//! - `user:{u}:channels` (a set) and `user:{u}:marks` (channel → position of the read mark:
+//!   set at the join, moved by each ChannelReadMarked, dropped at a leave).
 //!
 //! [`ops_of`] turns events into these writes, once for every store: [`redis::RedisKeyspace`]
 //! runs them with the batch's progress in one Lua script, [`memory::MemoryKeyspace`] (the
@@ -130,7 +131,12 @@ pub fn ops_of(keys: &Keys, events: &[Envelope]) -> Vec<Op> {
                 ops.push(Op::Del { key: keys.message(e.message_id) });
             }
             Event::ChannelMemberJoined(e) => {
-                ops.push(Op::SAdd { key: keys.channels_of(e.user_id), member: e.channel_id.to_string() })
+                ops.push(Op::SAdd { key: keys.channels_of(e.user_id), member: e.channel_id.to_string() });
+                // What was posted before the member joined is not unread to them.
+                ops.push(Op::HSet {
+                    key: keys.marks_of(e.user_id),
+                    fields: vec![(e.channel_id.to_string(), envelope.global_position.to_string())],
+                });
             }
             Event::ChannelMemberLeft(e) => {
                 ops.push(Op::SRem { key: keys.channels_of(e.user_id), member: e.channel_id.to_string() });

@@ -55,11 +55,14 @@ pub struct RedisKeyspace {
     pubsub: tokio::sync::Mutex<Option<PubSub>>,
 }
 
+/// The script's refusal on moved offsets; a key of the wrong type or an unknown operation is
+/// the batch's fault; anything else (connection, timeout, a server loading or out of memory)
+/// may pass.
 fn unavailable(error: redis::RedisError) -> ProjectionError {
-    if error.code() == Some("QUIKMOVED") {
-        ProjectionError::Moved(error.to_string())
-    } else {
-        ProjectionError::Unavailable(error.to_string())
+    match error.code() {
+        Some("QUIKMOVED") => ProjectionError::Moved(error.to_string()),
+        Some("WRONGTYPE" | "QUIKOP") => ProjectionError::Rejected(error.to_string()),
+        _ => ProjectionError::Unavailable(error.to_string()),
     }
 }
 

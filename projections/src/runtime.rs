@@ -95,61 +95,92 @@ impl Runtime {
         }
     }
 
-    /// One membership of the group, until the bus fails.
+    /// One membership of the group, until the bus fails. Each batch's first attempt at the
+    /// store runs while the next records are read, so reading and writing overlap; what was
+    /// read is then sorted out against what the store has, exactly as if read afterwards.
     async fn member(&self, mut subscription: Box<dyn Subscription>) -> Stop {
-        let model = self.projector.name();
         let mut known: HashMap<Partition, Known> = HashMap::new();
+        let mut polled = match subscription.poll(self.config.batch_size, Duration::from_secs(1)).await {
+            Ok(polled) => polled,
+            Err(error) => return Stop::Bus(error),
+        };
         loop {
-            let polled = match subscription.poll(self.config.batch_size, Duration::from_secs(1)).await {
+            let records = self.new_records(subscription.as_mut(), &mut known, polled).await;
+            let next = if records.is_empty() {
+                subscription.poll(self.config.batch_size, Duration::from_secs(1)).await
+            } else {
+                let batch = match self.batch(subscription.as_mut(), &known, &records, true).await {
+                    Ok(batch) => batch,
+                    Err(Stop::Bus(error)) => return Stop::Bus(error),
+                };
+                let (first, next) = tokio::join!(
+                    self.projector.apply(&batch),
+                    subscription.poll(self.config.batch_size, Duration::from_secs(1))
+                );
+                if let Err(Stop::Bus(error)) =
+                    self.settle(subscription.as_mut(), &mut known, &records, &batch, first).await
+                {
+                    return Stop::Bus(error);
+                }
+                next
+            };
+            polled = match next {
                 Ok(polled) => polled,
                 Err(error) => return Stop::Bus(error),
             };
-            if polled.iter().any(|(partition, _)| !known.contains_key(partition)) {
-                let stored = self.stored().await;
-                for (partition, _) in &polled {
-                    let progress = stored.partitions.get(partition);
-                    known.entry(partition.clone()).or_insert(Known {
-                        applied: progress.map(|p| p.offset),
-                        watermark: progress.map_or(0, |p| p.watermark),
-                        positioned: false,
-                    });
-                }
-            }
-            let mut records = Vec::with_capacity(polled.len());
-            // Partitions sought in this poll: the rest of what it read of them is dropped.
-            let mut sought = std::collections::HashSet::new();
-            for (partition, record) in polled {
-                if sought.contains(&partition) {
-                    continue;
-                }
-                let state = known.get_mut(&partition).expect("learned above");
-                if !state.positioned {
-                    state.positioned = true;
-                    let follows = state.applied.is_some_and(|applied| record.offset() == applied + 1);
-                    if !follows {
-                        // Read again from the model's own offset; drop what was read from elsewhere.
-                        if let Err(error) = subscription.seek(&partition, state.applied).await {
-                            // Most likely taken away by a rebalance meanwhile; if not, the next
-                            // record read from it starts over.
-                            tracing::info!(model, ?partition, %error, "could not seek; forgetting the partition");
-                            known.remove(&partition);
-                        }
-                        sought.insert(partition);
-                        continue;
-                    }
-                }
-                if state.applied.is_some_and(|applied| record.offset() <= applied) {
-                    continue;
-                }
-                records.push((partition, record));
-            }
-            if records.is_empty() {
-                continue;
-            }
-            if let Err(Stop::Bus(error)) = self.apply(subscription.as_mut(), &mut known, &records, true).await {
-                return Stop::Bus(error);
+        }
+    }
+
+    /// The records of `polled` the model does not have yet, each partition's in offset order
+    /// right after what it has. A partition met for the first time (a start, an assignment,
+    /// a refusal) is sought to the model's own offset first, and the rest of what this poll
+    /// read of it is dropped.
+    async fn new_records(
+        &self,
+        subscription: &mut dyn Subscription,
+        known: &mut HashMap<Partition, Known>,
+        polled: Vec<(Partition, Record)>,
+    ) -> Vec<(Partition, Record)> {
+        if polled.iter().any(|(partition, _)| !known.contains_key(partition)) {
+            let stored = self.stored().await;
+            for (partition, _) in &polled {
+                let progress = stored.partitions.get(partition);
+                known.entry(partition.clone()).or_insert(Known {
+                    applied: progress.map(|p| p.offset),
+                    watermark: progress.map_or(0, |p| p.watermark),
+                    positioned: false,
+                });
             }
         }
+        let mut records = Vec::with_capacity(polled.len());
+        let mut sought = std::collections::HashSet::new();
+        for (partition, record) in polled {
+            if sought.contains(&partition) {
+                continue;
+            }
+            let Some(state) = known.get_mut(&partition) else { continue };
+            if !state.positioned {
+                state.positioned = true;
+                let follows = state.applied.is_some_and(|applied| record.offset() == applied + 1);
+                if !follows {
+                    // Read again from the model's own offset; drop what was read from elsewhere.
+                    if let Err(error) = subscription.seek(&partition, state.applied).await {
+                        // Most likely taken away by a rebalance meanwhile; if not, the next
+                        // record read from it starts over.
+                        let model = self.projector.name();
+                        tracing::info!(model, ?partition, %error, "could not seek; forgetting the partition");
+                        known.remove(&partition);
+                    }
+                    sought.insert(partition);
+                    continue;
+                }
+            }
+            if state.applied.is_some_and(|applied| record.offset() <= applied) {
+                continue;
+            }
+            records.push((partition, record));
+        }
+        records
     }
 
     async fn stored(&self) -> crate::Stored {
@@ -166,8 +197,7 @@ impl Runtime {
         }
     }
 
-    /// Applies `records` (each partition's in offset order, right after what the model has):
-    /// sets the poison ones aside, applies the rest with their moves.
+    /// Applies `records` (each partition's in offset order, right after what the model has).
     async fn apply(
         &self,
         subscription: &mut dyn Subscription,
@@ -175,7 +205,20 @@ impl Runtime {
         records: &[(Partition, Record)],
         send_dead_letters: bool,
     ) -> Result<(), Stop> {
-        let model = self.projector.name();
+        let batch = self.batch(subscription, known, records, send_dead_letters).await?;
+        let first = self.projector.apply(&batch).await;
+        self.settle(subscription, known, records, &batch, first).await
+    }
+
+    /// The batch of `records`: their events and moves; the poison ones are set aside (on the
+    /// dead-letter topic when `send_dead_letters`) and counted.
+    async fn batch(
+        &self,
+        subscription: &mut dyn Subscription,
+        known: &HashMap<Partition, Known>,
+        records: &[(Partition, Record)],
+        send_dead_letters: bool,
+    ) -> Result<Batch, Stop> {
         let mut batch = Batch::default();
         for (partition, record) in records {
             if let Some(error) = poison(record) {
@@ -205,9 +248,25 @@ impl Runtime {
                 }
             }
         }
+        Ok(batch)
+    }
+
+    /// Sees `batch` stored, given the outcome of a first attempt: waits out store outages,
+    /// retries refusals, and past [`RuntimeConfig::retries`] of them looks for the record at
+    /// fault.
+    async fn settle(
+        &self,
+        subscription: &mut dyn Subscription,
+        known: &mut HashMap<Partition, Known>,
+        records: &[(Partition, Record)],
+        batch: &Batch,
+        first: Result<(), ProjectionError>,
+    ) -> Result<(), Stop> {
+        let model = self.projector.name();
+        let mut outcome = first;
         let mut backoff = Duration::from_millis(200);
         for attempt in 1.. {
-            let Some(error) = self.store(subscription, known, &batch).await else { return Ok(()) };
+            let Some(error) = self.store(subscription, known, batch, outcome).await else { return Ok(()) };
             metrics::counter!("quikapp_projector_errors_total", "model" => model, "kind" => "rejected").increment(1);
             tracing::warn!(model, error, attempt, "the store refused a batch");
             if attempt >= self.config.retries {
@@ -215,29 +274,33 @@ impl Runtime {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.max_backoff);
+            outcome = self.projector.apply(batch).await;
         }
         unreachable!("the attempts above end in a return")
     }
 
-    /// Stores `batch`, waiting out store outages; answers the store's refusal, if it refuses.
+    /// Acts on the outcome of applying `batch`, applying it again while the store is
+    /// unavailable; answers the store's refusal, if it refuses.
     async fn store(
         &self,
         subscription: &mut dyn Subscription,
         known: &mut HashMap<Partition, Known>,
         batch: &Batch,
+        mut outcome: Result<(), ProjectionError>,
     ) -> Option<String> {
         let model = self.projector.name();
         let mut backoff = Duration::from_millis(200);
         loop {
-            match self.projector.apply(batch).await {
+            match outcome {
                 Ok(()) => {
                     for step in &batch.moves {
                         let state = known.get_mut(&step.partition).expect("known");
                         state.applied = Some(step.to.offset);
                         state.watermark = step.to.watermark;
                     }
-                    subscription
-                        .commit(&batch.moves.iter().map(|m| (m.partition.clone(), m.to.offset)).collect::<Vec<_>>());
+                    let done: Vec<(Partition, u64)> =
+                        batch.moves.iter().map(|m| (m.partition.clone(), m.to.offset)).collect();
+                    subscription.commit(&done);
                     metrics::counter!("quikapp_projector_events_total", "model" => model)
                         .increment(batch.events.len() as u64);
                     metrics::counter!("quikapp_projector_batches_total", "model" => model).increment(1);
@@ -262,6 +325,7 @@ impl Runtime {
                     backoff = (backoff * 2).min(self.config.max_backoff);
                 }
             }
+            outcome = self.projector.apply(batch).await;
         }
     }
 
@@ -298,7 +362,9 @@ impl Runtime {
             }],
             dead_lettered: 1,
         };
-        while let Some(error) = self.store(subscription, known, &batch).await {
+        loop {
+            let outcome = self.projector.apply(&batch).await;
+            let Some(error) = self.store(subscription, known, &batch, outcome).await else { break };
             tracing::error!(model = self.projector.name(), error, "the store refuses to record a dead letter");
             tokio::time::sleep(self.config.max_backoff).await;
         }

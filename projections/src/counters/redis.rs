@@ -9,7 +9,6 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, PubSub};
-use serde_json::{Value, json};
 
 use super::{Keys, Keyspace, Op};
 use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partition_key};
@@ -17,33 +16,39 @@ use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partit
 /// The pub/sub channel stored progress is announced on.
 pub const PROGRESS_CHANNEL: &str = "quikapp:projection:redis";
 
-/// KEYS: progress hash, totals hash. ARGV: the batch as JSON, the channel to announce on.
-/// Offsets travel as decimal strings: Lua numbers are doubles.
+/// KEYS: progress hash, totals hash. ARGV, flat (no JSON to build or decode): the channel to
+/// announce on, the dead letters to count, the number of moves, each move as (partition, the
+/// offset it starts after or "", "offset:watermark"), then the operations, each its name and
+/// its arguments (`hset` gives its field count first). Offsets travel as decimal strings: Lua
+/// numbers are doubles.
 const COMMIT: &str = r#"
-local batch = cjson.decode(ARGV[1])
-for _, move in ipairs(batch.moves) do
-  local stored = redis.call('HGET', KEYS[1], move[1])
+local moves = tonumber(ARGV[3])
+for i = 4, 3 + moves * 3, 3 do
+  local stored = redis.call('HGET', KEYS[1], ARGV[i])
   local offset = stored and string.match(stored, '^(%d+)') or ''
-  if offset ~= move[2] then
-    return redis.error_reply('QUIKMOVED ' .. move[1] .. ' is at "' .. offset .. '", not "' .. move[2] .. '"')
+  if offset ~= ARGV[i + 1] then
+    return redis.error_reply('QUIKMOVED ' .. ARGV[i] .. ' is at "' .. offset .. '", not "' .. ARGV[i + 1] .. '"')
   end
 end
-for _, op in ipairs(batch.ops) do
-  local kind = op[1]
-  if kind == 'zadd' then redis.call('ZADD', op[2], op[3], op[4])
-  elseif kind == 'zrem' then redis.call('ZREM', op[2], op[3])
-  elseif kind == 'hset' then redis.call('HSET', op[2], unpack(op[3]))
-  elseif kind == 'hdel' then redis.call('HDEL', op[2], op[3])
-  elseif kind == 'del' then redis.call('DEL', op[2])
-  elseif kind == 'sadd' then redis.call('SADD', op[2], op[3])
-  elseif kind == 'srem' then redis.call('SREM', op[2], op[3])
+local i = 4 + moves * 3
+while i <= #ARGV do
+  local kind = ARGV[i]
+  if kind == 'zadd' then redis.call('ZADD', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]); i = i + 4
+  elseif kind == 'zrem' then redis.call('ZREM', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  elseif kind == 'hset' then
+    local fields = tonumber(ARGV[i + 2])
+    redis.call('HSET', ARGV[i + 1], unpack(ARGV, i + 3, i + 2 + fields * 2)); i = i + 3 + fields * 2
+  elseif kind == 'hdel' then redis.call('HDEL', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  elseif kind == 'del' then redis.call('DEL', ARGV[i + 1]); i = i + 2
+  elseif kind == 'sadd' then redis.call('SADD', ARGV[i + 1], ARGV[i + 2]); i = i + 3
+  elseif kind == 'srem' then redis.call('SREM', ARGV[i + 1], ARGV[i + 2]); i = i + 3
   else return redis.error_reply('QUIKOP unknown operation ' .. tostring(kind)) end
 end
-for _, move in ipairs(batch.moves) do
-  redis.call('HSET', KEYS[1], move[1], move[3])
+for i = 4, 3 + moves * 3, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
 end
-if batch.dead ~= '0' then redis.call('HINCRBY', KEYS[2], 'dead_lettered', batch.dead) end
-redis.call('PUBLISH', ARGV[2], 'redis')
+if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], 'dead_lettered', ARGV[2]) end
+redis.call('PUBLISH', ARGV[1], 'redis')
 return 1
 "#;
 
@@ -81,18 +86,20 @@ impl RedisKeyspace {
     }
 }
 
-fn op_json(op: &Op) -> Value {
+/// Adds `op` to the script's arguments.
+fn push_op(invocation: &mut redis::ScriptInvocation<'_>, op: &Op) {
     match op {
-        Op::ZAdd { key, score, member } => json!(["zadd", key, score.to_string(), member]),
-        Op::ZRem { key, member } => json!(["zrem", key, member]),
+        Op::ZAdd { key, score, member } => invocation.arg("zadd").arg(key).arg(score).arg(member),
+        Op::ZRem { key, member } => invocation.arg("zrem").arg(key).arg(member),
         Op::HSet { key, fields } => {
-            json!(["hset", key, fields.iter().flat_map(|(f, v)| [f.as_str(), v.as_str()]).collect::<Vec<_>>()])
+            invocation.arg("hset").arg(key).arg(fields.len());
+            fields.iter().fold(invocation, |invocation, (field, value)| invocation.arg(field).arg(value))
         }
-        Op::HDel { key, field } => json!(["hdel", key, field]),
-        Op::Del { key } => json!(["del", key]),
-        Op::SAdd { key, member } => json!(["sadd", key, member]),
-        Op::SRem { key, member } => json!(["srem", key, member]),
-    }
+        Op::HDel { key, field } => invocation.arg("hdel").arg(key).arg(field),
+        Op::Del { key } => invocation.arg("del").arg(key),
+        Op::SAdd { key, member } => invocation.arg("sadd").arg(key).arg(member),
+        Op::SRem { key, member } => invocation.arg("srem").arg(key).arg(member),
+    };
 }
 
 #[async_trait]
@@ -116,23 +123,20 @@ impl Keyspace for RedisKeyspace {
     }
 
     async fn commit(&self, moves: &[Move], dead_lettered: u64, ops: &[Op]) -> Result<(), ProjectionError> {
-        let moves: Vec<Value> = moves
-            .iter()
-            .map(|m| {
-                let from = m.from.map_or(String::new(), |offset| offset.to_string());
-                json!([partition_key(&m.partition), from, format!("{}:{}", m.to.offset, m.to.watermark)])
-            })
-            .collect();
-        let batch = json!({ "moves": moves, "dead": dead_lettered.to_string(), "ops": ops.iter().map(op_json).collect::<Vec<_>>() });
-        self.script
-            .key(self.keys.progress())
-            .key(self.keys.totals())
-            .arg(batch.to_string())
-            .arg(PROGRESS_CHANNEL)
-            .invoke_async::<i64>(&mut self.connection.clone())
-            .await
-            .map(|_| ())
-            .map_err(unavailable)
+        let mut invocation = self.script.prepare_invoke();
+        invocation.key(self.keys.progress()).key(self.keys.totals());
+        invocation.arg(PROGRESS_CHANNEL).arg(dead_lettered).arg(moves.len());
+        for step in moves {
+            let from = step.from.map_or(String::new(), |offset| offset.to_string());
+            invocation
+                .arg(partition_key(&step.partition))
+                .arg(from)
+                .arg(format!("{}:{}", step.to.offset, step.to.watermark));
+        }
+        for op in ops {
+            push_op(&mut invocation, op);
+        }
+        invocation.invoke_async::<i64>(&mut self.connection.clone()).await.map(|_| ()).map_err(unavailable)
     }
 
     async fn changed(&self) {

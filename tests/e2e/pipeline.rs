@@ -351,3 +351,44 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     }
     drop(projectors);
 }
+
+/// With every store URL set, `quikapp dev` runs every role in one process on the real services:
+/// the relay to Kafka, both projectors, both APIs.
+#[tokio::test]
+async fn dev_with_every_store_url_set_runs_every_role_on_the_real_services() {
+    let Some(pipeline) = Pipeline::new().await else { return };
+    let dev = Running::start_all(pipeline.command(&["dev"]), &["write API", "read API"]);
+    let user = Uuid::now_v7();
+    let output = pipeline.command(&["token", &user.to_string()]).output().unwrap();
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let client = Client {
+        http: reqwest::Client::new(),
+        write: dev.urls["write API"].clone(),
+        read: dev.urls["read API"].clone(),
+        tokens: HashMap::from([(user, token)]),
+        expected: Mutex::default(),
+    };
+    let ws = id(&client.must(user, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+    let body = json!({ "name": "general" });
+    let channel =
+        id(&client.must(user, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await, "channel_id");
+    client.post(user, channel, "hello".into(), None).await;
+
+    let stats = client.read(user, &format!("/channels/{channel}/stats")).await;
+    assert_eq!(stats["message_count"], 1, "{stats}");
+    // The models are the real stores: the directory's table and the counters' keys.
+    let postgres = sqlx::PgPool::connect(&pipeline.env[0].1).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM directory.channels WHERE channel_id = $1")
+        .bind(channel)
+        .fetch_one(&postgres)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    let prefix = &pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_REDIS_KEY_PREFIX").unwrap().1;
+    let redis = redis::Client::open(pipeline.env[2].1.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let count: u64 =
+        redis::cmd("ZCARD").arg(format!("{prefix}ch:{channel}:all")).query_async(&mut connection).await.unwrap();
+    assert_eq!(count, 1);
+    assert!(dev.stop().success(), "dev stops cleanly on SIGTERM");
+}

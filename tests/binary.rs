@@ -323,8 +323,14 @@ async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     };
-    let first =
-        support::deadline(std::time::Duration::from_secs(30), one_leads).await.expect("exactly one relay is active");
+    let Some(first) = support::deadline(std::time::Duration::from_secs(30), one_leads).await else {
+        let metrics = |relay: &Running| {
+            let request = client.get(format!("{}/metrics", relay.url)).send();
+            async move { request.await.unwrap().text().await.unwrap() }
+        };
+        let text = (metrics(&relays[0]).await, metrics(&relays[1]).await);
+        panic!("exactly one relay is active: {text:?}");
+    };
     let [a, b] = relays;
     let (active, standby) = if first { (a, b) } else { (b, a) };
     drop(active); // SIGKILL

@@ -235,19 +235,17 @@ async fn run_dev(config: &Config, secret: &str) -> Result<()> {
     }
     let write = run_write_api(config, secret, store.clone(), stopped(&stop));
     let read = run_read_api(config, secret, store, &models, stopped(&stop));
-    // Until a signal, or until either API fails (a port taken): then everything stops.
-    let (mut write, mut read) = (std::pin::pin!(write), std::pin::pin!(read));
+    // Both APIs until a signal; either failing (a port taken) stops everything.
+    let apis = async { tokio::try_join!(write, read).map(|_| ()) };
+    tokio::pin!(apis);
     let result = tokio::select! {
-        () = shutdown_signal() => Ok(()),
-        result = &mut write => result.context("the write API"),
-        result = &mut read => result.context("the read API"),
+        result = &mut apis => result,
+        () = shutdown_signal() => {
+            let _ = stop.send(());
+            apis.await
+        }
     };
     let _ = stop.send(());
-    if result.is_ok() {
-        let (write, read) = tokio::join!(write, read);
-        write?;
-        read?;
-    }
     background.join_all().await;
     result
 }
@@ -285,9 +283,12 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
         .await
         .with_context(|| format!("binding {}", config.projector_addr))?;
     println!("projector listening on http://{}", listener.local_addr()?);
+    // Built here, not in the task: it installs the metrics recorder, which must exist before
+    // the first metric is set.
+    let ops = ops_router(readiness);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, ops_router(readiness))
+        axum::serve(listener, ops)
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
             })
@@ -389,9 +390,12 @@ async fn run_relay(config: &Config) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", config.relay_addr))?;
     println!("relay listening on http://{}", listener.local_addr()?);
+    // Built here, not in the task: it installs the metrics recorder, which must exist before
+    // the first metric is set.
+    let ops = ops_router(readiness);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        axum::serve(listener, ops_router(readiness))
+        axum::serve(listener, ops)
             .with_graceful_shutdown(async {
                 let _ = stopped.await;
             })

@@ -108,20 +108,24 @@ pub async fn open_bus(config: &Config, store: Arc<dyn EventStore>) -> Result<Arc
     })
 }
 
-/// Every partition of both topics: as Kafka has them when it is configured and answers, else
-/// `kafka_partitions` each (the embedded bus's, and what the relay creates topics with).
+/// Every partition of both topics: as Kafka has them when it is configured (waiting for it to
+/// answer, as the other roles do), else `kafka_partitions` each (the embedded bus's). Read once
+/// at start: a partition added to a topic later needs a restart of the read API.
 pub async fn partitions(config: &Config) -> Vec<quikapp_bus::Partition> {
     let topics = topics(config);
-    if let Some(brokers) = &config.kafka_brokers {
-        let bus = KafkaBus { brokers: brokers.clone(), topics: topics.clone(), partitions: config.kafka_partitions };
+    let Some(brokers) = &config.kafka_brokers else { return topics.partitions(config.kafka_partitions) };
+    let bus = KafkaBus { brokers: brokers.clone(), topics, partitions: config.kafka_partitions };
+    let mut backoff = Duration::from_secs(1);
+    loop {
         match bus.partitions_on_broker().await {
             Ok(partitions) => return partitions,
             Err(error) => {
-                tracing::warn!(%error, "cannot read the topics' partitions from Kafka; using kafka_partitions")
+                tracing::warn!(%error, retry_in = ?backoff, "cannot read the topics' partitions from Kafka yet")
             }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
-    topics.partitions(config.kafka_partitions)
 }
 
 pub fn runtime(config: &Config, projector: Arc<dyn Projector>, bus: Arc<dyn EventBus>) -> Runtime {

@@ -134,7 +134,10 @@ fn status_reports_all_five_services_healthy() {
     if service_url("QUIKAPP_POSTGRES_URL").is_none() {
         return;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/local/status");
+    let script = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("infra/local/status");
     let output = std::process::Command::new(script).output().expect("run infra/local/status");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "status failed:\n{text}");
@@ -149,8 +152,10 @@ fn status_reports_all_five_services_healthy() {
 /// `infra/local`. Checked with `docker compose` or `docker-compose`, where either exists.
 #[test]
 fn the_compose_file_validates_and_publishes_the_local_ports() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let file = format!("{root}/infra/compose.yaml");
+    let root = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    );
+    let file = root.join("infra/compose.yaml").display().to_string();
     let clients: [&[&str]; 2] = [&["docker", "compose"], &["docker-compose"]];
     let works = |client: &&&[&str]| {
         let version = std::process::Command::new(client[0]).args(&client[1..]).arg("version").output();
@@ -166,7 +171,7 @@ fn the_compose_file_validates_and_publishes_the_local_ports() {
     let text = String::from_utf8_lossy(&config.stdout);
     assert!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
 
-    let lib = std::fs::read_to_string(format!("{root}/infra/local/lib.sh")).unwrap();
+    let lib = std::fs::read_to_string(root.join("infra/local/lib.sh")).unwrap();
     for variable in ["PG_PORT", "REDIS_PORT", "KAFKA_PORT", "OPENSEARCH_PORT", "FERRETDB_PORT"] {
         let line = lib.lines().find(|l| l.starts_with(&format!("{variable}="))).expect(variable);
         let port = line.split(":-").nth(1).and_then(|rest| rest.strip_suffix('}')).expect(line);

@@ -184,13 +184,18 @@ pub trait EventBus: Send + Sync {
 /// The member's reader keeps its offsets with its effects; the group's own committed offsets
 /// are only where reading starts after an assignment, so a reader MUST [`Subscription::seek`]
 /// each partition to its own offset before trusting what it reads there. Partitions can be
-/// taken away at any time (another member joined); a reader learns it when its stored offsets
-/// turn out to have moved.
+/// taken away at any time (another member joined): [`Subscription::revoked`] says which, and a
+/// reader also learns it when its stored offsets turn out to have moved.
 #[async_trait]
 pub trait Subscription: Send {
     /// Up to `max` records of the assigned partitions, each partition's in offset order,
     /// waiting at most `wait` for the first.
     async fn poll(&mut self, max: usize, wait: std::time::Duration) -> Result<Vec<(Partition, Record)>, BusError>;
+
+    /// Partitions the group took away since this was last asked (their records may still be
+    /// in the last poll). A reader forgets what it knew of them: when one comes back, another
+    /// member may have moved it on.
+    fn revoked(&mut self) -> Vec<Partition>;
 
     /// Reads `partition` again from the record after `after` (from its start when `None`);
     /// records of that partition read before this call are not delivered again.

@@ -4,7 +4,6 @@
 //! broker the other tests use (cargo runs test binaries one after another).
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -17,7 +16,11 @@ use quikapp_commands::store::contract::{self, append_to};
 use uuid::Uuid;
 
 async fn infra(action: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/local").join(action);
+    let script = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../infra/local")
+    .join(action);
     let status = tokio::process::Command::new(script).arg("kafka").status().await.expect("run infra/local");
     assert!(status.success(), "infra/local/{action} kafka failed");
 }

@@ -83,9 +83,14 @@ impl Runtime {
         loop {
             match self.bus.subscribe(&format!("{}{model}", self.config.group_prefix)).await {
                 Ok(subscription) => {
-                    backoff = Duration::from_millis(500);
+                    let joined = std::time::Instant::now();
                     let Stop::Bus(error) = self.member(subscription).await;
-                    tracing::warn!(model, %error, "the event bus failed; joining the group again");
+                    // A membership that ended at once (a gone offset, a broker refusing) waits
+                    // longer each time; one that served a while starts over.
+                    if joined.elapsed() > self.config.max_backoff {
+                        backoff = Duration::from_millis(500);
+                    }
+                    tracing::warn!(model, %error, retry_in = ?backoff, "the event bus failed; joining the group again");
                 }
                 Err(error) => tracing::warn!(model, %error, retry_in = ?backoff, "cannot join the consumer group"),
             }
@@ -105,6 +110,9 @@ impl Runtime {
             Err(error) => return Stop::Bus(error),
         };
         loop {
+            for partition in subscription.revoked() {
+                known.remove(&partition);
+            }
             let records = self.new_records(subscription.as_mut(), &mut known, polled).await;
             let next = if records.is_empty() {
                 subscription.poll(self.config.batch_size, Duration::from_secs(1)).await

@@ -157,6 +157,10 @@ impl Subscription for EmbeddedSubscription {
 
     fn commit(&mut self, _done: &[(Partition, u64)]) {}
 
+    fn revoked(&mut self) -> Vec<Partition> {
+        Vec::new() // the only member keeps every partition
+    }
+
     async fn dead_letter(
         &mut self,
         partition: &Partition,

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -38,14 +39,39 @@ pub(super) fn record_of(message: &BorrowedMessage<'_>) -> Record {
 
 /// A member of a consumer group over both event topics, with a producer for dead letters.
 pub(super) struct KafkaSubscription {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Rebalances>>,
     dead_letters: FutureProducer,
     topics: Topics,
-    /// Partitions sought to an offset whose first record is not read yet: that record must
-    /// be the one sought. The relay's topics have no gaps (an idempotent producer, no
-    /// transactions, no compaction), so anything else means records were deleted (retention)
+    /// The offset each partition's next record must have: the one after the last delivered,
+    /// or the one sought. The relay's topics have no gaps (an idempotent producer, no
+    /// transactions, no compaction), so another offset means records were deleted (retention)
     /// or the topic was made again, and reading on would skip events or stall silently.
-    sought: std::collections::HashMap<Partition, u64>,
+    /// Unknown after an assignment, where reading starts at the group's committed offset.
+    next: std::collections::HashMap<Partition, u64>,
+    /// Partitions taken away since [`crate::Subscription::revoked`] was last asked.
+    revoked: Vec<Partition>,
+}
+
+/// Partitions the group assigned or took away, as librdkafka reports them during a poll.
+#[derive(Default)]
+struct Rebalances {
+    changed: std::sync::Mutex<Vec<(Partition, bool)>>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let (list, assigned) = match rebalance {
+            Rebalance::Assign(list) => (list, true),
+            Rebalance::Revoke(list) => (list, false),
+            Rebalance::Error(_) => return,
+        };
+        let mut changed = self.changed.lock().expect("never poisoned");
+        for element in list.elements() {
+            changed.push((Partition { topic: element.topic().to_owned(), index: element.partition() }, assigned));
+        }
+    }
 }
 
 /// After the first record of a poll, how long the poll goes on collecting records.
@@ -60,7 +86,7 @@ impl KafkaSubscription {
             bus.partitions,
         )
         .await?;
-        let consumer: StreamConsumer = ClientConfig::new()
+        let consumer: StreamConsumer<Rebalances> = ClientConfig::new()
             .set("bootstrap.servers", &bus.brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
@@ -70,7 +96,7 @@ impl KafkaSubscription {
             // A dead member's partitions move to the others within this.
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create()
+            .create_with_context(Rebalances::default())
             .map_err(unavailable)?;
         consumer.subscribe(&[&bus.topics.messages, &bus.topics.workspaces]).map_err(unavailable)?;
         let dead_letters: FutureProducer = ClientConfig::new()
@@ -84,7 +110,8 @@ impl KafkaSubscription {
             consumer: Arc::new(consumer),
             dead_letters,
             topics: bus.topics.clone(),
-            sought: Default::default(),
+            next: Default::default(),
+            revoked: Vec::new(),
         })
     }
 }
@@ -99,17 +126,23 @@ impl crate::Subscription for KafkaSubscription {
         while records.len() < max {
             let Ok(message) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else { break };
             let message = message.map_err(unavailable)?;
+            // A partition assigned or taken away starts over from the group's offset.
+            for (partition, assigned) in self.consumer.context().changed.lock().expect("never poisoned").drain(..) {
+                self.next.remove(&partition);
+                if !assigned {
+                    self.revoked.push(partition);
+                }
+            }
             let partition = Partition { topic: message.topic().to_owned(), index: message.partition() };
-            if let Some(expected) = self.sought.remove(&partition)
-                && message.offset() as u64 != expected
+            let offset = message.offset() as u64;
+            if let Some(expected) = self.next.insert(partition.clone(), offset + 1)
+                && offset != expected
             {
+                self.next.remove(&partition);
                 return Err(BusError::Unavailable(format!(
-                    "{}/{}: the record after the reader's offset {} is gone (the next one is {}): deleted by \
-                     retention, or the topic was made again; rebuild the read model",
-                    partition.topic,
-                    partition.index,
-                    expected as i64 - 1,
-                    message.offset()
+                    "{}/{}: expected offset {expected}, read {offset}: records were deleted (retention) or the \
+                     topic was made again; the read model must be rebuilt",
+                    partition.topic, partition.index
                 )));
             }
             records.push((partition, record_of(&message)));
@@ -118,6 +151,10 @@ impl crate::Subscription for KafkaSubscription {
             }
         }
         Ok(records)
+    }
+
+    fn revoked(&mut self) -> Vec<Partition> {
+        std::mem::take(&mut self.revoked)
     }
 
     async fn seek(&mut self, partition: &Partition, after: Option<u64>) -> Result<(), BusError> {
@@ -131,8 +168,8 @@ impl crate::Subscription for KafkaSubscription {
         .map_err(unavailable)?
         .map_err(unavailable)?;
         match after {
-            Some(after) => self.sought.insert(partition.clone(), after + 1),
-            None => self.sought.remove(partition),
+            Some(after) => self.next.insert(partition.clone(), after + 1),
+            None => self.next.remove(partition),
         };
         Ok(())
     }

@@ -7,7 +7,10 @@ use quikapp_domain::event::{Envelope, Event, timestamp};
 use uuid::Uuid;
 
 pub fn schema_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas"))
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../schemas")
 }
 
 pub fn schema_path(type_name: &str) -> PathBuf {

@@ -268,22 +268,15 @@ impl Projector for PostgresDirectory {
 
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        // Effects and progress are lost together if the server crashes before flushing, and
-        // come again from the bus: no fsync per batch.
-        sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await.map_err(classify)?;
         let keys: Vec<String> = batch.moves.iter().map(|m| partition_key(&m.partition)).collect();
-        // Every partition gets a row (offset -1: nothing applied) before the rows are locked,
-        // so that two members starting a partition at once are serialized on it too.
-        sqlx::query(
-            r#"INSERT INTO directory.progress (partition, "offset", watermark) SELECT UNNEST($1::text[]), -1, 0
-               ON CONFLICT (partition) DO NOTHING"#,
-        )
-        .bind(&keys)
-        .execute(&mut *tx)
-        .await
-        .map_err(classify)?;
+        // The batch's progress rows, locked (a row is made first for a partition met for the
+        // first time, offset -1: so that two members starting a partition at once are
+        // serialized on it too), and their offsets.
         let rows = sqlx::query(
-            r#"SELECT partition, "offset" FROM directory.progress WHERE partition = ANY($1) ORDER BY partition FOR UPDATE"#,
+            r#"INSERT INTO directory.progress (partition, "offset", watermark)
+               SELECT key, -1, 0 FROM UNNEST($1::text[]) AS key ORDER BY key
+               ON CONFLICT (partition) DO UPDATE SET "offset" = directory.progress."offset"
+               RETURNING partition, "offset""#,
         )
         .bind(&keys)
         .fetch_all(&mut *tx)
@@ -297,26 +290,28 @@ impl Projector for PostgresDirectory {
         check_moves(&batch.moves, |p| offsets.get(&partition_key(p)).copied())?;
 
         write_changes(&mut tx, Changes::of(&batch.events)).await?;
+        // The new progress, the notification read APIs wait on, and no fsync for this commit:
+        // effects and progress are lost together if the server crashes before flushing them,
+        // and come again from the bus.
         sqlx::query(
-            r#"INSERT INTO directory.progress (partition, "offset", watermark)
-               SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
-               ON CONFLICT (partition) DO UPDATE SET "offset" = excluded."offset", watermark = excluded.watermark"#,
+            r#"WITH saved AS (
+                   INSERT INTO directory.progress (partition, "offset", watermark)
+                   SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
+                   ON CONFLICT (partition) DO UPDATE SET "offset" = excluded."offset", watermark = excluded.watermark
+                   RETURNING 1)
+               SELECT pg_notify($4, $5), set_config('synchronous_commit', 'off', true), (SELECT count(*) FROM saved)"#,
         )
         .bind(&keys)
         .bind(batch.moves.iter().map(|m| m.to.offset as i64).collect::<Vec<_>>())
         .bind(batch.moves.iter().map(|m| m.to.watermark as i64).collect::<Vec<_>>())
+        .bind(PROGRESS_CHANNEL)
+        .bind(self.name())
         .execute(&mut *tx)
         .await
         .map_err(classify)?;
         if batch.dead_lettered > 0 {
             add_dead_letters(&mut tx, self.name(), batch.dead_lettered).await.map_err(classify)?;
         }
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(PROGRESS_CHANNEL)
-            .bind(self.name())
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
 

@@ -32,16 +32,29 @@ const DIRECTORY: &[&str] = &["postgres"];
 const COUNTERS_WITH_VISIBILITY: &[&str] = &["postgres", "redis"];
 const COUNTERS: &[&str] = &["redis"];
 
-/// `X-Min-Position` or `?min_position=`: a position the read models must have applied first.
+/// `X-Min-Position`: a position the read models must have applied first.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]
-struct MinPositionDocs {
-    /// Wait (bounded) until the models this request reads have applied this position; 503 if
-    /// they have not in time. `?min_position=` works too.
-    #[param(rename = "X-Min-Position")]
+struct MinPositionHeader {
+    /// Wait (bounded) until the models this request reads have applied this position (a
+    /// command's `position`); 503 if they have not in time.
+    #[param(rename = "X-Min-Position", pattern = "^[0-9]{1,19}$", nullable = false)]
     x_min_position: Option<String>,
 }
+
+/// `?min_position=`: the same as `X-Min-Position`, for clients that cannot set headers.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct MinPositionQueryDocs {
+    /// As the `X-Min-Position` header; the header wins when both are given.
+    #[param(pattern = "^[0-9]{1,19}$", nullable = false)]
+    min_position: Option<String>,
+}
+
+/// The longest position written out: 19 digits always fit in a u64.
+const MAX_POSITION_DIGITS: usize = 19;
 
 pub(crate) struct MinPosition(Option<u64>);
 
@@ -55,18 +68,23 @@ impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let parse = |field: &str, value: &str| {
-            value.trim().parse::<u64>().map(|p| MinPosition(Some(p))).map_err(|_| {
-                ApiError::invalid(field, "must be a position: a decimal integer, as a command's answer gives it")
-            })
+            let digits = (1..=MAX_POSITION_DIGITS).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
+            match digits.then(|| value.parse::<u64>()) {
+                Some(Ok(position)) => Ok(MinPosition(Some(position))),
+                _ => {
+                    Err(ApiError::invalid(field, "must be a position: up to 19 digits, as a command's answer gives it"))
+                }
+            }
         };
-        if let Some(header) = parts.headers.get("x-min-position") {
-            return parse("X-Min-Position", header.to_str().unwrap_or("?"));
-        }
         let query =
             Query::<MinPositionQuery>::try_from_uri(&parts.uri).map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        match query.0.min_position {
-            Some(value) => parse("min_position", &value),
-            None => Ok(MinPosition(None)),
+        let from_query = match query.0.min_position {
+            Some(value) => parse("min_position", &value)?,
+            None => MinPosition(None),
+        };
+        match parts.headers.get("x-min-position") {
+            Some(header) => parse("X-Min-Position", header.to_str().unwrap_or("?")),
+            None => Ok(from_query),
         }
     }
 }
@@ -97,7 +115,7 @@ impl ReadApi {
 }
 
 #[utoipa::path(get, path = "/v1/workspaces/{workspace_id}", tag = "workspaces",
-    params(("workspace_id" = Uuid, Path), MinPositionDocs),
+    params(("workspace_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = WorkspaceView), (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn workspace(
@@ -116,7 +134,7 @@ struct ChannelList {
 }
 
 #[utoipa::path(get, path = "/v1/workspaces/{workspace_id}/channels", tag = "workspaces",
-    params(("workspace_id" = Uuid, Path), MinPositionDocs),
+    params(("workspace_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = ChannelList, description = "public channels and the private ones the caller is in, by name"),
         (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -133,7 +151,7 @@ async fn channels(
 }
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels",
-    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    params(("channel_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = ChannelView), (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn channel(
@@ -152,7 +170,7 @@ struct MemberList {
 }
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "channels",
-    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    params(("channel_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = MemberList, description = "by join time"),
         (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -174,7 +192,7 @@ struct UnreadList {
 }
 
 #[utoipa::path(get, path = "/v1/users/me/unread", tag = "users",
-    params(MinPositionDocs),
+    params(MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = UnreadList, description = "every channel the caller is a member of"),
         (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
@@ -189,7 +207,7 @@ async fn unread(
 }
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/stats", tag = "channels",
-    params(("channel_id" = Uuid, Path), MinPositionDocs),
+    params(("channel_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = ChannelStats), (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
 async fn stats(

@@ -50,7 +50,7 @@ enum Role {
     Relay,
     /// Keep read models up to date from Kafka: one consumer group each.
     Project {
-        /// `postgres`, `redis`, or `all`.
+        /// `postgres`, `redis`, `mongo`, or `all`.
         model: models::Selection,
     },
     /// Create or upgrade the schemas of every configured store.
@@ -83,6 +83,10 @@ async fn main() -> Result<()> {
                 models::open_directory(&config).await?;
                 println!("migrated the PostgreSQL read model");
             }
+            if config.mongo_url.is_some() {
+                models::open_timelines(&config).await?;
+                println!("made the MongoDB read model's indexes");
+            }
             Ok(())
         }
         Role::Dev => {
@@ -105,8 +109,10 @@ async fn main() -> Result<()> {
         }
         Role::ReadApi => {
             init_tracing();
-            let (Some(_), Some(_)) = (&config.postgres_url, &config.redis_url) else {
-                bail!("the read API needs QUIKAPP_POSTGRES_URL and QUIKAPP_REDIS_URL (its read models)");
+            let (Some(_), Some(_), Some(_)) = (&config.postgres_url, &config.redis_url, &config.mongo_url) else {
+                bail!(
+                    "the read API needs QUIKAPP_POSTGRES_URL, QUIKAPP_REDIS_URL and QUIKAPP_MONGO_URL (its read models)"
+                );
             };
             let store = open_event_store(&config).await?;
             let models = models::ReadModels::open(&config).await?;
@@ -261,6 +267,9 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
     }
     if needs(models::Selection::Redis) && config.redis_url.is_none() {
         bail!("the redis projector needs QUIKAPP_REDIS_URL");
+    }
+    if needs(models::Selection::Mongo) && config.mongo_url.is_none() {
+        bail!("the mongo projector needs QUIKAPP_MONGO_URL");
     }
     let models = models::ReadModels::open_selected(config, selection).await?;
     let bus: Arc<dyn quikapp_bus::EventBus> = Arc::new(quikapp_bus::kafka::KafkaBus {

@@ -17,6 +17,9 @@ use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::directory::postgres::PostgresDirectory;
 use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+use quikapp_projections::timelines::Timelines;
+use quikapp_projections::timelines::memory::MemoryTimelines;
+use quikapp_projections::timelines::mongo::MongoTimelines;
 
 use crate::config::Config;
 use crate::topics;
@@ -31,10 +34,12 @@ pub enum Selection {
     All,
 }
 
-/// The directory (PostgreSQL) and counters (Redis) models, each with its projector.
+/// The directory (PostgreSQL), counters (Redis) and timelines (MongoDB) models, each with its
+/// projector.
 pub struct ReadModels {
     directory: Option<(Arc<dyn Directory>, Arc<dyn Projector>)>,
     counters: Option<Counters>,
+    timelines: Option<(Arc<dyn Timelines>, Arc<dyn Projector>)>,
 }
 
 impl ReadModels {
@@ -44,8 +49,8 @@ impl ReadModels {
     }
 
     pub async fn open_selected(config: &Config, selection: Selection) -> Result<Self> {
-        if matches!(selection, Selection::Mongo | Selection::Search) {
-            bail!("the {selection:?} read model is not built yet; this build has `postgres` and `redis`");
+        if selection == Selection::Search {
+            bail!("the search read model is not built yet; this build has `postgres`, `redis` and `mongo`");
         }
         let directory = match selection {
             Selection::Postgres | Selection::All => Some(open_directory(config).await?),
@@ -55,20 +60,26 @@ impl ReadModels {
             Selection::Redis | Selection::All => Some(open_counters(config).await?),
             _ => None,
         };
-        Ok(ReadModels { directory, counters })
+        let timelines = match selection {
+            Selection::Mongo | Selection::All => Some(open_timelines(config).await?),
+            _ => None,
+        };
+        Ok(ReadModels { directory, counters, timelines })
     }
 
     pub fn projectors(&self) -> Vec<Arc<dyn Projector>> {
         let directory = self.directory.iter().map(|(_, projector)| projector.clone());
         let counters = self.counters.iter().map(|counters| Arc::new(counters.clone()) as Arc<dyn Projector>);
-        directory.chain(counters).collect()
+        let timelines = self.timelines.iter().map(|(_, projector)| projector.clone());
+        directory.chain(counters).chain(timelines).collect()
     }
 
     /// What the read API serves (every model is open when it runs).
     pub fn served(&self) -> quikapp_read_api::Models {
         let (directory, _) = self.directory.clone().expect("the read API opens every model");
         let counters = self.counters.clone().expect("the read API opens every model");
-        quikapp_read_api::Models { directory, counters, projectors: self.projectors() }
+        let (timelines, _) = self.timelines.clone().expect("the read API opens every model");
+        quikapp_read_api::Models { directory, counters, timelines, projectors: self.projectors() }
     }
 }
 
@@ -83,6 +94,21 @@ pub async fn open_directory(config: &Config) -> Result<(Arc<dyn Directory>, Arc<
         None => {
             let directory = Arc::new(MemoryDirectory::new());
             Ok((directory.clone(), directory))
+        }
+    }
+}
+
+/// The timelines on MongoDB (indexes made) when `mongo_url` is set, else in memory.
+pub async fn open_timelines(config: &Config) -> Result<(Arc<dyn Timelines>, Arc<dyn Projector>)> {
+    match &config.mongo_url {
+        Some(url) => {
+            let timelines = Arc::new(MongoTimelines::connect(url).await.context("connecting to MongoDB")?);
+            timelines.migrate().await.context("preparing the MongoDB read model")?;
+            Ok((timelines.clone(), timelines))
+        }
+        None => {
+            let timelines = Arc::new(MemoryTimelines::new());
+            Ok((timelines.clone(), timelines))
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`directory`]: the relational model (users, workspaces, channels, members), on PostgreSQL
 //!   or in memory for the embedded default.
 //! - [`counters`]: unread counts and channel stats, on Redis or in memory.
+//! - [`timelines`]: message timelines and threads, on MongoDB or in memory.
 //! - `compliance` (feature `compliance`): the suite every projector passes.
 //!
 //! # Progress
@@ -18,6 +19,7 @@
 pub mod counters;
 pub mod directory;
 pub mod runtime;
+pub mod timelines;
 
 #[cfg(feature = "compliance")]
 pub mod compliance;

@@ -13,6 +13,9 @@ use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::directory::postgres::PostgresDirectory;
+use quikapp_projections::timelines::Timelines;
+use quikapp_projections::timelines::memory::MemoryTimelines;
+use quikapp_projections::timelines::mongo::MongoTimelines;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -106,6 +109,7 @@ async fn directory_in_memory_complies() {
                 compliance::a_crash_while_applying_leaves_all_or_nothing(
                     first.as_ref(),
                     false,
+                    true,
                     &events,
                     snapshot,
                     expected,
@@ -137,8 +141,10 @@ async fn directory_on_postgres_complies() {
                 compliance::redelivery_after_a_rebalance_is_refused(&first, &second, &events, snapshot, expected).await
             }
             _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(&first, true, &events, snapshot, expected)
-                    .await
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    &first, true, true, &events, snapshot, expected,
+                )
+                .await
             }
         }
     }
@@ -214,8 +220,10 @@ async fn counters_in_memory_comply() {
                     .await
             }
             _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, false, &events, snapshot, expected)
-                    .await
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    &counters, false, true, &events, snapshot, expected,
+                )
+                .await
             }
         }
     }
@@ -240,8 +248,144 @@ async fn counters_on_redis_comply() {
                     .await
             }
             _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(&counters, true, &events, snapshot, expected)
-                    .await
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    &counters, true, true, &events, snapshot, expected,
+                )
+                .await
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ the timelines
+
+async fn timelines_snapshot(timelines: &dyn Timelines, c: &Cast) -> Value {
+    json!({
+        "general": timelines.page(c.general, None, 100).await.unwrap(),
+        "general_before_m4": timelines.page(c.general, Some(position_of(timelines, c).await), 1).await.unwrap(),
+        "secret": timelines.page(c.secret, None, 100).await.unwrap(),
+        "m1": timelines.message(c.general, c.m1).await.unwrap(),
+        "m2": timelines.message(c.general, c.m2).await.unwrap(),
+        "m1_elsewhere": timelines.message(c.secret, c.m1).await.unwrap(),
+        "thread": timelines.replies(c.general, c.m1).await.unwrap(),
+    })
+}
+
+/// m4's position, read back (0 while m4 is not there).
+async fn position_of(timelines: &dyn Timelines, c: &Cast) -> u64 {
+    let m4 = timelines.message(c.general, c.m4).await.unwrap();
+    m4.map_or(0, |m| m.position.parse().unwrap())
+}
+
+fn expected_timelines(c: &Cast, events: &[Envelope]) -> Value {
+    let at = |message: Uuid, kind: &str| {
+        let event = events
+            .iter()
+            .rev()
+            .find(|e| e.stream_id == format!("message-{message}") && e.event.type_name() == kind)
+            .expect("the event");
+        (timestamp::format(&event.occurred_at), event.global_position)
+    };
+    let (m1_at, m1_position) = at(c.m1, "MessagePosted");
+    let (m3_at, m3_position) = at(c.m3, "MessagePosted");
+    let (m4_at, m4_position) = at(c.m4, "MessagePosted");
+    let (m4_edited, _) = at(c.m4, "MessageEdited");
+    let (m5_at, m5_position) = at(c.m5, "MessagePosted");
+    let message = |id: Uuid,
+                   author: Uuid,
+                   text: &str,
+                   root: Option<Uuid>,
+                   replies: u64,
+                   reactions: Value,
+                   posted: &str,
+                   edited: Option<&str>,
+                   position: u64,
+                   version: u64,
+                   channel: Uuid| {
+        json!({
+            "message_id": id, "channel_id": channel, "author_id": author, "text": text, "thread_root_id": root,
+            "reply_count": replies, "reactions": reactions, "posted_at": posted, "edited_at": edited,
+            "position": position.to_string(), "version": version,
+        })
+    };
+    let m1 = message(c.m1, c.ada, "hello", None, 1, json!({ "tada": [c.cy] }), &m1_at, None, m1_position, 2, c.general);
+    let m3 = message(c.m3, c.bob, "a reply", Some(c.m1), 0, json!({}), &m3_at, None, m3_position, 1, c.general);
+    let m4 =
+        message(c.m4, c.ada, "final words", None, 0, json!({}), &m4_at, Some(&m4_edited), m4_position, 2, c.general);
+    let m5 = message(c.m5, c.ada, "psst", None, 0, json!({}), &m5_at, None, m5_position, 1, c.secret);
+    json!({
+        "general": [m4, m1.clone()],
+        "general_before_m4": [m1.clone()],
+        "secret": [m5],
+        "m1": m1,
+        "m2": null,
+        "m1_elsewhere": null,
+        "thread": [m3],
+    })
+}
+
+async fn mongo_timelines() -> Option<MongoTimelines> {
+    let url = service_url("QUIKAPP_MONGO_URL")?;
+    let (base, _) = url.split_once("?").unwrap_or((&url, ""));
+    let database = format!("{}/test_{}", base.trim_end_matches('/'), Uuid::now_v7().simple());
+    let timelines = MongoTimelines::connect(&database).await.expect("connect to MongoDB");
+    timelines.migrate().await.expect("migrate");
+    timelines.migrate().await.expect("migrating again changes nothing");
+    Some(timelines)
+}
+
+#[tokio::test]
+async fn timelines_in_memory_comply() {
+    for check in 0..3 {
+        let (c, first) = (Cast::new(), Arc::new(MemoryTimelines::new()));
+        let events = scenario(&c);
+        let snapshot = || timelines_snapshot(first.as_ref(), &c);
+        let expected = expected_timelines(&c, &events);
+        match check {
+            0 => compliance::the_same_batch_twice_changes_nothing(first.as_ref(), &events, snapshot, expected).await,
+            1 => {
+                let other = first.clone();
+                compliance::redelivery_after_a_rebalance_is_refused(
+                    first.as_ref(),
+                    other.as_ref(),
+                    &events,
+                    snapshot,
+                    expected,
+                )
+                .await
+            }
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    first.as_ref(),
+                    false,
+                    true,
+                    &events,
+                    snapshot,
+                    expected,
+                )
+                .await
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn timelines_on_mongo_comply() {
+    for check in 0..3 {
+        let Some(first) = mongo_timelines().await else { return };
+        let c = Cast::new();
+        let events = scenario(&c);
+        let snapshot = || timelines_snapshot(&first, &c);
+        let expected = expected_timelines(&c, &events);
+        match check {
+            0 => compliance::the_same_batch_twice_changes_nothing(&first, &events, snapshot, expected).await,
+            1 => compliance::redelivery_after_a_rebalance_is_refused(&first, &first, &events, snapshot, expected).await,
+            // Idempotent writes rather than one atomic step (FerretDB has no transactions).
+            _ => {
+                compliance::a_crash_while_applying_leaves_all_or_nothing(
+                    &first, true, false, &events, snapshot, expected,
+                )
+                .await
             }
         }
     }

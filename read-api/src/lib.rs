@@ -29,6 +29,7 @@ use quikapp_bus::Partition;
 use quikapp_commands::store::EventStore;
 use quikapp_projections::counters::Counters;
 use quikapp_projections::directory::Directory;
+use quikapp_projections::timelines::Timelines;
 use quikapp_projections::{ProjectionError, Projector, applied_position};
 use quikapp_write_api::auth::{HasTokens, Tokens};
 use quikapp_write_api::ops;
@@ -40,8 +41,9 @@ use utoipa::OpenApi;
 pub struct Models {
     pub directory: Arc<dyn Directory>,
     pub counters: Counters,
-    /// The writer side of each model, for its stored progress: `postgres` (the directory) and
-    /// `redis` (the counters).
+    pub timelines: Arc<dyn Timelines>,
+    /// The writer side of each model, for its stored progress: `postgres` (the directory),
+    /// `redis` (the counters) and `mongo` (the timelines).
     pub projectors: Vec<Arc<dyn Projector>>,
 }
 

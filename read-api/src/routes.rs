@@ -5,6 +5,7 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use quikapp_projections::counters::{ChannelStats, Unread};
 use quikapp_projections::directory::{ChannelView, MemberView, WorkspaceView};
+use quikapp_projections::timelines::MessageView;
 use quikapp_write_api::auth::Actor;
 use quikapp_write_api::problem::ApiError;
 use quikapp_write_api::routes::{Ids, Problem};
@@ -24,6 +25,9 @@ pub(crate) fn queries() -> OpenApiRouter<ReadApi> {
         .routes(routes!(members))
         .routes(routes!(unread))
         .routes(routes!(stats))
+        .routes(routes!(messages))
+        .routes(routes!(message))
+        .routes(routes!(replies))
         .routes(routes!(projections))
 }
 
@@ -31,6 +35,7 @@ pub(crate) fn queries() -> OpenApiRouter<ReadApi> {
 const DIRECTORY: &[&str] = &["postgres"];
 const COUNTERS_WITH_VISIBILITY: &[&str] = &["postgres", "redis"];
 const COUNTERS: &[&str] = &["redis"];
+const TIMELINES_WITH_VISIBILITY: &[&str] = &["postgres", "mongo"];
 
 /// `X-Min-Position`: a position the read models must have applied first.
 #[derive(IntoParams)]
@@ -221,6 +226,105 @@ async fn stats(
     Ok(Json(api.inner.models.counters.stats(channel_id).await.map_err(store_error)?))
 }
 
+/// A timeline page's size when none is asked for, and the most one may ask for.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 200;
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct PageQuery {
+    /// The previous page's `next_cursor`; the newest messages when absent.
+    #[param(pattern = "^[0-9]{1,19}$", nullable = false)]
+    before: Option<String>,
+    /// Messages per page, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200, nullable = false)]
+    limit: Option<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct MessagePage {
+    messages: Vec<MessageView>,
+    /// Pass as `before` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages", tag = "messages",
+    params(("channel_id" = Uuid, Path), PageQuery, MinPositionHeader, MinPositionQueryDocs),
+    responses((status = 200, body = MessagePage, description = "top-level messages, newest first, deleted ones absent"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn messages(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(channel_id): Ids<Uuid>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<MessagePage>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("limit", "must be from 1 to 200"))?;
+    let before = match query.before.as_deref() {
+        Some(cursor) => Some(digits(cursor).ok_or_else(|| ApiError::invalid("before", "must be a next_cursor"))?),
+        None => None,
+    };
+    let limit = match query.limit.map(|n| n as usize) {
+        Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
+        Some(_) => return Err(ApiError::invalid("limit", "must be from 1 to 200")),
+        None => DEFAULT_PAGE,
+    };
+    api.reached(TIMELINES_WITH_VISIBILITY, min).await?;
+    api.visible_channel(actor.0, channel_id).await?;
+    // One more than asked, to know whether a next page exists.
+    let mut messages = api.inner.models.timelines.page(channel_id, before, limit + 1).await.map_err(store_error)?;
+    let next_cursor = (messages.len() > limit).then(|| messages[limit - 1].position.clone());
+    messages.truncate(limit);
+    Ok(Json(MessagePage { messages, next_cursor }))
+}
+
+/// A decimal integer of at most 19 digits (which always fits in a u64).
+fn digits(value: &str) -> Option<u64> {
+    let valid = (1..=19).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
+    valid.then(|| value.parse().ok()).flatten()
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
+    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
+    responses((status = 200, body = MessageView), (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn message(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids((channel_id, message_id)): Ids<(Uuid, Uuid)>,
+) -> Result<Json<MessageView>, ApiError> {
+    api.reached(TIMELINES_WITH_VISIBILITY, min).await?;
+    api.visible_channel(actor.0, channel_id).await?;
+    let message = api.inner.models.timelines.message(channel_id, message_id).await.map_err(store_error)?;
+    message.map(Json).ok_or_else(|| not_found("message"))
+}
+
+#[derive(Serialize, ToSchema)]
+struct ReplyList {
+    replies: Vec<MessageView>,
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages/{message_id}/replies", tag = "messages",
+    params(("channel_id" = Uuid, Path), ("message_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
+    responses((status = 200, body = ReplyList, description = "the thread's replies, oldest first, the root not included"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn replies(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids((channel_id, message_id)): Ids<(Uuid, Uuid)>,
+) -> Result<Json<ReplyList>, ApiError> {
+    api.reached(TIMELINES_WITH_VISIBILITY, min).await?;
+    api.visible_channel(actor.0, channel_id).await?;
+    let timelines = &api.inner.models.timelines;
+    timelines.message(channel_id, message_id).await.map_err(store_error)?.ok_or_else(|| not_found("message"))?;
+    let replies = timelines.replies(channel_id, message_id).await.map_err(store_error)?;
+    Ok(Json(ReplyList { replies }))
+}
+
 #[derive(Serialize, ToSchema)]
 struct ProjectionList {
     projections: Vec<ProjectionStatus>,
@@ -242,9 +346,17 @@ struct ProjectionStatus {
 }
 
 #[utoipa::path(get, path = "/v1/projections", tag = "projections",
+    params(MinPositionHeader, MinPositionQueryDocs),
     responses((status = 200, body = ProjectionList), (status = "4XX", body = Problem, content_type = "application/problem+json"),
         (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
-async fn projections(State(api): State<ReadApi>, _actor: Actor) -> Result<Json<ProjectionList>, ApiError> {
+async fn projections(
+    State(api): State<ReadApi>,
+    _actor: Actor,
+    MinPosition(min): MinPosition,
+) -> Result<Json<ProjectionList>, ApiError> {
+    // Every model answers here: X-Min-Position waits for them all.
+    let models: Vec<&'static str> = api.inner.progress.keys().copied().collect();
+    api.reached(&models, min).await?;
     let store = &api.inner.store;
     let head = store.head().await?;
     let mut projections = Vec::new();

@@ -18,6 +18,7 @@ use quikapp_projections::counters::memory::MemoryKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+use quikapp_projections::timelines::memory::MemoryTimelines;
 use quikapp_read_api::{Models, ReadApi, ReadConfig};
 use quikapp_write_api::auth::Tokens;
 use quikapp_write_api::{Limits, WriteApi};
@@ -60,7 +61,8 @@ async fn app(min_position_wait: Duration) -> App {
     let bus = Arc::new(EmbeddedBus::new(store.clone(), Topics::default(), PARTITIONS));
     let directory = Arc::new(MemoryDirectory::new());
     let counters = Counters::new(Arc::new(MemoryKeyspace::new()), Keys::default());
-    let projectors: Vec<Arc<dyn Projector>> = vec![directory.clone(), Arc::new(counters.clone())];
+    let timelines = Arc::new(MemoryTimelines::new());
+    let projectors: Vec<Arc<dyn Projector>> = vec![directory.clone(), Arc::new(counters.clone()), timelines.clone()];
     let runtimes = projectors
         .iter()
         .map(|projector| {
@@ -76,7 +78,7 @@ async fn app(min_position_wait: Duration) -> App {
         min_position_wait,
         request_timeout: Duration::from_secs(30),
     };
-    let models = Models { directory, counters, projectors };
+    let models = Models { directory, counters, timelines, projectors };
     let read = quikapp_read_api::router(ReadApi::new(models, store, tokens.clone(), config));
     App { write, read, tokens, _runtimes: runtimes }
 }
@@ -256,7 +258,7 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
 
     let projections = app.query(bob, "/projections", &at).await.ok();
     let names: Vec<_> = projections["projections"].as_array().unwrap().iter().map(|p| p["name"].clone()).collect();
-    assert_eq!(names, [json!("postgres"), json!("redis")]);
+    assert_eq!(names, [json!("mongo"), json!("postgres"), json!("redis")]);
     for projection in projections["projections"].as_array().unwrap() {
         let position: u64 = projection["position"].as_str().unwrap().parse().unwrap();
         assert!(position >= at.parse().unwrap(), "{projection}");
@@ -304,6 +306,9 @@ async fn the_openapi_document_lists_every_query() {
         [
             "/v1/channels/{channel_id}",
             "/v1/channels/{channel_id}/members",
+            "/v1/channels/{channel_id}/messages",
+            "/v1/channels/{channel_id}/messages/{message_id}",
+            "/v1/channels/{channel_id}/messages/{message_id}/replies",
             "/v1/channels/{channel_id}/stats",
             "/v1/projections",
             "/v1/users/me/unread",
@@ -313,5 +318,112 @@ async fn the_openapi_document_lists_every_query() {
     );
     for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(app.call(&app.read, Method::GET, path, None, None, &[]).await.status, StatusCode::OK, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn timelines_page_newest_first_across_cursors_with_threads_reactions_edits_and_deletions() {
+    let app = app(Duration::from_secs(10)).await;
+    let (ada, bob, eve) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let ws = id(&app.command(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+    app.command(
+        ada,
+        Method::POST,
+        &format!("/workspaces/{ws}/members"),
+        Some(json!({ "user_id": bob, "role": "member" })),
+    )
+    .await;
+    let general = id(
+        &app.command(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(json!({ "name": "general" })))
+            .await,
+        "channel_id",
+    );
+    let secret = id(
+        &app.command(
+            ada,
+            Method::POST,
+            &format!("/workspaces/{ws}/channels"),
+            Some(json!({ "name": "secret", "private": true })),
+        )
+        .await,
+        "channel_id",
+    );
+    app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
+    let mut posted = Vec::new();
+    for i in 0..7 {
+        let body = json!({ "text": format!("message {i}") });
+        posted.push(id(
+            &app.command(ada, Method::POST, &format!("/channels/{general}/messages"), Some(body)).await,
+            "message_id",
+        ));
+    }
+    let root = posted[0].clone();
+    for text in ["first reply", "second reply"] {
+        let body = json!({ "text": text, "thread_root_id": root });
+        app.command(bob, Method::POST, &format!("/channels/{general}/messages"), Some(body)).await;
+    }
+    let message = |m: &str| format!("/channels/{general}/messages/{m}");
+    app.command(bob, Method::PUT, &format!("{}/reactions/tada", message(&root)), None).await;
+    app.command(ada, Method::PUT, &format!("{}/reactions/tada", message(&root)), None).await;
+    app.command(ada, Method::PATCH, &message(&posted[6]), Some(json!({ "text": "message 6, edited" }))).await;
+    app.command(ada, Method::DELETE, &message(&posted[3]), None).await;
+    let secret_message = id(
+        &app.command(ada, Method::POST, &format!("/channels/{secret}/messages"), Some(json!({ "text": "psst" }))).await,
+        "message_id",
+    );
+    let last = app.command(ada, Method::DELETE, &format!("{}/reactions/tada", message(&root)), None).await;
+    let at = last["position"].as_str().unwrap().to_owned();
+
+    // Pages of 2, newest first, top-level only, the deleted one absent, across the cursors.
+    let mut texts = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(before) => format!("/channels/{general}/messages?limit=2&before={before}"),
+            None => format!("/channels/{general}/messages?limit=2"),
+        };
+        let page = app.query(bob, &path, &at).await.ok();
+        let messages = page["messages"].as_array().unwrap();
+        assert!(messages.len() <= 2 && !messages.is_empty(), "{page}");
+        texts.extend(messages.iter().map(|m| m["text"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(texts, ["message 6, edited", "message 5", "message 4", "message 2", "message 1", "message 0"]);
+    let default_page = app.query(bob, &format!("/channels/{general}/messages"), &at).await.ok();
+    assert_eq!(
+        (default_page["messages"].as_array().unwrap().len(), default_page["next_cursor"].clone()),
+        (6, Value::Null)
+    );
+
+    let root_view = app.query(bob, &message(&root), &at).await.ok();
+    assert_eq!(root_view["reply_count"], 2);
+    assert_eq!(root_view["reactions"], json!({ "tada": [bob] }), "Ada's reaction was removed");
+    assert_eq!(root_view["edited_at"], Value::Null);
+    let edited = app.query(bob, &message(&posted[6]), &at).await.ok();
+    assert!(edited["edited_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(edited["version"], 2);
+    let thread = app.query(bob, &format!("{}/replies", message(&root)), &at).await.ok();
+    let replies: Vec<_> = thread["replies"].as_array().unwrap().iter().map(|r| r["text"].clone()).collect();
+    assert_eq!(replies, [json!("first reply"), json!("second reply")]);
+
+    // Gone, elsewhere or invisible is 404; a page size out of range or a bad cursor is 422.
+    app.query(bob, &message(&posted[3]), &at).await.problem(StatusCode::NOT_FOUND);
+    app.query(bob, &format!("/channels/{secret}/messages/{root}"), &at).await.problem(StatusCode::NOT_FOUND);
+    app.query(ada, &format!("/channels/{general}/messages/{secret_message}"), &at).await.problem(StatusCode::NOT_FOUND);
+    for path in [format!("/channels/{secret}/messages"), format!("/channels/{secret}/messages/{secret_message}")] {
+        app.query(bob, &path, &at).await.problem(StatusCode::NOT_FOUND);
+    }
+    app.query(eve, &format!("/channels/{general}/messages"), &at).await.problem(StatusCode::NOT_FOUND);
+    for (query, field) in
+        [("limit=0", "limit"), ("limit=201", "limit"), ("limit=ten", "limit"), ("before=soon", "before")]
+    {
+        let problem = app
+            .query(bob, &format!("/channels/{general}/messages?{query}"), &at)
+            .await
+            .problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(problem["errors"][0]["field"], field, "{query}");
     }
 }

@@ -25,11 +25,13 @@ impl Pipeline {
         let brokers = service_url("QUIKAPP_KAFKA_BROKERS")?;
         let redis = service_url("QUIKAPP_REDIS_URL")?;
         let postgres = fresh_postgres_database().await?;
+        let mongo = service_url("QUIKAPP_MONGO_URL")?;
         let run = Uuid::now_v7().simple().to_string();
         let env = vec![
             ("QUIKAPP_POSTGRES_URL", postgres),
             ("QUIKAPP_KAFKA_BROKERS", brokers),
             ("QUIKAPP_REDIS_URL", redis),
+            ("QUIKAPP_MONGO_URL", format!("{}/test_{run}", mongo.split('?').next().unwrap().trim_end_matches('/'))),
             ("QUIKAPP_KAFKA_MESSAGES_TOPIC", format!("test-{run}-messages")),
             ("QUIKAPP_KAFKA_WORKSPACES_TOPIC", format!("test-{run}-workspaces")),
             ("QUIKAPP_KAFKA_PARTITIONS", "4".into()),
@@ -156,8 +158,9 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     let Some(pipeline) = Pipeline::new().await else { return };
     let write = pipeline.start(&["write-api"], "write API");
     let _relay = pipeline.start(&["relay"], "relay");
-    let mut projectors =
-        [pipeline.start(&["project", "postgres"], "projector"), pipeline.start(&["project", "redis"], "projector")];
+    let start_projectors =
+        || ["postgres", "redis", "mongo"].map(|model| pipeline.start(&["project", model], "projector"));
+    let mut projectors = start_projectors();
     let read = pipeline.start(&["read-api"], "read API");
 
     let users: [Uuid; 4] = std::array::from_fn(|_| Uuid::now_v7());
@@ -232,8 +235,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         projector.child.kill().expect("SIGKILL");
         projector.child.wait().unwrap();
     }
-    projectors =
-        [pipeline.start(&["project", "postgres"], "projector"), pipeline.start(&["project", "redis"], "projector")];
+    projectors = start_projectors();
     let second: Vec<Uuid> = futures::stream::iter(MESSAGES / 2..MESSAGES).map(post).buffered(16).collect().await;
     let posted: Vec<Uuid> = first.into_iter().chain(second).collect();
     // Cy joins a channel with history: none of it is unread to Cy.
@@ -343,6 +345,49 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         want.sort_by_key(|c| c["channel_id"].as_str().unwrap().to_owned());
         assert_eq!(client.read(user, "/users/me/unread").await, json!({ "channels": want }), "unread of {user}");
     }
+    // Timelines: every page across the cursors, newest first, top-level and not deleted; each
+    // thread's replies oldest first; a deleted message is gone.
+    for channel in [general, random, secret] {
+        let mut want: Vec<(&Uuid, &(Uuid, Uuid, u64, bool, String, bool))> =
+            expected.iter().filter(|(_, m)| m.0 == channel && m.3 && !m.5).collect();
+        want.sort_by_key(|(_, m)| std::cmp::Reverse(m.2));
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(before) => format!("/channels/{channel}/messages?limit=50&before={before}"),
+                None => format!("/channels/{channel}/messages?limit=50"),
+            };
+            let page = client.read(bob, &path).await;
+            for message in page["messages"].as_array().unwrap() {
+                seen.push((message["message_id"].as_str().unwrap().parse::<Uuid>().unwrap(), message["text"].clone()));
+            }
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let want_seen: Vec<(Uuid, Value)> = want.iter().map(|(id, m)| (**id, json!(m.4))).collect();
+        assert_eq!(seen, want_seen, "the timeline of {channel}");
+        let root = roots[&channel];
+        let mut replies: Vec<(&Uuid, &(Uuid, Uuid, u64, bool, String, bool))> =
+            expected.iter().filter(|(_, m)| m.0 == channel && !m.3 && !m.5).collect();
+        replies.sort_by_key(|(_, m)| m.2);
+        let thread = client.read(bob, &format!("/channels/{channel}/messages/{root}/replies")).await;
+        let thread: Vec<Uuid> = thread["replies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["message_id"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(thread, replies.iter().map(|(id, _)| **id).collect::<Vec<_>>(), "the thread in {channel}");
+        let root_view = client.read(bob, &format!("/channels/{channel}/messages/{root}")).await;
+        assert_eq!(root_view["reply_count"], replies.len());
+    }
+    let deleted = expected.iter().find(|(_, m)| m.5).map(|(id, m)| (*id, m.0)).unwrap();
+    assert_eq!(client.query(ada, &format!("/channels/{}/messages/{}", deleted.1, deleted.0)).await.0, 404);
+    assert_eq!(client.query(cy, &format!("/channels/{secret}/messages")).await.0, 404, "a private timeline");
+
     let projections = client.read(ada, "/projections").await;
     let last = client.expected.lock().unwrap().last_position;
     for projection in projections["projections"].as_array().unwrap() {

@@ -341,7 +341,8 @@ async fn live(args: &Args) -> Result<()> {
         min_position_wait: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
     };
-    let models = quikapp_read_api::Models { directory, counters, projectors };
+    let timelines = Arc::new(quikapp_projections::timelines::memory::MemoryTimelines::new());
+    let models = quikapp_read_api::Models { directory, counters, timelines, projectors };
     let read = quikapp_read_api::ReadApi::new(models, store.clone(), tokens.clone(), read_config);
     let serve = |router: axum::Router| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -87,7 +87,9 @@ pub enum ProjectionError {
 /// The runtime hands batches read from the bus, which delivers every event at least once. A
 /// projector MUST:
 /// - apply a batch's effects and its [`Move`]s (offsets, watermarks, dead-letter count) in one
-///   atomic step: after a crash at any point, either all of it is stored or none;
+///   atomic step: after a crash at any point, either all of it is stored or none. A store
+///   without transactions MAY instead make every effect idempotent (applying a batch again, in
+///   order, ends the same) and store the moves after the effects (the timelines on MongoDB);
 /// - refuse the whole batch with [`ProjectionError::Moved`] unless, for every move, the stored
 ///   offset of its partition is still its `from` (so that a batch delivered twice, or applied by
 ///   a member that lost the partition, changes nothing);

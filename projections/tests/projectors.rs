@@ -99,6 +99,7 @@ async fn directory_in_memory_complies() {
                 compliance::redelivery_after_a_rebalance_is_refused(
                     first.as_ref(),
                     other.as_ref(),
+                    true,
                     &events,
                     snapshot,
                     expected,
@@ -138,7 +139,8 @@ async fn directory_on_postgres_complies() {
                         .await
                         .unwrap(),
                 );
-                compliance::redelivery_after_a_rebalance_is_refused(&first, &second, &events, snapshot, expected).await
+                compliance::redelivery_after_a_rebalance_is_refused(&first, &second, true, &events, snapshot, expected)
+                    .await
             }
             _ => {
                 compliance::a_crash_while_applying_leaves_all_or_nothing(
@@ -216,8 +218,10 @@ async fn counters_in_memory_comply() {
             0 => compliance::the_same_batch_twice_changes_nothing(&counters, &events, snapshot, expected).await,
             1 => {
                 let other = counters.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected)
-                    .await
+                compliance::redelivery_after_a_rebalance_is_refused(
+                    &counters, &other, true, &events, snapshot, expected,
+                )
+                .await
             }
             _ => {
                 compliance::a_crash_while_applying_leaves_all_or_nothing(
@@ -244,8 +248,10 @@ async fn counters_on_redis_comply() {
                 let url = service_url("QUIKAPP_REDIS_URL").unwrap();
                 let keys = counters.keys().clone();
                 let other = Counters::new(Arc::new(RedisKeyspace::connect(&url, keys.clone()).await.unwrap()), keys);
-                compliance::redelivery_after_a_rebalance_is_refused(&counters, &other, &events, snapshot, expected)
-                    .await
+                compliance::redelivery_after_a_rebalance_is_refused(
+                    &counters, &other, true, &events, snapshot, expected,
+                )
+                .await
             }
             _ => {
                 compliance::a_crash_while_applying_leaves_all_or_nothing(
@@ -324,14 +330,15 @@ fn expected_timelines(c: &Cast, events: &[Envelope]) -> Value {
     })
 }
 
-async fn mongo_timelines() -> Option<MongoTimelines> {
+/// Timelines in a database of their own, and its URL.
+async fn mongo_timelines() -> Option<(MongoTimelines, String)> {
     let url = service_url("QUIKAPP_MONGO_URL")?;
     let (base, _) = url.split_once("?").unwrap_or((&url, ""));
     let database = format!("{}/test_{}", base.trim_end_matches('/'), Uuid::now_v7().simple());
     let timelines = MongoTimelines::connect(&database).await.expect("connect to MongoDB");
     timelines.migrate().await.expect("migrate");
     timelines.migrate().await.expect("migrating again changes nothing");
-    Some(timelines)
+    Some((timelines, database))
 }
 
 #[tokio::test]
@@ -348,6 +355,7 @@ async fn timelines_in_memory_comply() {
                 compliance::redelivery_after_a_rebalance_is_refused(
                     first.as_ref(),
                     other.as_ref(),
+                    true,
                     &events,
                     snapshot,
                     expected,
@@ -372,14 +380,20 @@ async fn timelines_in_memory_comply() {
 #[tokio::test]
 async fn timelines_on_mongo_comply() {
     for check in 0..3 {
-        let Some(first) = mongo_timelines().await else { return };
+        let Some((first, first_url)) = mongo_timelines().await else { return };
         let c = Cast::new();
         let events = scenario(&c);
         let snapshot = || timelines_snapshot(&first, &c);
         let expected = expected_timelines(&c, &events);
         match check {
             0 => compliance::the_same_batch_twice_changes_nothing(&first, &events, snapshot, expected).await,
-            1 => compliance::redelivery_after_a_rebalance_is_refused(&first, &first, &events, snapshot, expected).await,
+            // FerretDB's conditional updates are not atomic: two members at the same moment are
+            // not fenced there (see the timelines module); one after the other they are.
+            1 => {
+                let second = MongoTimelines::connect(&first_url).await.unwrap();
+                compliance::redelivery_after_a_rebalance_is_refused(&first, &second, false, &events, snapshot, expected)
+                    .await
+            }
             // Idempotent writes rather than one atomic step (FerretDB has no transactions).
             _ => {
                 compliance::a_crash_while_applying_leaves_all_or_nothing(

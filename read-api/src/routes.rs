@@ -262,8 +262,8 @@ async fn messages(
 ) -> Result<Json<MessagePage>, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("limit", "must be from 1 to 200"))?;
     let before = match query.before.as_deref() {
+        Some("") | None => None,
         Some(cursor) => Some(digits(cursor).ok_or_else(|| ApiError::invalid("before", "must be a next_cursor"))?),
-        None => None,
     };
     let limit = match query.limit.map(|n| n as usize) {
         Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,

@@ -10,8 +10,13 @@
 //! - a thread root keeps the set of its replies not deleted (added when a reply is posted,
 //!   removed when it is deleted), so replaying the events of a batch again in order ends the same.
 //!
-//! The progress (offsets and watermarks per partition) is written after the effects, refused
-//! when it moved, so a crash in between replays a batch whose effects are already there.
+//! The progress (offsets and watermarks per partition) is written after the effects, in one
+//! conditional update of one document, refused when it moved, so a crash in between replays a
+//! batch whose effects are already there. On MongoDB that update is atomic, so two members of
+//! the group applying the same batch at the same moment (a rebalance) are fenced. FerretDB
+//! 1.24 reads and rewrites a document without a lock, so there they are not: both may apply
+//! it, and an update of one may undo the other's on the same message. Run one `quikapp project
+//! mongo` against FerretDB; one after the other, members are fenced there too (tested).
 
 pub mod memory;
 pub mod mongo;

@@ -68,8 +68,14 @@ impl MongoTimelines {
             .into_iter()
             .filter(|index| index.options.as_ref().and_then(|o| o.name.as_ref()).is_none_or(|n| !existing.contains(n)))
             .collect();
-        if !missing.is_empty() {
-            self.messages.create_indexes(missing).await.map_err(unavailable)?;
+        if !missing.is_empty()
+            && let Err(error) = self.messages.create_indexes(missing).await
+        {
+            // Another process starting at the same moment may have made them meanwhile.
+            let now = self.messages.list_index_names().await.map_err(unavailable)?;
+            if !["timeline", "thread"].iter().all(|name| now.iter().any(|n| n == name)) {
+                return Err(unavailable(error));
+            }
         }
         self.progress
             .update_one(doc! { "_id": PROGRESS }, doc! { "$setOnInsert": { "partitions": {}, "dead_lettered": 0_i64 } })

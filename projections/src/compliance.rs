@@ -30,12 +30,15 @@ pub struct Cast {
     pub general: Uuid,
     /// Private; Cy joins and leaves, Bob joins after its messages, then it is archived.
     pub secret: Uuid,
-    /// In `general`: by Ada, by Bob (deleted), Bob's reply to m1, by Ada (edited); in `secret` by Ada.
+    /// In `general`: by Ada, by Bob (deleted), Bob's reply to m1, by Ada (edited); in `secret` by Ada;
+    /// Cy's reply to m1 (deleted).
     pub m1: Uuid,
     pub m2: Uuid,
     pub m3: Uuid,
     pub m4: Uuid,
     pub m5: Uuid,
+    /// Cy's reply to m1, deleted.
+    pub m6: Uuid,
 }
 
 impl Cast {
@@ -53,6 +56,7 @@ impl Cast {
             m3: id(),
             m4: id(),
             m5: id(),
+            m6: id(),
         }
     }
 }
@@ -147,6 +151,14 @@ pub fn scenario(c: &Cast) -> Vec<Envelope> {
         general,
         c.cy,
         ReactionAdded { message_id: c.m1, channel_id: c.general, user_id: c.cy, emoji: "tada".into() },
+    );
+    log.push(&m(c.m6), ws, general, c.cy, posted(c.m6, c.general, c.cy, "a reply, taken back", Some(c.m1)));
+    log.push(
+        &m(c.m6),
+        ws,
+        general,
+        c.cy,
+        MessageDeleted { message_id: c.m6, channel_id: c.general, author_id: c.cy, thread_root_id: Some(c.m1) },
     );
     log.push(
         &m(c.m2),

@@ -288,21 +288,7 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
             Ok(())
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.projector_addr)
-        .await
-        .with_context(|| format!("binding {}", config.projector_addr))?;
-    println!("projector listening on http://{}", listener.local_addr()?);
-    // Built here, not in the task: it installs the metrics recorder, which must exist before
-    // the first metric is set.
-    let ops = ops_router(readiness);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, ops)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, server) = serve_ops("projector", config.projector_addr, ops_router(readiness)).await?;
     let (signal, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut running = tokio::task::JoinSet::new();
     for projector in projectors {
@@ -323,6 +309,27 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
     server.await??;
     println!("projector stopped");
     Ok(())
+}
+
+/// Serves `ops` on `address` (printing `<role> listening on <url>`) until the sender is used.
+/// The router is built by the caller before the role starts: building it installs the metrics
+/// recorder, which must exist before the first metric is set.
+async fn serve_ops(
+    role: &str,
+    address: std::net::SocketAddr,
+    ops: axum::Router,
+) -> Result<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    println!("{role} listening on http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, ops)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok((stop, server))
 }
 
 /// `/healthz`, `/readyz` (answered by `readiness`) and `/metrics`, for roles without an API.
@@ -395,21 +402,7 @@ async fn run_relay(config: &Config) -> Result<()> {
             publisher.ping().await.map_err(|e| e.to_string())
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.relay_addr)
-        .await
-        .with_context(|| format!("binding {}", config.relay_addr))?;
-    println!("relay listening on http://{}", listener.local_addr()?);
-    // Built here, not in the task: it installs the metrics recorder, which must exist before
-    // the first metric is set.
-    let ops = ops_router(readiness);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, ops)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, server) = serve_ops("relay", config.relay_addr, ops_router(readiness)).await?;
     relay.run(shutdown_signal()).await;
     let _ = stop.send(());
     server.await??;

@@ -48,6 +48,16 @@ pub struct Stored {
     pub dead_lettered: u64,
 }
 
+impl Stored {
+    /// Takes in the moves of a batch and the events it set aside.
+    pub fn record(&mut self, moves: &[Move], dead_lettered: u64) {
+        for step in moves {
+            self.partitions.insert(step.partition.clone(), step.to);
+        }
+        self.dead_lettered += dead_lettered;
+    }
+}
+
 /// One partition's step in a batch: from the offset the batch was read after (as the model
 /// stored it: `None` when it has nothing for the partition) to where it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]

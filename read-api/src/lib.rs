@@ -31,6 +31,7 @@ use quikapp_projections::counters::Counters;
 use quikapp_projections::directory::Directory;
 use quikapp_projections::timelines::Timelines;
 use quikapp_projections::{ProjectionError, Projector, applied_position};
+use quikapp_write_api::BearerAuth;
 use quikapp_write_api::auth::{HasTokens, Tokens};
 use quikapp_write_api::ops;
 use quikapp_write_api::problem::ApiError;
@@ -146,17 +147,6 @@ pub(crate) fn store_error(error: ProjectionError) -> ApiError {
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build();
-        components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
-    }
-}
 
 /// The whole read API: queries, `/openapi.json`, health, readiness and metrics.
 pub fn router(api: ReadApi) -> Router {

@@ -182,7 +182,8 @@ async fn housekeeping(inner: std::sync::Weak<Inner>, cleanup_every: Duration) {
 )]
 struct ApiDoc;
 
-struct BearerAuth;
+/// Declares the bearer JWT security scheme of API.md's Identity section.
+pub struct BearerAuth;
 
 /// A PATCH of a channel needs a field to change. utoipa 5 writes `min_properties` as
 /// maxProperties, so the constraint is set here.

@@ -88,10 +88,7 @@ impl Keyspace for MemoryKeyspace {
             for op in ops {
                 state.run(op);
             }
-            for step in moves {
-                state.stored.partitions.insert(step.partition.clone(), step.to);
-            }
-            state.stored.dead_lettered += dead_lettered;
+            state.stored.record(moves, dead_lettered);
         }
         // One permit kept when no one waits: the read API's tracker misses no change.
         self.changed.notify_one();

@@ -139,10 +139,7 @@ impl Projector for MemoryDirectory {
             let changes = Changes::of(&batch.events);
             state.check(&changes)?;
             state.apply(changes);
-            for step in &batch.moves {
-                state.stored.partitions.insert(step.partition.clone(), step.to);
-            }
-            state.stored.dead_lettered += batch.dead_lettered;
+            state.stored.record(&batch.moves, batch.dead_lettered);
         }
         // One permit kept when no one waits: the read API's tracker misses no change.
         self.changed.notify_one();

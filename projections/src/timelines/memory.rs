@@ -89,10 +89,7 @@ impl Projector for MemoryTimelines {
             for op in ops_of(&batch.events) {
                 apply_op(&mut state.messages, op);
             }
-            for step in &batch.moves {
-                state.stored.partitions.insert(step.partition.clone(), step.to);
-            }
-            state.stored.dead_lettered += batch.dead_lettered;
+            state.stored.record(&batch.moves, batch.dead_lettered);
         }
         // One permit kept when no one waits: the read API's tracker misses no change.
         self.changed.notify_one();

@@ -1,7 +1,7 @@
 //! The timelines of the embedded default, in memory, under one lock; like the other embedded
 //! models, rebuilt from the log at each start.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -22,6 +22,10 @@ pub struct MemoryTimelines {
 struct State {
     stored: Stored,
     messages: HashMap<Uuid, Message>,
+    /// Each channel's top-level messages not deleted, and each thread's replies not deleted,
+    /// by position: a page is one range.
+    timelines: HashMap<Uuid, BTreeSet<(u64, Uuid)>>,
+    threads: HashMap<Uuid, BTreeSet<(u64, Uuid)>>,
 }
 
 impl MemoryTimelines {
@@ -34,41 +38,62 @@ impl MemoryTimelines {
     }
 }
 
-/// Applies one write as every store does (see the module's documentation).
-pub(crate) fn apply_op(messages: &mut HashMap<Uuid, Message>, op: Op) {
-    match op {
-        Op::Insert(message) => {
-            messages.entry(message.message_id).or_insert(message);
+impl State {
+    /// Where a message not deleted is listed: its channel's timeline or its thread.
+    fn listing(&mut self, message: &Message) -> &mut BTreeSet<(u64, Uuid)> {
+        match message.thread_root_id {
+            Some(root) => self.threads.entry(root).or_default(),
+            None => self.timelines.entry(message.channel_id).or_default(),
         }
-        Op::Change { message_id, version, change } => {
-            let Some(message) = messages.get_mut(&message_id).filter(|m| m.version < version) else { return };
-            message.version = version;
-            match change {
-                Change::Edit { text, edited_at } => {
-                    message.text = text;
-                    message.edited_at = Some(edited_at);
+    }
+
+    /// Applies one write as every store does (see the module's documentation).
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Insert(message) => {
+                if !self.messages.contains_key(&message.message_id) {
+                    self.listing(&message).insert((message.position, message.message_id));
+                    self.messages.insert(message.message_id, message);
                 }
-                Change::Delete => message.deleted = true,
-                Change::React { user, emoji } => {
-                    if !message.reactions.contains(&(user, emoji.clone())) {
-                        message.reactions.push((user, emoji));
+            }
+            Op::Change { message_id, version, change } => {
+                let Some(message) = self.messages.get_mut(&message_id).filter(|m| m.version < version) else { return };
+                message.version = version;
+                match change {
+                    Change::Edit { text, edited_at } => {
+                        message.text = text;
+                        message.edited_at = Some(edited_at);
                     }
+                    Change::Delete => {
+                        message.deleted = true;
+                        let message = message.clone();
+                        self.listing(&message).remove(&(message.position, message.message_id));
+                    }
+                    Change::React { user, emoji } => {
+                        if !message.reactions.contains(&(user, emoji.clone())) {
+                            message.reactions.push((user, emoji));
+                        }
+                    }
+                    Change::Unreact { user, emoji } => message.reactions.retain(|r| *r != (user, emoji.clone())),
                 }
-                Change::Unreact { user, emoji } => message.reactions.retain(|r| *r != (user, emoji.clone())),
+            }
+            Op::AddReply { root, reply } => {
+                if let Some(root) = self.messages.get_mut(&root)
+                    && !root.replies.contains(&reply)
+                {
+                    root.replies.push(reply);
+                }
+            }
+            Op::RemoveReply { root, reply } => {
+                if let Some(root) = self.messages.get_mut(&root) {
+                    root.replies.retain(|r| *r != reply);
+                }
             }
         }
-        Op::AddReply { root, reply } => {
-            if let Some(root) = messages.get_mut(&root)
-                && !root.replies.contains(&reply)
-            {
-                root.replies.push(reply);
-            }
-        }
-        Op::RemoveReply { root, reply } => {
-            if let Some(root) = messages.get_mut(&root) {
-                root.replies.retain(|r| *r != reply);
-            }
-        }
+    }
+
+    fn views<'a>(&self, listed: impl Iterator<Item = &'a (u64, Uuid)>) -> Vec<MessageView> {
+        listed.filter_map(|(_, id)| self.messages.get(id)).map(MessageView::from).collect()
     }
 }
 
@@ -87,7 +112,7 @@ impl Projector for MemoryTimelines {
             let mut state = self.state.write().expect("never poisoned");
             check_moves(&batch.moves, |p| state.stored.partitions.get(p).map(|s| s.offset))?;
             for op in ops_of(&batch.events) {
-                apply_op(&mut state.messages, op);
+                state.apply(op);
             }
             state.stored.record(&batch.moves, batch.dead_lettered);
         }
@@ -110,14 +135,9 @@ impl Timelines for MemoryTimelines {
         limit: usize,
     ) -> Result<Vec<MessageView>, ProjectionError> {
         let state = self.read();
-        let mut page: Vec<&Message> = state
-            .messages
-            .values()
-            .filter(|m| m.channel_id == channel_id && m.thread_root_id.is_none() && !m.deleted)
-            .filter(|m| before.is_none_or(|before| m.position < before))
-            .collect();
-        page.sort_by_key(|m| std::cmp::Reverse(m.position));
-        Ok(page.into_iter().take(limit).map(MessageView::from).collect())
+        let Some(timeline) = state.timelines.get(&channel_id) else { return Ok(vec![]) };
+        let end = before.unwrap_or(u64::MAX);
+        Ok(state.views(timeline.range(..(end, Uuid::nil())).rev().take(limit)))
     }
 
     async fn message(&self, channel_id: Uuid, message_id: Uuid) -> Result<Option<MessageView>, ProjectionError> {
@@ -128,12 +148,8 @@ impl Timelines for MemoryTimelines {
 
     async fn replies(&self, channel_id: Uuid, root: Uuid) -> Result<Vec<MessageView>, ProjectionError> {
         let state = self.read();
-        let mut replies: Vec<&Message> = state
-            .messages
-            .values()
-            .filter(|m| m.channel_id == channel_id && m.thread_root_id == Some(root) && !m.deleted)
-            .collect();
-        replies.sort_by_key(|m| m.position);
-        Ok(replies.into_iter().map(MessageView::from).collect())
+        let Some(thread) = state.threads.get(&root) else { return Ok(vec![]) };
+        let replies = state.views(thread.iter());
+        Ok(replies.into_iter().filter(|reply| reply.channel_id == channel_id).collect())
     }
 }

@@ -41,6 +41,11 @@ struct Args {
     kafka_brokers: String,
     #[arg(long, env = "QUIKAPP_REDIS_URL")]
     redis_url: String,
+    #[arg(long, env = "QUIKAPP_MONGO_URL")]
+    mongo_url: String,
+    /// Events in the timelines' backlog (FerretDB is slow: see the README).
+    #[arg(long, default_value_t = 100_000)]
+    mongo_events: u64,
     /// Events in each backlog.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -53,6 +58,9 @@ struct Args {
     /// Only the live phase.
     #[arg(long)]
     live_only: bool,
+    /// Only the timelines' drain.
+    #[arg(long)]
+    timelines_only: bool,
     /// Records a projector applies per batch, at most.
     #[arg(long, default_value_t = 2_000)]
     batch: usize,
@@ -182,6 +190,9 @@ async fn main() -> Result<()> {
     if args.live_only {
         return live(&args).await;
     }
+    if args.timelines_only {
+        return timelines(&args).await;
+    }
     let url = contract::fresh_postgres_database().await.context("QUIKAPP_POSTGRES_URL names the server")?;
 
     // The directory: 10,000 channels, each created then joined by members.
@@ -293,7 +304,63 @@ async fn main() -> Result<()> {
     println!("Redis projector: from Kafka, progress included          {projected:>9.0} records/s");
     println!("Redis projector / raw: {:.2}x (target >= 0.7)", projected / raw);
 
+    timelines(&args).await?;
     live(&args).await
+}
+
+/// The timelines: MessagePosted events in 1,000 channels, against insert_many of the same
+/// documents on the same server.
+async fn timelines(args: &Args) -> Result<()> {
+    let channels: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
+    let author = Uuid::now_v7();
+    let events: Vec<Envelope> = (0..args.mongo_events)
+        .map(|i| {
+            let (message, channel) = (Uuid::now_v7(), channels[i as usize % channels.len()]);
+            let posted = MessagePosted {
+                message_id: message,
+                channel_id: channel,
+                author_id: author,
+                text: "Standup moved to 10:30, same room.".into(),
+                thread_root_id: None,
+            };
+            envelope(i + 1, format!("message-{message}"), 1, channel, posted.into())
+        })
+        .collect();
+    let topics = fresh_topics();
+    let head = backlog(args, &topics, events.iter().cloned()).await?;
+    let database = |name: &str| {
+        format!(
+            "{}/bench_{name}_{}",
+            args.mongo_url.split('?').next().unwrap_or("").trim_end_matches('/'),
+            Uuid::now_v7().simple()
+        )
+    };
+
+    let raw_url = database("raw");
+    let client = mongodb::Client::with_uri_str(&raw_url).await?;
+    let collection = client.default_database().context("a database")?.collection::<mongodb::bson::Document>("messages");
+    let started = Instant::now();
+    for chunk in events.chunks(args.batch) {
+        let documents = chunk.iter().map(|event| {
+            let quikapp_domain::Event::MessagePosted(posted) = &event.event else { unreachable!("posts only") };
+            mongodb::bson::doc! {
+                "_id": posted.message_id.to_string(), "channel_id": posted.channel_id.to_string(),
+                "author_id": posted.author_id.to_string(), "text": &posted.text, "thread_root_id": mongodb::bson::Bson::Null,
+                "replies": [], "reactions": [], "posted_at": timestamp::format(&event.occurred_at),
+                "edited_at": mongodb::bson::Bson::Null, "position": event.global_position as i64, "version": 1_i64,
+                "deleted": false,
+            }
+        });
+        collection.insert_many(documents).ordered(false).await?;
+    }
+    let raw = head as f64 / started.elapsed().as_secs_f64();
+    println!("MongoDB (FerretDB) raw: insert_many of the same documents {raw:>9.0} events/s");
+    let timelines = quikapp_projections::timelines::mongo::MongoTimelines::connect(&database("model")).await?;
+    timelines.migrate().await?;
+    let projected = drain(args, &topics, Arc::new(timelines), head).await?;
+    println!("MongoDB projector: from Kafka, progress included          {projected:>9.0} records/s");
+    println!("MongoDB projector / raw: {:.2}x (target >= 0.7)", projected / raw);
+    Ok(())
 }
 
 /// The whole pipeline in this process, and the time from a command's answer to the read

@@ -355,11 +355,118 @@ async fn timelines(args: &Args) -> Result<()> {
     }
     let raw = head as f64 / started.elapsed().as_secs_f64();
     println!("MongoDB (FerretDB) raw: insert_many of the same documents {raw:>9.0} events/s");
-    let timelines = quikapp_projections::timelines::mongo::MongoTimelines::connect(&database("model")).await?;
+    let model_url = database("model");
+    let timelines = Arc::new(quikapp_projections::timelines::mongo::MongoTimelines::connect(&model_url).await?);
     timelines.migrate().await?;
-    let projected = drain(args, &topics, Arc::new(timelines), head).await?;
+    let projected = drain(args, &topics, timelines.clone(), head).await?;
     println!("MongoDB projector: from Kafka, progress included          {projected:>9.0} records/s");
     println!("MongoDB projector / raw: {:.2}x (target >= 0.7)", projected / raw);
+    timeline_pages(&model_url, timelines, &channels).await
+}
+
+/// Timeline pages (limit 50) from the drained model: through the read API over HTTP, and the
+/// same query through the driver, 8 clients each, on the same server.
+async fn timeline_pages(
+    url: &str,
+    timelines: Arc<quikapp_projections::timelines::mongo::MongoTimelines>,
+    channels: &[Uuid],
+) -> Result<()> {
+    use quikapp_projections::Batch;
+    use quikapp_projections::directory::memory::MemoryDirectory;
+    const REQUESTS: usize = 400;
+    const CLIENTS: usize = 8;
+    // The directory the visibility checks read: a workspace the reader owns, its channels.
+    let (reader, workspace) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut events = vec![envelope(
+        1,
+        format!("workspace-{workspace}"),
+        1,
+        Uuid::nil(),
+        quikapp_domain::event::WorkspaceCreated { workspace_id: workspace, name: "bench".into(), owner_id: reader }
+            .into(),
+    )];
+    for (i, channel) in channels.iter().enumerate() {
+        let created = ChannelCreated {
+            channel_id: *channel,
+            workspace_id: workspace,
+            name: format!("c{i}"),
+            topic: None,
+            private: false,
+            created_by: reader,
+        };
+        events.push(envelope(i as u64 + 2, format!("channel-{channel}"), 1, *channel, created.into()));
+    }
+    let directory = Arc::new(MemoryDirectory::new());
+    directory.apply(&Batch { events, ..Batch::default() }).await?;
+    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
+    let counters =
+        Counters::new(Arc::new(quikapp_projections::counters::memory::MemoryKeyspace::new()), Keys::default());
+    let models = quikapp_read_api::Models { directory, counters, timelines, projectors: vec![] };
+    let config = quikapp_read_api::ReadConfig {
+        partitions: vec![],
+        min_position_wait: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(30),
+    };
+    let read = quikapp_read_api::ReadApi::new(
+        models,
+        Arc::new(PostgresStore::connect(&contract::fresh_postgres_database().await.context("PostgreSQL")?).await?),
+        tokens.clone(),
+        config,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, quikapp_read_api::router(read)).await });
+    let (http, token) = (reqwest::Client::new(), tokens.mint(reader));
+    let client = mongodb::Client::with_uri_str(url).await?;
+    let collection = client.default_database().context("a database")?.collection::<mongodb::bson::Document>("messages");
+
+    let measure = |name: &'static str, via_http: bool| {
+        let (http, token, collection, channels) = (http.clone(), token.clone(), collection.clone(), channels.to_vec());
+        async move {
+            let latencies = futures::future::try_join_all((0..CLIENTS).map(|c| {
+                let (http, token, collection, channels) = (http.clone(), token.clone(), collection.clone(), channels.clone());
+                async move {
+                    let mut latencies = Vec::new();
+                    for i in (c..REQUESTS).step_by(CLIENTS) {
+                        let channel = channels[i * 7 % channels.len()];
+                        let started = Instant::now();
+                        if via_http {
+                            let url = format!("http://{address}/v1/channels/{channel}/messages?limit=50");
+                            let response = http.get(url).bearer_auth(&token).send().await?;
+                            anyhow::ensure!(response.status().is_success(), "{}", response.status());
+                            let page: serde_json::Value = response.json().await?;
+                            anyhow::ensure!(page["messages"].as_array().is_some_and(|m| !m.is_empty()), "a page");
+                        } else {
+                            use futures::TryStreamExt;
+                            let filter = mongodb::bson::doc! { "channel_id": channel.to_string(), "thread_root_id": mongodb::bson::Bson::Null, "deleted": false };
+                            let page: Vec<mongodb::bson::Document> = collection
+                                .find(filter)
+                                .sort(mongodb::bson::doc! { "position": -1 })
+                                .limit(51)
+                                .await?
+                                .try_collect()
+                                .await?;
+                            anyhow::ensure!(!page.is_empty(), "a page");
+                        }
+                        latencies.push(started.elapsed());
+                    }
+                    anyhow::Ok(latencies)
+                }
+            }))
+            .await?;
+            let mut latencies: Vec<Duration> = latencies.into_iter().flatten().collect();
+            latencies.sort_unstable();
+            let at = |p: f64| {
+                latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3
+            };
+            println!("  {name:<28} p50 {:>7.2} ms   p99 {:>7.2} ms", at(0.5), at(0.99));
+            anyhow::Ok(at(0.99))
+        }
+    };
+    println!("timeline pages (limit 50), {CLIENTS} clients, {REQUESTS} requests each way:");
+    let raw = measure("driver find, same query", false).await?;
+    let served = measure("GET /channels/{ch}/messages", true).await?;
+    println!("  read API p99 / driver p99: {:.2}x (target <= 1.3)", served / raw);
     Ok(())
 }
 

@@ -249,6 +249,52 @@ pub fn cuts(events: &[Envelope]) -> Vec<usize> {
     vec![events.len() / 3, 2 * events.len() / 3]
 }
 
+/// What a projector's store can promise, for the checks that depend on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Store {
+    /// One of two members applying the same batch at the same moment is refused (false only
+    /// for a store without an atomic conditional write: FerretDB).
+    pub fenced: bool,
+    /// An apply can be interrupted part-way (false for the in-memory models, whose apply is
+    /// one synchronous step).
+    pub can_be_cut_short: bool,
+    /// Effects and progress are stored in one atomic step (false for idempotent writes
+    /// followed by the progress: the timelines on MongoDB).
+    pub atomic: bool,
+}
+
+impl Store {
+    /// A remote store with transactions or atomic scripts (PostgreSQL, Redis).
+    pub const ATOMIC: Store = Store { fenced: true, can_be_cut_short: true, atomic: true };
+    /// A model in this process's memory.
+    pub const IN_MEMORY: Store = Store { fenced: true, can_be_cut_short: false, atomic: true };
+}
+
+/// How many checks [`check`] has.
+pub const CHECKS: usize = 3;
+
+/// Check number `n` (of [`CHECKS`]) on a fresh model: `first` and `second` are two members over
+/// its store (they may be one object), `snapshot` reads the model, `expected` is what the
+/// scenario implies.
+pub async fn check<F, Fut>(
+    n: usize,
+    first: &dyn Projector,
+    second: &dyn Projector,
+    store: Store,
+    events: &[Envelope],
+    snapshot: F,
+    expected: Value,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Value>,
+{
+    match n {
+        0 => the_same_batch_twice_changes_nothing(first, events, snapshot, expected).await,
+        1 => redelivery_after_a_rebalance_is_refused(first, second, store, events, snapshot, expected).await,
+        _ => a_crash_while_applying_leaves_all_or_nothing(first, store, events, snapshot, expected).await,
+    }
+}
+
 fn moved(result: Result<(), ProjectionError>, what: &str) {
     assert!(matches!(result, Err(ProjectionError::Moved(_))), "{what}: expected Moved, got {result:?}");
 }
@@ -279,13 +325,12 @@ pub async fn the_same_batch_twice_changes_nothing<F, Fut>(
 }
 
 /// Two members of a group over one store, the partitions moving between them: a batch the
-/// other already applied is refused, and the model ends as if each was applied once.
-/// `fenced`: whether the store refuses one of two members applying the same batch at the same
-/// moment (false only for a store without an atomic conditional write: FerretDB).
+/// other already applied is refused, and the model ends as if each was applied once (both at
+/// the same moment too, where the store is [`Store::fenced`]).
 pub async fn redelivery_after_a_rebalance_is_refused<F, Fut>(
     first: &dyn Projector,
     second: &dyn Projector,
-    fenced: bool,
+    store: Store,
     events: &[Envelope],
     snapshot: F,
     expected: Value,
@@ -294,7 +339,7 @@ pub async fn redelivery_after_a_rebalance_is_refused<F, Fut>(
     Fut: Future<Output = Value>,
 {
     let batches = batches(events, &cuts(events));
-    if fenced {
+    if store.fenced {
         // Both members handed the first batch at once (a partition moving while it was read).
         let (one, other) = tokio::join!(first.apply(&batches[0]), second.apply(&batches[0]));
         let refused = match (one, other) {
@@ -314,15 +359,12 @@ pub async fn redelivery_after_a_rebalance_is_refused<F, Fut>(
 
 /// A crash at any point of applying a batch: each attempt is cut short after a growing delay
 /// (the process stops waiting and drops the work, as a crash does), then the store is read.
-/// The progress of the batch's partitions moved all or none, and, for a projector that stores
-/// effects and progress atomically, the model changed if and only if it moved; for one whose
-/// writes are idempotent instead (`atomic` false), the attempts that follow end in the same
-/// model. `can_be_cut_short`: false for a projector whose apply is one synchronous step (the
-/// in-memory ones), which no delay interrupts.
+/// The progress of the batch's partitions moved all or none, and, where the store is
+/// [`Store::atomic`], the model changed if and only if it moved; elsewhere the attempts that
+/// follow end in the same model. Attempts are cut short only where [`Store::can_be_cut_short`].
 pub async fn a_crash_while_applying_leaves_all_or_nothing<F, Fut>(
     projector: &dyn Projector,
-    can_be_cut_short: bool,
-    atomic: bool,
+    store: Store,
     events: &[Envelope],
     snapshot: F,
     expected: Value,
@@ -373,7 +415,7 @@ pub async fn a_crash_while_applying_leaves_all_or_nothing<F, Fut>(
                     if applied {
                         break; // it reached the store before the cut, whole
                     }
-                    if atomic {
+                    if store.atomic {
                         assert_eq!(model, before, "a cut-short attempt changed the model");
                     }
                 }
@@ -381,6 +423,6 @@ pub async fn a_crash_while_applying_leaves_all_or_nothing<F, Fut>(
             delay = delay * 2 + Duration::from_micros(50);
         }
     }
-    assert_eq!(cut_short > 0, can_be_cut_short, "attempts cut short: {cut_short}");
+    assert_eq!(cut_short > 0, store.can_be_cut_short, "attempts cut short: {cut_short}");
     assert_eq!(snapshot().await, expected);
 }

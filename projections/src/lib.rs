@@ -128,6 +128,22 @@ pub trait Projector: Send + Sync {
     async fn changed(&self);
 }
 
+/// How an in-memory model tells the read API's tracker that its progress changed.
+#[derive(Default)]
+pub(crate) struct Changes(tokio::sync::Notify);
+
+impl Changes {
+    /// One permit is kept when no one waits, so the tracker misses no change.
+    pub(crate) fn announce(&self) {
+        self.0.notify_one();
+    }
+
+    /// Until the next change, or a second at most.
+    pub(crate) async fn next(&self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.0.notified()).await;
+    }
+}
+
 /// The position a model has applied: the lowest watermark among `partitions` (0 for one it
 /// has nothing of).
 pub fn applied_position(stored: &Stored, partitions: &[Partition]) -> u64 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use quikapp_commands::store::contract::{fresh_postgres_database, service_url};
 use quikapp_domain::event::timestamp;
 use quikapp_domain::{Envelope, Event};
-use quikapp_projections::compliance::{self, Cast, scenario};
+use quikapp_projections::compliance::{self, Cast, Store, scenario};
 use quikapp_projections::counters::memory::MemoryKeyspace;
 use quikapp_projections::counters::redis::RedisKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
@@ -87,68 +87,28 @@ async fn postgres_directory() -> Option<PostgresDirectory> {
 
 #[tokio::test]
 async fn directory_in_memory_complies() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let (c, first) = (Cast::new(), Arc::new(MemoryDirectory::new()));
         let events = scenario(&c);
         let snapshot = || directory_snapshot(first.as_ref(), &c);
         let expected = expected_directory(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(first.as_ref(), &events, snapshot, expected).await,
-            1 => {
-                let other = first.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(
-                    first.as_ref(),
-                    other.as_ref(),
-                    true,
-                    &events,
-                    snapshot,
-                    expected,
-                )
-                .await
-            }
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    first.as_ref(),
-                    false,
-                    true,
-                    &events,
-                    snapshot,
-                    expected,
-                )
-                .await
-            }
-        }
+        compliance::check(check, first.as_ref(), first.as_ref(), Store::IN_MEMORY, &events, snapshot, expected).await;
     }
 }
 
 #[tokio::test]
 async fn directory_on_postgres_complies() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let Some(first) = postgres_directory().await else { return };
         let c = Cast::new();
         let events = scenario(&c);
         let snapshot = || directory_snapshot(&first, &c);
         let expected = expected_directory(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(&first, &events, snapshot, expected).await,
-            1 => {
-                // A second member: another process's pool on the same database.
-                let second = PostgresDirectory::with_pool(
-                    sqlx::postgres::PgPoolOptions::new()
-                        .connect_with((*first.pool().connect_options()).clone())
-                        .await
-                        .unwrap(),
-                );
-                compliance::redelivery_after_a_rebalance_is_refused(&first, &second, true, &events, snapshot, expected)
-                    .await
-            }
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    &first, true, true, &events, snapshot, expected,
-                )
-                .await
-            }
-        }
+        // A second member: another process's pool on the same database.
+        let second = PostgresDirectory::with_pool(
+            sqlx::postgres::PgPoolOptions::new().connect_with((*first.pool().connect_options()).clone()).await.unwrap(),
+        );
+        compliance::check(check, &first, &second, Store::ATOMIC, &events, snapshot, expected).await;
     }
 }
 
@@ -208,58 +168,29 @@ async fn redis_counters() -> Option<Counters> {
 
 #[tokio::test]
 async fn counters_in_memory_comply() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let c = Cast::new();
         let events = scenario(&c);
         let counters = Counters::new(Arc::new(MemoryKeyspace::new()), Keys::default());
         let snapshot = || counters_snapshot(&counters, &c);
         let expected = expected_counters(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(&counters, &events, snapshot, expected).await,
-            1 => {
-                let other = counters.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(
-                    &counters, &other, true, &events, snapshot, expected,
-                )
-                .await
-            }
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    &counters, false, true, &events, snapshot, expected,
-                )
-                .await
-            }
-        }
+        compliance::check(check, &counters, &counters, Store::IN_MEMORY, &events, snapshot, expected).await;
     }
 }
 
 #[tokio::test]
 async fn counters_on_redis_comply() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let Some(counters) = redis_counters().await else { return };
         let c = Cast::new();
         let events = scenario(&c);
         let snapshot = || counters_snapshot(&counters, &c);
         let expected = expected_counters(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(&counters, &events, snapshot, expected).await,
-            1 => {
-                // A second member: its own connection to the same keys.
-                let url = service_url("QUIKAPP_REDIS_URL").unwrap();
-                let keys = counters.keys().clone();
-                let other = Counters::new(Arc::new(RedisKeyspace::connect(&url, keys.clone()).await.unwrap()), keys);
-                compliance::redelivery_after_a_rebalance_is_refused(
-                    &counters, &other, true, &events, snapshot, expected,
-                )
-                .await
-            }
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    &counters, true, true, &events, snapshot, expected,
-                )
-                .await
-            }
-        }
+        // A second member: its own connection to the same keys.
+        let url = service_url("QUIKAPP_REDIS_URL").unwrap();
+        let keys = counters.keys().clone();
+        let other = Counters::new(Arc::new(RedisKeyspace::connect(&url, keys.clone()).await.unwrap()), keys);
+        compliance::check(check, &counters, &other, Store::ATOMIC, &events, snapshot, expected).await;
     }
 }
 
@@ -343,65 +274,29 @@ async fn mongo_timelines() -> Option<(MongoTimelines, String)> {
 
 #[tokio::test]
 async fn timelines_in_memory_comply() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let (c, first) = (Cast::new(), Arc::new(MemoryTimelines::new()));
         let events = scenario(&c);
         let snapshot = || timelines_snapshot(first.as_ref(), &c);
         let expected = expected_timelines(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(first.as_ref(), &events, snapshot, expected).await,
-            1 => {
-                let other = first.clone();
-                compliance::redelivery_after_a_rebalance_is_refused(
-                    first.as_ref(),
-                    other.as_ref(),
-                    true,
-                    &events,
-                    snapshot,
-                    expected,
-                )
-                .await
-            }
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    first.as_ref(),
-                    false,
-                    true,
-                    &events,
-                    snapshot,
-                    expected,
-                )
-                .await
-            }
-        }
+        compliance::check(check, first.as_ref(), first.as_ref(), Store::IN_MEMORY, &events, snapshot, expected).await;
     }
 }
 
 #[tokio::test]
 async fn timelines_on_mongo_comply() {
-    for check in 0..3 {
+    for check in 0..compliance::CHECKS {
         let Some((first, first_url)) = mongo_timelines().await else { return };
         let c = Cast::new();
         let events = scenario(&c);
         let snapshot = || timelines_snapshot(&first, &c);
         let expected = expected_timelines(&c, &events);
-        match check {
-            0 => compliance::the_same_batch_twice_changes_nothing(&first, &events, snapshot, expected).await,
-            // FerretDB's conditional updates are not atomic: two members at the same moment are
-            // not fenced there (see the timelines module); one after the other they are.
-            1 => {
-                let second = MongoTimelines::connect(&first_url).await.unwrap();
-                compliance::redelivery_after_a_rebalance_is_refused(&first, &second, false, &events, snapshot, expected)
-                    .await
-            }
-            // Idempotent writes rather than one atomic step (FerretDB has no transactions).
-            _ => {
-                compliance::a_crash_while_applying_leaves_all_or_nothing(
-                    &first, true, false, &events, snapshot, expected,
-                )
-                .await
-            }
-        }
+        // Idempotent writes rather than one atomic step, and no fence for two members at the
+        // same moment: FerretDB has no transactions and its conditional update is not atomic
+        // (see the timelines module). One after the other, members are fenced.
+        let second = MongoTimelines::connect(&first_url).await.unwrap();
+        let store = Store { fenced: false, can_be_cut_short: true, atomic: false };
+        compliance::check(check, &first, &second, store, &events, snapshot, expected).await;
     }
 }
 

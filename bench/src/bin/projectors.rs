@@ -96,6 +96,13 @@ fn envelope(position: u64, stream_id: String, version: u64, channel: Uuid, event
     }
 }
 
+/// A MessagePosted of the bench's usual text at `position`.
+fn posted(position: u64, message_id: Uuid, channel_id: Uuid, author_id: Uuid) -> Envelope {
+    let text = "Standup moved to 10:30, same room.".into();
+    let event = MessagePosted { message_id, channel_id, author_id, text, thread_root_id: None };
+    envelope(position, format!("message-{message_id}"), 1, channel_id, event.into())
+}
+
 /// Writes `events` to the messages topic as the relay would (keyed by channel, headers), then a
 /// watermark of the last position on every partition of both topics.
 async fn backlog(args: &Args, topics: &Topics, events: impl Iterator<Item = Envelope>) -> Result<u64> {
@@ -265,16 +272,10 @@ async fn main() -> Result<()> {
     let messages: Vec<(Uuid, Uuid, Uuid)> = (0..args.events as usize)
         .map(|i| (Uuid::now_v7(), channel_ids[i % channel_ids.len()], authors[i % authors.len()]))
         .collect();
-    let counter_events = messages.iter().enumerate().map(|(i, (message, channel, author))| {
-        let posted = MessagePosted {
-            message_id: *message,
-            channel_id: *channel,
-            author_id: *author,
-            text: "Standup moved to 10:30, same room.".into(),
-            thread_root_id: None,
-        };
-        envelope(i as u64 + 1, format!("message-{message}"), 1, *channel, posted.into())
-    });
+    let counter_events = messages
+        .iter()
+        .enumerate()
+        .map(|(i, (message, channel, author))| posted(i as u64 + 1, *message, *channel, *author));
     let topics = fresh_topics();
     let started = Instant::now();
     let head = backlog(&args, &topics, counter_events).await?;
@@ -323,17 +324,7 @@ async fn timelines(args: &Args) -> Result<()> {
     let channels: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
     let author = Uuid::now_v7();
     let events: Vec<Envelope> = (0..args.mongo_events)
-        .map(|i| {
-            let (message, channel) = (Uuid::now_v7(), channels[i as usize % channels.len()]);
-            let posted = MessagePosted {
-                message_id: message,
-                channel_id: channel,
-                author_id: author,
-                text: "Standup moved to 10:30, same room.".into(),
-                thread_root_id: None,
-            };
-            envelope(i + 1, format!("message-{message}"), 1, channel, posted.into())
-        })
+        .map(|i| posted(i + 1, Uuid::now_v7(), channels[i as usize % channels.len()], author))
         .collect();
     let topics = fresh_topics();
     let head = backlog(args, &topics, events.iter().cloned()).await?;
@@ -383,17 +374,7 @@ async fn embedded_pages(args: &Args) -> Result<()> {
     for chunk in (0..args.embedded_messages).collect::<Vec<_>>().chunks(10_000) {
         let events = chunk
             .iter()
-            .map(|i| {
-                let (message, channel) = (Uuid::now_v7(), channels[*i as usize % channels.len()]);
-                let posted = MessagePosted {
-                    message_id: message,
-                    channel_id: channel,
-                    author_id: author,
-                    text: "Standup moved to 10:30, same room.".into(),
-                    thread_root_id: None,
-                };
-                envelope(i + 1, format!("message-{message}"), 1, channel, posted.into())
-            })
+            .map(|i| posted(i + 1, Uuid::now_v7(), channels[*i as usize % channels.len()], author))
             .collect();
         timelines.apply(&Batch { events, ..Batch::default() }).await?;
     }

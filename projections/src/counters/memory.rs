@@ -4,10 +4,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::RwLock;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
 
 use super::{Keyspace, Op};
 use crate::{Move, ProjectionError, Stored, check_moves};
@@ -15,7 +13,7 @@ use crate::{Move, ProjectionError, Stored, check_moves};
 #[derive(Default)]
 pub struct MemoryKeyspace {
     state: RwLock<State>,
-    changed: Notify,
+    changed: crate::Changes,
 }
 
 /// Members by score, and each member's score.
@@ -90,13 +88,12 @@ impl Keyspace for MemoryKeyspace {
             }
             state.stored.record(moves, dead_lettered);
         }
-        // One permit kept when no one waits: the read API's tracker misses no change.
-        self.changed.notify_one();
+        self.changed.announce();
         Ok(())
     }
 
     async fn changed(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
+        self.changed.next().await;
     }
 
     async fn zcard(&self, key: &str) -> Result<u64, ProjectionError> {

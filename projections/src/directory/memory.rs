@@ -3,12 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quikapp_domain::workspace::Role;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{Changes, ChannelView, Directory, MemberView, WorkspaceView};
@@ -17,7 +15,7 @@ use crate::{Batch, ProjectionError, Projector, Stored, check_moves};
 #[derive(Default)]
 pub struct MemoryDirectory {
     state: RwLock<State>,
-    changed: Notify,
+    changed: crate::Changes,
 }
 
 #[derive(Default)]
@@ -141,13 +139,12 @@ impl Projector for MemoryDirectory {
             state.apply(changes);
             state.stored.record(&batch.moves, batch.dead_lettered);
         }
-        // One permit kept when no one waits: the read API's tracker misses no change.
-        self.changed.notify_one();
+        self.changed.announce();
         Ok(())
     }
 
     async fn changed(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
+        self.changed.next().await;
     }
 }
 

@@ -3,10 +3,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{Change, Message, MessageView, Op, Timelines, ops_of};
@@ -15,7 +13,7 @@ use crate::{Batch, ProjectionError, Projector, Stored, check_moves};
 #[derive(Default)]
 pub struct MemoryTimelines {
     state: RwLock<State>,
-    changed: Notify,
+    changed: crate::Changes,
 }
 
 #[derive(Default)]
@@ -116,13 +114,12 @@ impl Projector for MemoryTimelines {
             }
             state.stored.record(&batch.moves, batch.dead_lettered);
         }
-        // One permit kept when no one waits: the read API's tracker misses no change.
-        self.changed.notify_one();
+        self.changed.announce();
         Ok(())
     }
 
     async fn changed(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
+        self.changed.next().await;
     }
 }
 

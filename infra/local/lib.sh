@@ -228,13 +228,34 @@ address_kafka() { echo "127.0.0.1:$KAFKA_PORT"; }
 OPENSEARCH_HOME=$DIST/opensearch-$OPENSEARCH_VERSION
 
 install_opensearch() {
-  [ -f "$OPENSEARCH_HOME/.complete" ] && return 0
-  log "fetching OpenSearch $OPENSEARCH_VERSION from Maven Central"
-  local zip=org.opensearch.distribution.integ-test-zip:opensearch:$OPENSEARCH_VERSION:zip
-  mvn -q -B dependency:copy -Dartifact="$zip" -DoutputDirectory="$DIST" -Dmdep.overWriteIfNewer=true
-  rm -rf "$OPENSEARCH_HOME"
-  (cd "$DIST" && unzip -q "opensearch-$OPENSEARCH_VERSION.zip" && rm "opensearch-$OPENSEARCH_VERSION.zip")
-  touch "$OPENSEARCH_HOME/.complete"
+  if [ ! -f "$OPENSEARCH_HOME/.complete" ]; then
+    log "fetching OpenSearch $OPENSEARCH_VERSION from Maven Central"
+    local zip=org.opensearch.distribution.integ-test-zip:opensearch:$OPENSEARCH_VERSION:zip
+    mvn -q -B dependency:copy -Dartifact="$zip" -DoutputDirectory="$DIST" -Dmdep.overWriteIfNewer=true
+    rm -rf "$OPENSEARCH_HOME"
+    (cd "$DIST" && unzip -q "opensearch-$OPENSEARCH_VERSION.zip" && rm "opensearch-$OPENSEARCH_VERSION.zip")
+    touch "$OPENSEARCH_HOME/.complete"
+  fi
+  # The integ-test distribution has no analysis module; the search model's analyzer needs
+  # analysis-common (asciifolding, porter_stem), which Maven Central serves as a bare jar.
+  local module=$OPENSEARCH_HOME/modules/analysis-common
+  [ -f "$OPENSEARCH_HOME/.analysis-common" ] && return 0
+  log "fetching OpenSearch's analysis-common module $OPENSEARCH_VERSION from Maven Central"
+  rm -rf "$module" && mkdir -p "$module"
+  mvn -q -B dependency:copy -Dartifact="org.opensearch.plugin:analysis-common:$OPENSEARCH_VERSION" \
+    -DoutputDirectory="$module"
+  cat > "$module/plugin-descriptor.properties" <<PROPS
+description=Adds "built in" analyzers to OpenSearch.
+version=$OPENSEARCH_VERSION
+name=analysis-common
+classname=org.opensearch.analysis.common.CommonAnalysisPlugin
+java.version=11
+opensearch.version=$OPENSEARCH_VERSION
+custom.foldername=
+extended.plugins=
+has.native.controller=false
+PROPS
+  touch "$OPENSEARCH_HOME/.analysis-common"
 }
 
 start_opensearch() {
@@ -256,6 +277,8 @@ action.auto_create_index: true
 cluster.routing.allocation.disk.threshold_enabled: false
 YML
   [ "$(id -u)" = 0 ] && chown -R "$SERVICE_USER" "$dir"
+  # A node started before its analysis module was installed: start it again.
+  if pid_alive opensearch && health_opensearch_cluster && ! analysis_opensearch; then stop_opensearch; fi
   if ! pid_alive opensearch; then
     : > "$DATA/opensearch.log"; [ "$(id -u)" = 0 ] && chown "$SERVICE_USER" "$DATA/opensearch.log"
     rm -f "$dir/opensearch.pid" # a killed node leaves it behind; wait for the new one below
@@ -269,8 +292,15 @@ YML
   wait_healthy opensearch health_opensearch
 }
 stop_opensearch() { stop_pid opensearch; }
-health_opensearch() {
+health_opensearch() { health_opensearch_cluster && analysis_opensearch; }
+health_opensearch_cluster() {
   curl -fsS "http://127.0.0.1:$OPENSEARCH_PORT/_cluster/health?timeout=5s" | grep -Eq '"status":"(green|yellow)"'
+}
+# The analyzer the search model uses, round trip.
+analysis_opensearch() {
+  curl -fsS -H 'content-type: application/json' "http://127.0.0.1:$OPENSEARCH_PORT/_analyze" \
+    -d '{"tokenizer":"standard","filter":["lowercase","asciifolding","porter_stem"],"text":"Héllo replies"}' \
+    | grep -q '"token":"repli"'
 }
 version_opensearch() { curl -fsS "http://127.0.0.1:$OPENSEARCH_PORT/" 2>/dev/null | sed -n 's/.*"number" : "\([^"]*\)".*/\1/p'; }
 address_opensearch() { echo "http://127.0.0.1:$OPENSEARCH_PORT"; }

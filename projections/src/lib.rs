@@ -8,6 +8,7 @@
 //!   or in memory for the embedded default.
 //! - [`counters`]: unread counts and channel stats, on Redis or in memory.
 //! - [`timelines`]: message timelines and threads, on MongoDB or in memory.
+//! - [`search`]: full-text search over messages, on OpenSearch/Elasticsearch or SQLite FTS5.
 //! - `compliance` (feature `compliance`): the suite every projector passes.
 //!
 //! # Progress
@@ -19,6 +20,7 @@
 pub mod counters;
 pub mod directory;
 pub mod runtime;
+pub mod search;
 pub mod timelines;
 
 #[cfg(feature = "compliance")]

@@ -13,6 +13,9 @@ use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::directory::postgres::PostgresDirectory;
+use quikapp_projections::search::opensearch::OpenSearch;
+use quikapp_projections::search::sqlite::SqliteSearch;
+use quikapp_projections::search::{Query, Search, words};
 use quikapp_projections::timelines::Timelines;
 use quikapp_projections::timelines::memory::MemoryTimelines;
 use quikapp_projections::timelines::mongo::MongoTimelines;
@@ -297,6 +300,85 @@ async fn timelines_on_mongo_comply() {
         let second = MongoTimelines::connect(&first_url).await.unwrap();
         let store = Store { fenced: false, can_be_cut_short: true, atomic: false };
         compliance::check(check, &first, &second, store, &events, snapshot, expected).await;
+    }
+}
+
+// ------------------------------------------------------------------ search
+
+async fn search_snapshot(search: &dyn Search, c: &Cast) -> Value {
+    let find = |q: &'static str, channels: Vec<Uuid>, author: Option<Uuid>| {
+        let query = Query { workspace_id: c.workspace, channels, author, words: words(q), limit: 10 };
+        async move { serde_json::to_value(search.search(&query).await.unwrap()).unwrap() }
+    };
+    let both = vec![c.general, c.secret];
+    let elsewhere =
+        Query { workspace_id: Uuid::now_v7(), channels: both.clone(), author: None, words: words("hello"), limit: 10 };
+    json!({
+        // Porter stems: "replies" finds "reply"; the deleted reply m6 is gone.
+        "replies": find("replies", both.clone(), None).await,
+        "final_words": find("Final WORDS!", both.clone(), None).await,
+        "diacritics": find("héllo", both.clone(), None).await,
+        "every_word": find("hello words", both.clone(), None).await["total"],
+        "edited_away": find("draft", both.clone(), None).await["total"],
+        "deleted": find("hi", both.clone(), None).await["total"],
+        "secret_only_where_asked": find("psst", vec![c.general], None).await["total"],
+        "secret": find("psst", vec![c.secret], None).await,
+        "by_ada": find("reply", both.clone(), Some(c.ada)).await["total"],
+        "by_bob": find("reply", both, Some(c.bob)).await["total"],
+        "other_workspace": search.search(&elsewhere).await.unwrap().total,
+    })
+}
+
+fn expected_search(c: &Cast, events: &[Envelope]) -> Value {
+    let messages = expected_timelines(c, events);
+    let hit = |message: &Value, highlight: &str| {
+        let mut hit = message.clone();
+        hit["highlight"] = json!(highlight);
+        json!({ "hits": [hit], "total": 1 })
+    };
+    json!({
+        "replies": hit(&messages["thread"][0], "a <em>reply</em>"),
+        "final_words": hit(&messages["general"][0], "<em>final</em> <em>words</em>"),
+        "diacritics": hit(&messages["m1"], "<em>hello</em>"),
+        "every_word": 0,
+        "edited_away": 0,
+        "deleted": 0,
+        "secret_only_where_asked": 0,
+        "secret": hit(&messages["secret"][0], "<em>psst</em>"),
+        "by_ada": 0,
+        "by_bob": 1,
+        "other_workspace": 0,
+    })
+}
+
+#[tokio::test]
+async fn search_in_memory_complies() {
+    for check in 0..compliance::CHECKS {
+        let (c, first) = (Cast::new(), SqliteSearch::in_memory().await.unwrap());
+        let events = scenario(&c);
+        let snapshot = || search_snapshot(&first, &c);
+        let expected = expected_search(&c, &events);
+        compliance::check(check, &first, &first, Store::ATOMIC, &events, snapshot, expected).await;
+    }
+}
+
+#[tokio::test]
+async fn search_on_opensearch_complies() {
+    let Some(url) = service_url("QUIKAPP_ELASTICSEARCH_URL") else { return };
+    for check in 0..compliance::CHECKS {
+        let prefix = format!("test-{}-", Uuid::now_v7().simple());
+        let first = OpenSearch::connect(&url, &prefix).unwrap();
+        first.migrate().await.expect("migrate");
+        first.migrate().await.expect("migrating again changes nothing");
+        let second = OpenSearch::connect(&url, &prefix).unwrap();
+        let c = Cast::new();
+        let events = scenario(&c);
+        let snapshot = || search_snapshot(&first, &c);
+        let expected = expected_search(&c, &events);
+        // Versioned documents, then the progress in a compare-and-set: fenced, not atomic.
+        let store = Store { fenced: true, can_be_cut_short: true, atomic: false };
+        compliance::check(check, &first, &second, store, &events, snapshot, expected).await;
+        first.delete().await.unwrap();
     }
 }
 

@@ -37,55 +37,26 @@ impl MemoryTimelines {
 }
 
 impl State {
-    /// Where a message not deleted is listed: its channel's timeline or its thread.
-    fn listing(&mut self, message: &Message) -> &mut BTreeSet<(u64, Uuid)> {
-        match message.thread_root_id {
-            Some(root) => self.threads.entry(root).or_default(),
-            None => self.timelines.entry(message.channel_id).or_default(),
-        }
-    }
-
-    /// Applies one write as every store does (see the module's documentation).
+    /// Applies one write as every store does (see the module's documentation), keeping each
+    /// listing to the messages not deleted.
     fn apply(&mut self, op: Op) {
-        match op {
-            Op::Insert(message) => {
-                if !self.messages.contains_key(&message.message_id) {
-                    self.listing(&message).insert((message.position, message.message_id));
-                    self.messages.insert(message.message_id, message);
-                }
-            }
-            Op::Change { message_id, version, change } => {
-                let Some(message) = self.messages.get_mut(&message_id).filter(|m| m.version < version) else { return };
-                message.version = version;
-                match change {
-                    Change::Edit { text, edited_at } => {
-                        message.text = text;
-                        message.edited_at = Some(edited_at);
-                    }
-                    Change::Delete => {
-                        message.deleted = true;
-                        let message = message.clone();
-                        self.listing(&message).remove(&(message.position, message.message_id));
-                    }
-                    Change::React { user, emoji } => {
-                        if !message.reactions.contains(&(user, emoji.clone())) {
-                            message.reactions.push((user, emoji));
-                        }
-                    }
-                    Change::Unreact { user, emoji } => message.reactions.retain(|r| *r != (user, emoji.clone())),
-                }
-            }
-            Op::AddReply { root, reply } => {
-                if let Some(root) = self.messages.get_mut(&root)
-                    && !root.replies.contains(&reply)
-                {
-                    root.replies.push(reply);
-                }
-            }
-            Op::RemoveReply { root, reply } => {
-                if let Some(root) = self.messages.get_mut(&root) {
-                    root.replies.retain(|r| *r != reply);
-                }
+        let id = op.target();
+        let (lists, unlists) = (matches!(op, Op::Insert(_)), matches!(op, Op::Change { change: Change::Delete, .. }));
+        let changed = match op {
+            Op::Insert(message) => !self.messages.contains_key(&id) && self.messages.insert(id, message).is_none(),
+            op => self.messages.get_mut(&id).is_some_and(|message| message.apply(op)),
+        };
+        if changed && (lists || unlists) {
+            let message = &self.messages[&id];
+            let listing = match message.thread_root_id {
+                Some(root) => self.threads.entry(root).or_default(),
+                None => self.timelines.entry(message.channel_id).or_default(),
+            };
+            let key = (message.position, message.message_id);
+            if lists {
+                listing.insert(key);
+            } else {
+                listing.remove(&key);
             }
         }
     }

@@ -24,14 +24,14 @@ pub mod mongo;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quikapp_domain::{Envelope, Event};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::ProjectionError;
 
 /// A message as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub message_id: Uuid,
     pub channel_id: Uuid,
@@ -68,6 +68,57 @@ pub enum Change {
     Delete,
     React { user: Uuid, emoji: String },
     Unreact { user: Uuid, emoji: String },
+}
+
+impl Op {
+    /// The message this write changes (the thread's root for replies).
+    pub fn target(&self) -> Uuid {
+        match self {
+            Op::Insert(message) => message.message_id,
+            Op::Change { message_id, .. } => *message_id,
+            Op::AddReply { root, .. } | Op::RemoveReply { root, .. } => *root,
+        }
+    }
+}
+
+impl Message {
+    /// Applies a write other than [`Op::Insert`] (which only ever adds a message not stored)
+    /// as every store does (see the module); false when it changes nothing.
+    pub fn apply(&mut self, op: Op) -> bool {
+        match op {
+            Op::Insert(_) => false,
+            Op::Change { version, .. } if self.version >= version => false,
+            Op::Change { version, change, .. } => {
+                self.version = version;
+                match change {
+                    Change::Edit { text, edited_at } => {
+                        self.text = text;
+                        self.edited_at = Some(edited_at);
+                    }
+                    Change::Delete => self.deleted = true,
+                    Change::React { user, emoji } => {
+                        if !self.reactions.contains(&(user, emoji.clone())) {
+                            self.reactions.push((user, emoji));
+                        }
+                    }
+                    Change::Unreact { user, emoji } => self.reactions.retain(|r| *r != (user, emoji.clone())),
+                }
+                true
+            }
+            Op::AddReply { reply, .. } => {
+                let absent = !self.replies.contains(&reply);
+                if absent {
+                    self.replies.push(reply);
+                }
+                absent
+            }
+            Op::RemoveReply { reply, .. } => {
+                let present = self.replies.contains(&reply);
+                self.replies.retain(|r| *r != reply);
+                present
+            }
+        }
+    }
 }
 
 /// The writes that apply `events`, in order.

@@ -1,0 +1,334 @@
+//! Search on OpenSearch or Elasticsearch 8+ (the Elasticsearch API, through the `elasticsearch`
+//! crate). Index template `{prefix}messages` gives every index `{prefix}messages-*` the
+//! `message_text` analyzer (Unicode words, lowercased, ASCII-folded, Porter stems: what the
+//! embedded FTS5 tokenizer does) and the mapping; the live index is reached through the alias
+//! `{prefix}messages`, so that a rebuild can fill another index and move the alias.
+//!
+//! Each changed document is written whole by one `index` op of a `_bulk` with
+//! `version_type=external` and version `applied`: the server refuses a stale or repeated one
+//! (a 409 for that item: already there). The bulk waits for the index's next refresh (every
+//! 200 ms), so what the progress says is applied is what searches see. The progress is one
+//! document of index `{prefix}search-progress`, written after the effects with
+//! `if_seq_no`/`if_primary_term`: of two members applying the same batch, one is refused.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use elasticsearch::http::request::JsonBody;
+use elasticsearch::http::response::Response;
+use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
+use elasticsearch::http::{StatusCode, Url};
+use elasticsearch::indices::{
+    IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts,
+};
+use elasticsearch::params::Refresh;
+use elasticsearch::{BulkParts, Elasticsearch, GetParts, IndexParts, MgetParts, SearchParts};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{Document, Hit, Hits, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
+use crate::timelines::MessageView;
+use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
+
+const PROGRESS: &str = "progress";
+
+pub struct OpenSearch {
+    client: Elasticsearch,
+    prefix: String,
+}
+
+fn unavailable(error: impl ToString) -> ProjectionError {
+    ProjectionError::Unavailable(error.to_string())
+}
+
+/// The stored progress and the sequence number and primary term it was read at.
+struct Versioned {
+    stored: Stored,
+    seq_no: i64,
+    primary_term: i64,
+}
+
+impl OpenSearch {
+    /// A client of the server at `url`; its indexes are named from `prefix` (`quikapp-`).
+    pub fn connect(url: &str, prefix: &str) -> Result<Self, ProjectionError> {
+        let url = Url::parse(url).map_err(unavailable)?;
+        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(url))
+            .enable_meta_header(false)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(unavailable)?;
+        Ok(OpenSearch { client: Elasticsearch::new(transport), prefix: prefix.to_owned() })
+    }
+
+    /// The alias searches and writes go through.
+    pub fn messages(&self) -> String {
+        format!("{}messages", self.prefix)
+    }
+
+    fn progress(&self) -> String {
+        format!("{}search-progress", self.prefix)
+    }
+
+    /// The template, the first messages index behind its alias, and the progress document,
+    /// each when missing.
+    pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        let template = json!({
+            "index_patterns": [format!("{}-*", self.messages())],
+            "template": {
+                "settings": {
+                    "refresh_interval": "200ms",
+                    "analysis": { "analyzer": { "message_text": {
+                        "type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding", "porter_stem"]
+                    } } }
+                },
+                "mappings": {
+                    "dynamic": false,
+                    "properties": {
+                        "workspace_id": { "type": "keyword" },
+                        "channel_id": { "type": "keyword" },
+                        "author_id": { "type": "keyword" },
+                        "text": { "type": "text", "analyzer": "message_text" },
+                        "deleted": { "type": "boolean" },
+                        "position": { "type": "long" },
+                        "applied": { "type": "long" },
+                        "message": { "type": "object", "enabled": false }
+                    }
+                }
+            }
+        });
+        let (indices, messages, progress) = (self.client.indices(), self.messages(), self.progress());
+        let put = indices.put_index_template(IndicesPutIndexTemplateParts::Name(&messages)).body(template);
+        expect_success(put.send().await, &[]).await?;
+        let first = format!("{messages}-1");
+        let aliased = json!({ "aliases": { &messages: {} } });
+        let create = indices.create(IndicesCreateParts::Index(&first)).body(aliased);
+        expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
+        let unparsed = json!({ "mappings": { "enabled": false } });
+        let create = indices.create(IndicesCreateParts::Index(&progress)).body(unparsed);
+        expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
+        let empty = json!({ "partitions": [], "dead_lettered": 0 });
+        let initial = self.client.create(elasticsearch::CreateParts::IndexId(&progress, PROGRESS)).body(empty);
+        expect_success(initial.send().await, &["version_conflict_engine_exception"]).await?;
+        Ok(())
+    }
+
+    /// Deletes this model's indexes and template: for tests.
+    pub async fn delete(&self) -> Result<(), ProjectionError> {
+        let (indices, pattern, messages) = (self.client.indices(), format!("{}*", self.prefix), self.messages());
+        let indexes = [pattern.as_str()];
+        let delete = indices.delete(IndicesDeleteParts::Index(&indexes));
+        expect_success(delete.send().await, &[]).await?;
+        let template = indices.delete_index_template(IndicesDeleteIndexTemplateParts::Name(&messages));
+        expect_success(template.send().await, &[]).await.map(|_| ())
+    }
+
+    pub async fn ping(&self) -> Result<(), ProjectionError> {
+        self.versioned().await.map(|_| ())
+    }
+
+    async fn versioned(&self) -> Result<Versioned, ProjectionError> {
+        let response = self.client.get(GetParts::IndexId(&self.progress(), PROGRESS)).send().await;
+        let body = expect_success(response, &[]).await?;
+        let source = &body["_source"];
+        let partitions = source["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                let partition = parse_partition_key(p["partition"].as_str()?)?;
+                Some((partition, Progress { offset: p["offset"].as_u64()?, watermark: p["watermark"].as_u64()? }))
+            })
+            .collect();
+        let stored = Stored { partitions, dead_lettered: source["dead_lettered"].as_u64().unwrap_or(0) };
+        let number = |key: &str| body[key].as_i64().ok_or_else(|| unavailable(format!("no {key} in {body}")));
+        Ok(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? })
+    }
+
+    /// The stored documents among `ids`.
+    async fn documents(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Document>, ProjectionError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let messages = self.messages();
+        let request = self.client.mget(MgetParts::Index(&messages)).body(json!({ "ids": ids }));
+        let body = expect_success(request.send().await, &[]).await?;
+        let found = body["docs"].as_array().into_iter().flatten().filter(|d| d["found"] == true);
+        found
+            .map(|d| {
+                let document = document_of(&d["_source"]).ok_or_else(|| unavailable(format!("unreadable: {d}")))?;
+                Ok((document.message.message_id, document))
+            })
+            .collect()
+    }
+
+    /// Writes each document unless the stored one is as recent.
+    async fn write(&self, documents: Vec<&Document>) -> Result<(), ProjectionError> {
+        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(documents.len() * 2);
+        for document in documents {
+            let message = &document.message;
+            body.push(
+                json!({ "index": {
+                "_id": message.message_id, "version": document.applied, "version_type": "external"
+            } })
+                .into(),
+            );
+            body.push(source(document).into());
+        }
+        let messages = self.messages();
+        let bulk = self.client.bulk(BulkParts::Index(&messages)).refresh(Refresh::WaitFor).body(body);
+        let answer = expect_success(bulk.send().await, &[]).await?;
+        if answer["errors"] != true {
+            return Ok(());
+        }
+        for item in answer["items"].as_array().into_iter().flatten() {
+            let result = &item["index"];
+            match result["status"].as_u64().unwrap_or(0) {
+                200..=299 | 409 => {} // 409: this version or a later one is there
+                429 | 500.. => return Err(unavailable(&result["error"])),
+                _ => return Err(ProjectionError::Rejected(result["error"].to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `stored` unless the progress document changed since `read`.
+    async fn save(&self, read: &Versioned, stored: &Stored) -> Result<(), ProjectionError> {
+        let partitions: Vec<Value> = stored
+            .partitions
+            .iter()
+            .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
+            .collect();
+        let progress = self.progress();
+        let save = self
+            .client
+            .index(IndexParts::IndexId(&progress, PROGRESS))
+            .if_seq_no(read.seq_no)
+            .if_primary_term(read.primary_term)
+            .body(json!({ "partitions": partitions, "dead_lettered": stored.dead_lettered }));
+        match save.send().await {
+            Ok(response) if response.status_code() == StatusCode::CONFLICT => {
+                Err(ProjectionError::Moved("another member stored this progress first".into()))
+            }
+            response => expect_success(response, &[]).await.map(|_| ()),
+        }
+    }
+}
+
+/// The body of a successful answer; an error whose type is among `tolerated` counts as one.
+async fn expect_success(
+    response: Result<Response, elasticsearch::Error>,
+    tolerated: &[&str],
+) -> Result<Value, ProjectionError> {
+    let response = response.map_err(unavailable)?;
+    let status = response.status_code();
+    let body: Value = response.json().await.map_err(unavailable)?;
+    if status.is_success() || body["error"]["type"].as_str().is_some_and(|t| tolerated.contains(&t)) {
+        return Ok(body);
+    }
+    let error = format!("{status}: {}", body["error"]);
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::NOT_FOUND {
+        Err(ProjectionError::Unavailable(error))
+    } else {
+        Err(ProjectionError::Rejected(error))
+    }
+}
+
+/// A document as indexed: the fields searches match and filter on, and the message whole.
+fn source(document: &Document) -> Value {
+    let message = &document.message;
+    json!({
+        "workspace_id": document.workspace_id,
+        "channel_id": message.channel_id,
+        "author_id": message.author_id,
+        "text": message.text,
+        "deleted": message.deleted,
+        "position": message.position,
+        "applied": document.applied,
+        "message": message,
+    })
+}
+
+fn document_of(source: &Value) -> Option<Document> {
+    Some(Document {
+        workspace_id: serde_json::from_value(source["workspace_id"].clone()).ok()?,
+        applied: source["applied"].as_u64()?,
+        message: serde_json::from_value(source["message"].clone()).ok()?,
+    })
+}
+
+#[async_trait]
+impl Projector for OpenSearch {
+    fn name(&self) -> &'static str {
+        "search"
+    }
+
+    async fn stored(&self) -> Result<Stored, ProjectionError> {
+        Ok(self.versioned().await?.stored)
+    }
+
+    /// Not atomic (see the module): a batch whose progress moved is refused before any write;
+    /// otherwise its documents, each versioned, then its progress in one compare-and-set.
+    async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
+        let read = self.versioned().await?;
+        check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
+        let mut documents = self.documents(&to_read(&batch.events)).await?;
+        let changed = fold(&batch.events, &mut documents);
+        if !changed.is_empty() {
+            self.write(changed.iter().map(|id| &documents[id]).collect()).await?;
+        }
+        let mut stored = read.stored.clone();
+        stored.record(&batch.moves, batch.dead_lettered);
+        self.save(&read, &stored).await
+    }
+
+    /// OpenSearch tells no one of writes: the progress is looked at again every 100 ms.
+    async fn changed(&self) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[async_trait]
+impl Search for OpenSearch {
+    async fn search(&self, query: &Query) -> Result<Hits, ProjectionError> {
+        let mut filter = vec![
+            json!({ "term": { "workspace_id": query.workspace_id } }),
+            json!({ "terms": { "channel_id": query.channels } }),
+            json!({ "term": { "deleted": false } }),
+        ];
+        if let Some(author) = query.author {
+            filter.push(json!({ "term": { "author_id": author } }));
+        }
+        let request = json!({
+            "size": query.limit,
+            "track_total_hits": true,
+            "query": { "bool": {
+                "must": [{ "match": { "text": { "query": query.words.join(" "), "operator": "and" } } }],
+                "filter": filter,
+            } },
+            "sort": [{ "_score": "desc" }, { "position": "desc" }],
+            "_source": ["workspace_id", "applied", "message"],
+            "highlight": {
+                "pre_tags": [MARK_START.to_string()],
+                "post_tags": [MARK_END.to_string()],
+                "fields": { "text": { "number_of_fragments": 0 } },
+            },
+        });
+        let messages = self.messages();
+        let indexes = [messages.as_str()];
+        let search = self.client.search(SearchParts::Index(&indexes)).body(request);
+        let answer = expect_success(search.send().await, &[]).await.map_err(unavailable)?;
+        let hits = answer["hits"]["hits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|hit| {
+                let document = document_of(&hit["_source"])?;
+                let marked = hit["highlight"]["text"][0].as_str().unwrap_or(&document.message.text);
+                Some(Hit { highlight: highlight(marked), message: MessageView::from(&document.message) })
+            })
+            .collect();
+        let total = answer["hits"]["total"]["value"].as_u64().unwrap_or(0);
+        Ok(Hits { hits, total })
+    }
+}

@@ -33,6 +33,7 @@ const KEYS: &[&str] = &[
     "projector_batch_size",
     "min_position_wait_seconds",
     "redis_key_prefix",
+    "search_index_prefix",
     "kafka_group_prefix",
 ];
 
@@ -109,9 +110,16 @@ pub struct Config {
     /// Every key of the Redis read model starts with this.
     #[serde(default = "default_redis_key_prefix")]
     pub redis_key_prefix: String,
+    /// The search read model's indexes and template are named from this.
+    #[serde(default = "default_search_index_prefix")]
+    pub search_index_prefix: String,
     /// A projector's consumer group is this followed by its model's name.
     #[serde(default = "default_kafka_group_prefix")]
     pub kafka_group_prefix: String,
+}
+
+fn default_search_index_prefix() -> String {
+    "quikapp-".into()
 }
 
 fn default_redis_key_prefix() -> String {
@@ -208,6 +216,7 @@ impl Default for Config {
             projector_batch_size: default_projector_batch_size(),
             min_position_wait_seconds: default_min_position_wait_seconds(),
             redis_key_prefix: default_redis_key_prefix(),
+            search_index_prefix: default_search_index_prefix(),
             kafka_group_prefix: default_kafka_group_prefix(),
         }
     }

@@ -109,9 +109,11 @@ async fn main() -> Result<()> {
         }
         Role::ReadApi => {
             init_tracing();
-            let (Some(_), Some(_), Some(_)) = (&config.postgres_url, &config.redis_url, &config.mongo_url) else {
+            let urls = (&config.postgres_url, &config.redis_url, &config.mongo_url, &config.elasticsearch_url);
+            let (Some(_), Some(_), Some(_), Some(_)) = urls else {
                 bail!(
-                    "the read API needs QUIKAPP_POSTGRES_URL, QUIKAPP_REDIS_URL and QUIKAPP_MONGO_URL (its read models)"
+                    "the read API needs QUIKAPP_POSTGRES_URL, QUIKAPP_REDIS_URL, QUIKAPP_MONGO_URL and \
+                     QUIKAPP_ELASTICSEARCH_URL (its read models)"
                 );
             };
             let store = open_event_store(&config).await?;
@@ -270,6 +272,9 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
     }
     if needs(models::Selection::Mongo) && config.mongo_url.is_none() {
         bail!("the mongo projector needs QUIKAPP_MONGO_URL");
+    }
+    if needs(models::Selection::Search) && config.elasticsearch_url.is_none() {
+        bail!("the search projector needs QUIKAPP_ELASTICSEARCH_URL");
     }
     let models = models::ReadModels::open_selected(config, selection).await?;
     let bus: Arc<dyn quikapp_bus::EventBus> = Arc::new(quikapp_bus::kafka::KafkaBus {

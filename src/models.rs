@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use quikapp_bus::EventBus;
 use quikapp_bus::embedded::EmbeddedBus;
 use quikapp_bus::kafka::KafkaBus;
@@ -17,6 +17,9 @@ use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::directory::postgres::PostgresDirectory;
 use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+use quikapp_projections::search::Search;
+use quikapp_projections::search::opensearch::OpenSearch;
+use quikapp_projections::search::sqlite::SqliteSearch;
 use quikapp_projections::timelines::Timelines;
 use quikapp_projections::timelines::memory::MemoryTimelines;
 use quikapp_projections::timelines::mongo::MongoTimelines;
@@ -34,24 +37,22 @@ pub enum Selection {
     All,
 }
 
-/// The directory (PostgreSQL), counters (Redis) and timelines (MongoDB) models, each with its
-/// projector.
+/// The directory (PostgreSQL), counters (Redis), timelines (MongoDB) and search
+/// (Elasticsearch API) models, each with its projector.
 pub struct ReadModels {
     directory: Option<(Arc<dyn Directory>, Arc<dyn Projector>)>,
     counters: Option<Counters>,
     timelines: Option<(Arc<dyn Timelines>, Arc<dyn Projector>)>,
+    search: Option<(Arc<dyn Search>, Arc<dyn Projector>)>,
 }
 
 impl ReadModels {
-    /// Both models.
+    /// Every model.
     pub async fn open(config: &Config) -> Result<Self> {
         Self::open_selected(config, Selection::All).await
     }
 
     pub async fn open_selected(config: &Config, selection: Selection) -> Result<Self> {
-        if selection == Selection::Search {
-            bail!("the search read model is not built yet; this build has `postgres`, `redis` and `mongo`");
-        }
         let directory = match selection {
             Selection::Postgres | Selection::All => Some(open_directory(config).await?),
             _ => None,
@@ -64,14 +65,19 @@ impl ReadModels {
             Selection::Mongo | Selection::All => Some(open_timelines(config).await?),
             _ => None,
         };
-        Ok(ReadModels { directory, counters, timelines })
+        let search = match selection {
+            Selection::Search | Selection::All => Some(open_search(config).await?),
+            _ => None,
+        };
+        Ok(ReadModels { directory, counters, timelines, search })
     }
 
     pub fn projectors(&self) -> Vec<Arc<dyn Projector>> {
         let directory = self.directory.iter().map(|(_, projector)| projector.clone());
         let counters = self.counters.iter().map(|counters| Arc::new(counters.clone()) as Arc<dyn Projector>);
         let timelines = self.timelines.iter().map(|(_, projector)| projector.clone());
-        directory.chain(counters).chain(timelines).collect()
+        let search = self.search.iter().map(|(_, projector)| projector.clone());
+        directory.chain(counters).chain(timelines).chain(search).collect()
     }
 
     /// What the read API serves (every model is open when it runs).
@@ -79,7 +85,8 @@ impl ReadModels {
         let (directory, _) = self.directory.clone().expect("the read API opens every model");
         let counters = self.counters.clone().expect("the read API opens every model");
         let (timelines, _) = self.timelines.clone().expect("the read API opens every model");
-        quikapp_read_api::Models { directory, counters, timelines, projectors: self.projectors() }
+        let (search, _) = self.search.clone().expect("the read API opens every model");
+        quikapp_read_api::Models { directory, counters, timelines, search, projectors: self.projectors() }
     }
 }
 
@@ -109,6 +116,22 @@ pub async fn open_timelines(config: &Config) -> Result<(Arc<dyn Timelines>, Arc<
         None => {
             let timelines = Arc::new(MemoryTimelines::new());
             Ok((timelines.clone(), timelines))
+        }
+    }
+}
+
+/// Search on the Elasticsearch API (template and index made) when `elasticsearch_url` is set,
+/// else on SQLite FTS5 in memory.
+pub async fn open_search(config: &Config) -> Result<(Arc<dyn Search>, Arc<dyn Projector>)> {
+    match &config.elasticsearch_url {
+        Some(url) => {
+            let search = Arc::new(OpenSearch::connect(url, &config.search_index_prefix)?);
+            search.migrate().await.context("preparing the search read model")?;
+            Ok((search.clone(), search))
+        }
+        None => {
+            let search = Arc::new(SqliteSearch::in_memory().await?);
+            Ok((search.clone(), search))
         }
     }
 }

@@ -29,6 +29,7 @@ use quikapp_bus::Partition;
 use quikapp_commands::store::EventStore;
 use quikapp_projections::counters::Counters;
 use quikapp_projections::directory::Directory;
+use quikapp_projections::search::Search;
 use quikapp_projections::timelines::Timelines;
 use quikapp_projections::{ProjectionError, Projector, applied_position};
 use quikapp_write_api::BearerAuth;
@@ -43,8 +44,9 @@ pub struct Models {
     pub directory: Arc<dyn Directory>,
     pub counters: Counters,
     pub timelines: Arc<dyn Timelines>,
+    pub search: Arc<dyn Search>,
     /// The writer side of each model, for its stored progress: `postgres` (the directory),
-    /// `redis` (the counters) and `mongo` (the timelines).
+    /// `redis` (the counters), `mongo` (the timelines) and `search`.
     pub projectors: Vec<Arc<dyn Projector>>,
 }
 

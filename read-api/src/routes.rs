@@ -5,6 +5,7 @@ use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use quikapp_projections::counters::{ChannelStats, Unread};
 use quikapp_projections::directory::{ChannelView, MemberView, WorkspaceView};
+use quikapp_projections::search::{self, Hits};
 use quikapp_projections::timelines::MessageView;
 use quikapp_write_api::auth::Actor;
 use quikapp_write_api::problem::ApiError;
@@ -28,6 +29,7 @@ pub(crate) fn queries() -> OpenApiRouter<ReadApi> {
         .routes(routes!(messages))
         .routes(routes!(message))
         .routes(routes!(replies))
+        .routes(routes!(search))
         .routes(routes!(projections))
 }
 
@@ -36,6 +38,7 @@ const DIRECTORY: &[&str] = &["postgres"];
 const COUNTERS_WITH_VISIBILITY: &[&str] = &["postgres", "redis"];
 const COUNTERS: &[&str] = &["redis"];
 const TIMELINES_WITH_VISIBILITY: &[&str] = &["postgres", "mongo"];
+const SEARCH_WITH_VISIBILITY: &[&str] = &["postgres", "search"];
 
 /// `X-Min-Position`: a position the read models must have applied first.
 #[derive(IntoParams)]
@@ -323,6 +326,84 @@ async fn replies(
     timelines.message(channel_id, message_id).await.map_err(store_error)?.ok_or_else(|| not_found("message"))?;
     let replies = timelines.replies(channel_id, message_id).await.map_err(store_error)?;
     Ok(Json(ReplyList { replies }))
+}
+
+/// The query of a search, as documented (read through [`SearchQuery`]).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct SearchParams {
+    /// Words, every one of which must match (case, accents and English endings aside); a query
+    /// with no word (letters or digits) matches nothing.
+    #[param(min_length = 1, max_length = 1000, pattern = "\\S")]
+    q: String,
+    /// Only this channel.
+    channel: Option<Uuid>,
+    /// Only this author.
+    author: Option<Uuid>,
+    /// From 1 to 100; 20 when absent.
+    #[param(minimum = 1, maximum = 100)]
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+    channel: Option<String>,
+    author: Option<String>,
+    limit: Option<String>,
+}
+
+const DEFAULT_HITS: usize = 20;
+const MAX_HITS: usize = 100;
+const MAX_QUERY_LENGTH: usize = 1000;
+
+/// An optional id, named `field` in the error.
+fn optional_id(field: &str, value: Option<&str>, what: &str) -> Result<Option<Uuid>, ApiError> {
+    value.map(|v| v.parse().map_err(|_| ApiError::invalid(field, format!("must be {what}")))).transpose()
+}
+
+#[utoipa::path(get, path = "/v1/workspaces/{workspace_id}/search", tag = "search",
+    params(("workspace_id" = Uuid, Path), SearchParams, MinPositionHeader, MinPositionQueryDocs),
+    responses((status = 200, body = Hits, description = "messages of the channels the caller may read"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn search(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(workspace_id): Ids<Uuid>,
+    query: Result<Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Hits>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let q = query.q.unwrap_or_default();
+    if q.trim().is_empty() || q.chars().count() > MAX_QUERY_LENGTH {
+        return Err(ApiError::invalid("q", "must hold the words to search for, in at most 1000 characters"));
+    }
+    let channel = optional_id("channel", query.channel.as_deref(), "a channel id")?;
+    let author = optional_id("author", query.author.as_deref(), "a user id")?;
+    let limit = match query.limit.as_deref().map(digits) {
+        None => DEFAULT_HITS,
+        Some(Some(limit)) if (1..=MAX_HITS as u64).contains(&limit) => limit as usize,
+        Some(_) => return Err(ApiError::invalid("limit", "must be from 1 to 100")),
+    };
+    api.reached(SEARCH_WITH_VISIBILITY, min).await?;
+    api.visible_workspace(actor.0, workspace_id).await?;
+    // Decided now, from the directory: public channels and the private ones the caller is in.
+    let readable = api.inner.models.directory.channels(workspace_id, actor.0).await.map_err(store_error)?;
+    let mut channels: Vec<Uuid> = readable.iter().map(|c| c.channel_id).collect();
+    if let Some(channel) = channel {
+        if !channels.contains(&channel) {
+            return Err(not_found("channel"));
+        }
+        channels = vec![channel];
+    }
+    let words = search::words(&q);
+    if channels.is_empty() || words.is_empty() {
+        return Ok(Json(Hits { hits: vec![], total: 0 }));
+    }
+    let query = search::Query { workspace_id, channels, author, words, limit };
+    Ok(Json(api.inner.models.search.search(&query).await.map_err(store_error)?))
 }
 
 #[derive(Serialize, ToSchema)]

@@ -18,6 +18,7 @@ use quikapp_projections::counters::memory::MemoryKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::memory::MemoryDirectory;
 use quikapp_projections::runtime::{Runtime, RuntimeConfig};
+use quikapp_projections::search::sqlite::SqliteSearch;
 use quikapp_projections::timelines::memory::MemoryTimelines;
 use quikapp_read_api::{Models, ReadApi, ReadConfig};
 use quikapp_write_api::auth::Tokens;
@@ -62,7 +63,9 @@ async fn app(min_position_wait: Duration) -> App {
     let directory = Arc::new(MemoryDirectory::new());
     let counters = Counters::new(Arc::new(MemoryKeyspace::new()), Keys::default());
     let timelines = Arc::new(MemoryTimelines::new());
-    let projectors: Vec<Arc<dyn Projector>> = vec![directory.clone(), Arc::new(counters.clone()), timelines.clone()];
+    let search = Arc::new(SqliteSearch::in_memory().await.unwrap());
+    let projectors: Vec<Arc<dyn Projector>> =
+        vec![directory.clone(), Arc::new(counters.clone()), timelines.clone(), search.clone()];
     let runtimes = projectors
         .iter()
         .map(|projector| {
@@ -78,7 +81,7 @@ async fn app(min_position_wait: Duration) -> App {
         min_position_wait,
         request_timeout: Duration::from_secs(30),
     };
-    let models = Models { directory, counters, timelines, projectors };
+    let models = Models { directory, counters, timelines, search, projectors };
     let read = quikapp_read_api::router(ReadApi::new(models, store, tokens.clone(), config));
     App { write, read, tokens, _runtimes: runtimes }
 }
@@ -258,7 +261,7 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
 
     let projections = app.query(bob, "/projections", &at).await.ok();
     let names: Vec<_> = projections["projections"].as_array().unwrap().iter().map(|p| p["name"].clone()).collect();
-    assert_eq!(names, [json!("mongo"), json!("postgres"), json!("redis")]);
+    assert_eq!(names, [json!("mongo"), json!("postgres"), json!("redis"), json!("search")]);
     for projection in projections["projections"].as_array().unwrap() {
         let position: u64 = projection["position"].as_str().unwrap().parse().unwrap();
         assert!(position >= at.parse().unwrap(), "{projection}");
@@ -314,6 +317,7 @@ async fn the_openapi_document_lists_every_query() {
             "/v1/users/me/unread",
             "/v1/workspaces/{workspace_id}",
             "/v1/workspaces/{workspace_id}/channels",
+            "/v1/workspaces/{workspace_id}/search",
         ]
     );
     for path in ["/healthz", "/readyz", "/metrics"] {
@@ -424,6 +428,84 @@ async fn timelines_page_newest_first_across_cursors_with_threads_reactions_edits
             .query(bob, &format!("/channels/{general}/messages?{query}"), &at)
             .await
             .problem(StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(problem["errors"][0]["field"], field, "{query}");
+    }
+}
+
+#[tokio::test]
+async fn search_matches_every_word_in_the_channels_the_caller_may_read() {
+    let app = app(Duration::from_secs(10)).await;
+    let (ada, bob, eve) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let ws = id(&app.command(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+    let member = json!({ "user_id": bob, "role": "member" });
+    app.command(ada, Method::POST, &format!("/workspaces/{ws}/members"), Some(member)).await;
+    let channel = |name: &str, private: bool| json!({ "name": name, "private": private });
+    let path = format!("/workspaces/{ws}/channels");
+    let general = id(&app.command(ada, Method::POST, &path, Some(channel("general", false))).await, "channel_id");
+    let secret = id(&app.command(ada, Method::POST, &path, Some(channel("secret", true))).await, "channel_id");
+    app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
+    let post = |user: Uuid, channel: String, text: &'static str| {
+        let app = &app;
+        async move {
+            let path = format!("/channels/{channel}/messages");
+            id(&app.command(user, Method::POST, &path, Some(json!({ "text": text }))).await, "message_id")
+        }
+    };
+    let deploying = post(ada, general.clone(), "Deploying the new <search> service").await;
+    let slow = post(ada, general.clone(), "the search is slow").await;
+    post(ada, general.clone(), "Café opening hours").await;
+    post(bob, general.clone(), "search results look great").await;
+    post(ada, secret.clone(), "secret search plans").await;
+    let gone = post(ada, general.clone(), "a search to take back").await;
+    let edit = json!({ "text": "the index is fast" });
+    app.command(ada, Method::PATCH, &format!("/channels/{general}/messages/{slow}"), Some(edit)).await;
+    let last = app.command(ada, Method::DELETE, &format!("/channels/{general}/messages/{gone}"), None).await;
+    let at = last["position"].as_str().unwrap().to_owned();
+    let ws = ws.as_str();
+    let search = |user: Uuid, query: String| {
+        let (app, at) = (&app, at.clone());
+        async move { app.query(user, &format!("/workspaces/{ws}/search?{query}"), &at).await }
+    };
+    let texts = |hits: &Value| -> Vec<String> {
+        let mut texts: Vec<String> =
+            hits["hits"].as_array().unwrap().iter().map(|h| h["text"].as_str().unwrap().to_owned()).collect();
+        texts.sort();
+        texts
+    };
+
+    // Edits reflected, deletions gone, the private channel only for its member.
+    let bob_sees = search(bob, "q=search".into()).await.ok();
+    assert_eq!(texts(&bob_sees), ["Deploying the new <search> service", "search results look great"]);
+    assert_eq!(bob_sees["total"], 2);
+    let ada_sees = search(ada, "q=search".into()).await.ok();
+    assert_eq!(ada_sees["total"], 3, "{ada_sees}");
+    assert!(texts(&ada_sees).contains(&"secret search plans".to_owned()));
+    // Every word must match; stems, case and accents aside; highlights escape the text.
+    let hit = search(bob, "q=SEARCH%20deploy".into()).await.ok();
+    assert_eq!(hit["total"], 1);
+    assert_eq!(hit["hits"][0]["message_id"], deploying.as_str());
+    assert_eq!(hit["hits"][0]["highlight"], "<em>Deploying</em> the new &lt;<em>search</em>&gt; service");
+    assert_eq!(search(bob, "q=search%20fast".into()).await.ok()["total"], 0);
+    assert_eq!(search(bob, "q=!!".into()).await.ok(), json!({ "hits": [], "total": 0 }), "no word, no match");
+    assert_eq!(texts(&search(bob, "q=index%20fast".into()).await.ok()), ["the index is fast"]);
+    let cafe = search(bob, "q=cafe".into()).await.ok();
+    assert_eq!(cafe["hits"][0]["highlight"], "<em>Café</em> opening hours");
+    // Filters.
+    assert_eq!(texts(&search(ada, format!("q=search&author={bob}")).await.ok()), ["search results look great"]);
+    assert_eq!(search(ada, format!("q=search&channel={general}")).await.ok()["total"], 2);
+    assert_eq!(search(ada, "q=search&limit=1".into()).await.ok()["hits"].as_array().unwrap().len(), 1);
+    // Invisible is 404; bad input is 422 naming the field.
+    search(bob, format!("q=search&channel={secret}")).await.problem(StatusCode::NOT_FOUND);
+    search(eve, "q=search".into()).await.problem(StatusCode::NOT_FOUND);
+    for (query, field) in [
+        ("", "q"),
+        ("q=%20%20", "q"),
+        ("q=search&limit=0", "limit"),
+        ("q=search&limit=101", "limit"),
+        ("q=search&channel=general", "channel"),
+        ("q=search&author=bob", "author"),
+    ] {
+        let problem = search(bob, query.into()).await.problem(StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(problem["errors"][0]["field"], field, "{query}");
     }
 }

@@ -26,12 +26,15 @@ impl Pipeline {
         let redis = service_url("QUIKAPP_REDIS_URL")?;
         let postgres = fresh_postgres_database().await?;
         let mongo = service_url("QUIKAPP_MONGO_URL")?;
+        let elasticsearch = service_url("QUIKAPP_ELASTICSEARCH_URL")?;
         let run = Uuid::now_v7().simple().to_string();
         let env = vec![
             ("QUIKAPP_POSTGRES_URL", postgres),
             ("QUIKAPP_KAFKA_BROKERS", brokers),
             ("QUIKAPP_REDIS_URL", redis),
             ("QUIKAPP_MONGO_URL", format!("{}/test_{run}", mongo.split('?').next().unwrap().trim_end_matches('/'))),
+            ("QUIKAPP_ELASTICSEARCH_URL", elasticsearch),
+            ("QUIKAPP_SEARCH_INDEX_PREFIX", format!("test-{run}-")),
             ("QUIKAPP_KAFKA_MESSAGES_TOPIC", format!("test-{run}-messages")),
             ("QUIKAPP_KAFKA_WORKSPACES_TOPIC", format!("test-{run}-workspaces")),
             ("QUIKAPP_KAFKA_PARTITIONS", "4".into()),
@@ -65,11 +68,14 @@ impl Pipeline {
     }
 }
 
+/// A message as the commands imply it: (channel, author, global position, top-level, text,
+/// deleted).
+type Posted = (Uuid, Uuid, u64, bool, String, bool);
+
 /// What the commands imply, kept as their answers come.
 #[derive(Default)]
 struct Expected {
-    /// message → (channel, author, global position, top-level, text, deleted)
-    messages: HashMap<Uuid, (Uuid, Uuid, u64, bool, String, bool)>,
+    messages: HashMap<Uuid, Posted>,
     /// (user, channel) → (position of the mark command, position of the marked message)
     marks: HashMap<(Uuid, Uuid), (u64, u64)>,
     last_position: u64,
@@ -159,7 +165,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     let write = pipeline.start(&["write-api"], "write API");
     let _relay = pipeline.start(&["relay"], "relay");
     let start_projectors =
-        || ["postgres", "redis", "mongo"].map(|model| pipeline.start(&["project", model], "projector"));
+        || ["postgres", "redis", "mongo", "search"].map(|model| pipeline.start(&["project", model], "projector"));
     let mut projectors = start_projectors();
     let read = pipeline.start(&["read-api"], "read API");
 
@@ -348,8 +354,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     // Timelines: every page across the cursors, newest first, top-level and not deleted; each
     // thread's replies oldest first; a deleted message is gone.
     for channel in [general, random, secret] {
-        let mut want: Vec<(&Uuid, &(Uuid, Uuid, u64, bool, String, bool))> =
-            expected.iter().filter(|(_, m)| m.0 == channel && m.3 && !m.5).collect();
+        let mut want: Vec<(&Uuid, &Posted)> = expected.iter().filter(|(_, m)| m.0 == channel && m.3 && !m.5).collect();
         want.sort_by_key(|(_, m)| std::cmp::Reverse(m.2));
         let mut seen = Vec::new();
         let mut cursor: Option<String> = None;
@@ -370,7 +375,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         let want_seen: Vec<(Uuid, Value)> = want.iter().map(|(id, m)| (**id, json!(m.4))).collect();
         assert_eq!(seen, want_seen, "the timeline of {channel}");
         let root = roots[&channel];
-        let mut replies: Vec<(&Uuid, &(Uuid, Uuid, u64, bool, String, bool))> =
+        let mut replies: Vec<(&Uuid, &Posted)> =
             expected.iter().filter(|(_, m)| m.0 == channel && !m.3 && !m.5).collect();
         replies.sort_by_key(|(_, m)| m.2);
         let thread = client.read(bob, &format!("/channels/{channel}/messages/{root}/replies")).await;
@@ -387,6 +392,33 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     let deleted = expected.iter().find(|(_, m)| m.5).map(|(id, m)| (*id, m.0)).unwrap();
     assert_eq!(client.query(ada, &format!("/channels/{}/messages/{}", deleted.1, deleted.0)).await.0, 404);
     assert_eq!(client.query(cy, &format!("/channels/{secret}/messages")).await.0, 404, "a private timeline");
+
+    // Search: every word must match, edits reflected, deletions gone, and only the channels the
+    // caller may read.
+    for user in [bob, cy] {
+        let readable: Vec<Uuid> =
+            [general, random, secret].into_iter().filter(|c| members[c].contains(&user)).collect();
+        let count = |matches: &dyn Fn(&Posted) -> bool| {
+            expected.values().filter(|m| readable.contains(&m.0) && !m.5 && matches(m)).count()
+        };
+        let found = client.read(user, &format!("/workspaces/{ws}/search?q=message&limit=5")).await;
+        assert_eq!(found["total"], count(&|m| m.4.starts_with("message ")), "{user}: {found}");
+        let edited = client.read(user, &format!("/workspaces/{ws}/search?q=edited")).await;
+        assert_eq!(edited["total"], count(&|m| m.4.starts_with("edited ")));
+        let by_ada = client.read(user, &format!("/workspaces/{ws}/search?q=message&author={ada}")).await;
+        assert_eq!(by_ada["total"], count(&|m| m.4.starts_with("message ") && m.1 == ada));
+    }
+    let (one, (channel, ..)) =
+        expected.iter().find(|(_, m)| m.0 == secret && !m.5 && m.4.starts_with("message ")).unwrap();
+    let words = expected[one].4.replace(' ', "%20");
+    let hit = client.read(bob, &format!("/workspaces/{ws}/search?q={words}&channel={channel}")).await;
+    assert_eq!(hit["total"], 1, "{hit}");
+    assert_eq!(hit["hits"][0]["message_id"], json!(one));
+    assert_eq!(
+        hit["hits"][0]["highlight"],
+        expected[one].4.split(' ').map(|w| format!("<em>{w}</em>")).collect::<Vec<_>>().join(" ")
+    );
+    assert_eq!(client.query(cy, &format!("/workspaces/{ws}/search?q={words}&channel={secret}")).await.0, 404);
 
     let projections = client.read(ada, "/projections").await;
     let last = client.expected.lock().unwrap().last_position;
@@ -421,6 +453,8 @@ async fn dev_with_every_store_url_set_runs_every_role_on_the_real_services() {
 
     let stats = client.read(user, &format!("/channels/{channel}/stats")).await;
     assert_eq!(stats["message_count"], 1, "{stats}");
+    let found = client.read(user, &format!("/workspaces/{ws}/search?q=hello")).await;
+    assert_eq!(found["total"], 1, "{found}");
     // The models are the real stores: the directory's table and the counters' keys.
     let postgres = sqlx::PgPool::connect(&pipeline.env[0].1).await.unwrap();
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM directory.channels WHERE channel_id = $1")

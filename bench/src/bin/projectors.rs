@@ -423,7 +423,8 @@ async fn timeline_pages(
     let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
     let counters =
         Counters::new(Arc::new(quikapp_projections::counters::memory::MemoryKeyspace::new()), Keys::default());
-    let models = quikapp_read_api::Models { directory, counters, timelines, projectors: vec![] };
+    let search = Arc::new(quikapp_projections::search::sqlite::SqliteSearch::in_memory().await?);
+    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors: vec![] };
     let config = quikapp_read_api::ReadConfig {
         partitions: vec![],
         min_position_wait: Duration::from_secs(5),
@@ -552,7 +553,8 @@ async fn live(args: &Args) -> Result<()> {
         request_timeout: Duration::from_secs(30),
     };
     let timelines = Arc::new(quikapp_projections::timelines::memory::MemoryTimelines::new());
-    let models = quikapp_read_api::Models { directory, counters, timelines, projectors };
+    let search = Arc::new(quikapp_projections::search::sqlite::SqliteSearch::in_memory().await?);
+    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors };
     let read = quikapp_read_api::ReadApi::new(models, store.clone(), tokens.clone(), read_config);
     let serve = |router: axum::Router| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

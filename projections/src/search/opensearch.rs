@@ -78,6 +78,7 @@ impl OpenSearch {
             "template": {
                 "settings": {
                     "refresh_interval": "200ms",
+                    "auto_expand_replicas": "0-1",
                     "analysis": { "analyzer": { "message_text": {
                         "type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding", "porter_stem"]
                     } } }

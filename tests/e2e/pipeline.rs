@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::support::{Running, fresh_postgres_database, quikapp, service_url};
+use super::support::{Running, deadline, fresh_postgres_database, quikapp, service_url};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const MESSAGES: usize = 2_000;
@@ -61,6 +61,12 @@ impl Pipeline {
             command.env(name, value);
         }
         command
+    }
+
+    /// Sets one variable of every process started from now on.
+    fn set(&mut self, name: &'static str, value: String) {
+        self.env.retain(|(n, _)| *n != name);
+        self.env.push((name, value));
     }
 
     fn start(&self, args: &[&str], what: &str) -> Running {
@@ -470,4 +476,114 @@ async fn dev_with_every_store_url_set_runs_every_role_on_the_real_services() {
         redis::cmd("ZCARD").arg(format!("{prefix}ch:{channel}:all")).query_async(&mut connection).await.unwrap();
     assert_eq!(count, 1);
     assert!(dev.stop().success(), "dev stops cleanly on SIGTERM");
+}
+
+/// A FerretDB server of the test's own (infra/local/ferretdb-instance), over the shared one's
+/// PostgreSQL backend; killed when dropped.
+struct FerretDb(std::process::Child);
+
+impl FerretDb {
+    async fn start(port: u16) -> FerretDb {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/local/ferretdb-instance");
+        let child = std::process::Command::new(script)
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start FerretDB");
+        let accepting = async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        };
+        deadline(std::time::Duration::from_secs(30), accepting).await.expect("FerretDB accepts connections");
+        FerretDb(child)
+    }
+}
+
+impl Drop for FerretDb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The timelines' store stopped for a while mid-run (a FerretDB server of the test's own,
+/// SIGKILLed): the other models keep up meanwhile, and once it is back the mongo projector
+/// catches up with every message the event store holds.
+#[tokio::test]
+async fn a_read_model_store_stopped_mid_run_catches_up_and_loses_nothing() {
+    let Some(mut pipeline) = Pipeline::new().await else { return };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut ferretdb = FerretDb::start(port).await;
+    pipeline.set("QUIKAPP_MONGO_URL", format!("mongodb://127.0.0.1:{port}/test_{}", Uuid::now_v7().simple()));
+    let write = pipeline.start(&["write-api"], "write API");
+    let _relay = pipeline.start(&["relay"], "relay");
+    let _projectors =
+        ["postgres", "redis", "mongo", "search"].map(|model| pipeline.start(&["project", model], "projector"));
+    let read = pipeline.start(&["read-api"], "read API");
+    let ada = Uuid::now_v7();
+    let output = pipeline.command(&["token", &ada.to_string()]).output().unwrap();
+    let client = Arc::new(Client {
+        http: reqwest::Client::new(),
+        write: write.url.clone(),
+        read: read.url.clone(),
+        tokens: HashMap::from([(ada, String::from_utf8(output.stdout).unwrap().trim().to_owned())]),
+        expected: Mutex::default(),
+    });
+    let ws = id(&client.must(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+    let body = json!({ "name": "general" });
+    let general =
+        id(&client.must(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await, "channel_id");
+    let post = |i: usize| {
+        let client = client.clone();
+        async move { client.post(ada, general, format!("message {i}"), None).await }
+    };
+    futures::stream::iter(0..200).map(post).buffered(16).collect::<Vec<_>>().await;
+    client.read(ada, &format!("/channels/{general}/messages?limit=1")).await;
+
+    drop(ferretdb);
+    futures::stream::iter(200..400).map(post).buffered(16).collect::<Vec<_>>().await;
+    let last = client.expected.lock().unwrap().last_position;
+    // The other models keep up while the timelines' store is down.
+    let stats = client.read(ada, &format!("/channels/{general}/stats")).await;
+    assert_eq!(stats["message_count"], 400, "{stats}");
+    let found = client.read(ada, &format!("/workspaces/{ws}/search?q=message&limit=1")).await;
+    assert_eq!(found["total"], 400, "{found}");
+    let projections: Value = client
+        .http
+        .get(format!("{}/v1/projections", client.read))
+        .bearer_auth(&client.tokens[&ada])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mongo = projections["projections"].as_array().unwrap().iter().find(|p| p["name"] == "mongo").unwrap().clone();
+    assert!(mongo["position"].as_str().unwrap().parse::<u64>().unwrap() < last, "{mongo}");
+
+    ferretdb = FerretDb::start(port).await;
+    // Caught up: the whole timeline, page by page, is every message the event store holds.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client.read(ada, &format!("/channels/{general}/messages?limit=200&before={cursor}")).await;
+        seen.extend(page["messages"].as_array().unwrap().iter().map(|m| m["message_id"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_owned(),
+            None => break,
+        }
+    }
+    let store = sqlx::PgPool::connect(&pipeline.env[0].1).await.unwrap();
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT data->>'message_id' FROM events WHERE event_type = 'MessagePosted' AND channel_id = $1 \
+         ORDER BY global_position DESC",
+    )
+    .bind(general)
+    .fetch_all(&store)
+    .await
+    .unwrap();
+    assert_eq!(stored.len(), 400);
+    assert_eq!(seen, stored, "the timeline after the outage, newest first");
+    drop(ferretdb);
 }

@@ -373,13 +373,51 @@ async fn search_on_opensearch_complies() {
         let second = OpenSearch::connect(&url, &prefix).unwrap();
         let c = Cast::new();
         let events = scenario(&c);
-        let snapshot = || search_snapshot(&first, &c);
+        // Searches see writes after a refresh: the snapshot makes one first.
+        let snapshot = || async {
+            first.refresh().await.unwrap();
+            search_snapshot(&first, &c).await
+        };
         let expected = expected_search(&c, &events);
         // Versioned documents, then the progress in a compare-and-set: fenced, not atomic.
         let store = Store { fenced: true, can_be_cut_short: true, atomic: false };
         compliance::check(check, &first, &second, store, &events, snapshot, expected).await;
         first.delete().await.unwrap();
     }
+}
+
+/// What the read API answers X-Min-Position from is never ahead of what searches see: the
+/// progress as of the index's last refresh. (Refreshes are turned off here, so none comes
+/// between the writes and the reads unless asked for.)
+#[tokio::test]
+async fn search_progress_becomes_visible_with_its_effects_not_before() {
+    use elasticsearch::indices::IndicesPutSettingsParts;
+    let Some(url) = service_url("QUIKAPP_ELASTICSEARCH_URL") else { return };
+    let model = OpenSearch::connect(&url, &format!("test-{}-", Uuid::now_v7().simple())).unwrap();
+    model.migrate().await.unwrap();
+    let pool = elasticsearch::http::transport::SingleNodeConnectionPool::new(url.parse().unwrap());
+    let transport = elasticsearch::http::transport::TransportBuilder::new(pool).enable_meta_header(false).build();
+    let client = elasticsearch::Elasticsearch::new(transport.unwrap());
+    let (indices, messages) = (client.indices(), model.messages());
+    let indexes = [messages.as_str()];
+    let settings = indices.put_settings(IndicesPutSettingsParts::Index(&indexes));
+    let answer = settings.body(json!({ "index": { "refresh_interval": "-1" } })).send().await.unwrap();
+    assert!(answer.status_code().is_success());
+    model.refresh().await.unwrap();
+
+    let c = Cast::new();
+    let events = scenario(&c);
+    for batch in compliance::batches(&events, &compliance::cuts(&events)) {
+        model.apply(&batch).await.unwrap();
+    }
+    let stored = model.stored().await.unwrap();
+    assert_eq!(stored.partitions.len(), 2 * compliance::PARTITIONS as usize);
+    let hello =
+        Query { workspace_id: c.workspace, channels: vec![c.general], author: None, words: words("hello"), limit: 5 };
+    assert_eq!((model.visible().await.unwrap(), model.search(&hello).await.unwrap().total), (Default::default(), 0));
+    model.refresh().await.unwrap();
+    assert_eq!((model.visible().await.unwrap(), model.search(&hello).await.unwrap().total), (stored, 1));
+    model.delete().await.unwrap();
 }
 
 // ------------------------------------------------------------------ the runtime

@@ -13,25 +13,23 @@
 //!
 //! Run it with `bench/projectors` (release build, starts the services).
 
+use quikapp_bench::{PARTITIONS, backlog, drain, envelope, fresh_topics, percentile, posted, read_api};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use quikapp_bus::EventBus;
 use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
-use quikapp_bus::{EventBus, Topics, watermark_value};
 use quikapp_commands::CommandService;
 use quikapp_commands::store::{PostgresStore, contract};
 use quikapp_domain::Envelope;
-use quikapp_domain::event::{ChannelCreated, ChannelMemberJoined, MessagePosted, timestamp};
+use quikapp_domain::event::{ChannelCreated, ChannelMemberJoined, timestamp};
+use quikapp_projections::Projector;
 use quikapp_projections::counters::redis::RedisKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::postgres::PostgresDirectory;
 use quikapp_projections::runtime::{Runtime, RuntimeConfig};
-use quikapp_projections::{Projector, applied_position};
-use rdkafka::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
 /// PostgreSQL comes from QUIKAPP_POSTGRES_URL: the bench makes a database of its own there.
@@ -70,131 +68,6 @@ struct Args {
     /// Records a projector applies per batch, at most.
     #[arg(long, default_value_t = 2_000)]
     batch: usize,
-}
-
-const PARTITIONS: i32 = 12;
-
-fn fresh_topics() -> Topics {
-    let id = Uuid::now_v7().simple();
-    Topics { messages: format!("bench-{id}-messages"), workspaces: format!("bench-{id}-workspaces") }
-}
-
-fn envelope(position: u64, stream_id: String, version: u64, channel: Uuid, event: quikapp_domain::Event) -> Envelope {
-    Envelope {
-        event_id: Uuid::now_v7(),
-        schema_version: event.schema_version(),
-        event,
-        stream_id,
-        stream_version: version,
-        global_position: position,
-        workspace_id: Some(Uuid::nil()),
-        channel_id: Some(channel),
-        actor_id: Uuid::nil(),
-        occurred_at: timestamp::now(),
-        correlation_id: Uuid::nil(),
-        causation_id: Uuid::nil(),
-    }
-}
-
-/// A MessagePosted of the bench's usual text at `position`.
-fn posted(position: u64, message_id: Uuid, channel_id: Uuid, author_id: Uuid) -> Envelope {
-    let text = "Standup moved to 10:30, same room.".into();
-    let event = MessagePosted { message_id, channel_id, author_id, text, thread_root_id: None };
-    envelope(position, format!("message-{message_id}"), 1, channel_id, event.into())
-}
-
-/// Writes `events` to the messages topic as the relay would (keyed by channel, headers), then a
-/// watermark of the last position on every partition of both topics.
-async fn backlog(args: &Args, topics: &Topics, events: impl Iterator<Item = Envelope>) -> Result<u64> {
-    let config = KafkaConfig {
-        brokers: args.kafka_brokers.clone(),
-        topics: topics.clone(),
-        partitions: PARTITIONS,
-        options: Default::default(),
-    };
-    KafkaPublisher::connect(&config).await?; // creates the topics
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka_brokers)
-        .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("partitioner", "murmur2_random")
-        .create()?;
-    let mut last = 0;
-    let mut deliveries = Vec::new();
-    let mut send = |record: FutureRecord<'_, str, [u8]>| -> Result<()> {
-        let mut record = record;
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    return Ok(());
-                }
-                Err((_, back)) => {
-                    record = back;
-                    // The queue is full: the producer's own thread drains it meanwhile.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    };
-    for event in events {
-        last = event.global_position;
-        let key = event.channel_id.expect("channel events").to_string();
-        let payload = serde_json::to_vec(&event)?;
-        let (schema_version, event_id) = (event.schema_version.to_string(), event.event_id.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header { key: "type", value: Some(event.event.type_name()) })
-            .insert(Header { key: "schema_version", value: Some(&schema_version) })
-            .insert(Header { key: "event_id", value: Some(&event_id) });
-        send(FutureRecord::to(&topics.messages).key(key.as_str()).payload(payload.as_slice()).headers(headers))?;
-    }
-    let value = watermark_value(last);
-    for topic in [&topics.messages, &topics.workspaces] {
-        for partition in 0..PARTITIONS {
-            let headers = OwnedHeaders::new().insert(Header { key: "type", value: Some("Watermark") });
-            send(FutureRecord::to(topic).partition(partition).payload(value.as_bytes()).headers(headers))?;
-        }
-    }
-    for delivery in deliveries {
-        delivery.await?.map_err(|(e, _)| e)?;
-    }
-    Ok(last)
-}
-
-/// Runs `projector` over `topics` until it has applied `head`; answers records per second,
-/// timed from the first batch stored (so that joining the consumer group, which a broker
-/// delays by `group.initial.rebalance.delay.ms`, is not counted).
-async fn drain(args: &Args, topics: &Topics, projector: Arc<dyn Projector>, head: u64) -> Result<f64> {
-    let bus: Arc<dyn EventBus> =
-        Arc::new(KafkaBus { brokers: args.kafka_brokers.clone(), topics: topics.clone(), partitions: PARTITIONS });
-    let config = RuntimeConfig {
-        batch_size: args.batch,
-        group_prefix: format!("bench-{}-", Uuid::now_v7()),
-        ..RuntimeConfig::default()
-    };
-    let running = tokio::spawn(Runtime { projector: projector.clone(), bus, config }.run(std::future::pending()));
-    let partitions = topics.partitions(PARTITIONS);
-    // Records applied so far: Kafka offsets count records, from 0 on each partition.
-    let applied = |stored: &quikapp_projections::Stored| stored.partitions.values().map(|p| p.offset + 1).sum::<u64>();
-    let (started, first) = loop {
-        let stored = projector.stored().await?;
-        if !stored.partitions.is_empty() {
-            break (Instant::now(), applied(&stored));
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    let last = loop {
-        let stored = projector.stored().await?;
-        if applied_position(&stored, &partitions) >= head {
-            break applied(&stored);
-        }
-        projector.changed().await;
-    };
-    let rate = (last - first) as f64 / started.elapsed().as_secs_f64();
-    running.abort();
-    Ok(rate)
 }
 
 #[tokio::main]
@@ -236,7 +109,7 @@ async fn main() -> Result<()> {
     });
     let topics = fresh_topics();
     let started = Instant::now();
-    let head = backlog(&args, &topics, directory_events).await?;
+    let head = backlog(&args.kafka_brokers, &topics, directory_events).await?;
     println!("directory backlog: {head} events to Kafka in {:.1} s", started.elapsed().as_secs_f64());
 
     let directory = Arc::new(PostgresDirectory::connect(&url).await?);
@@ -262,7 +135,7 @@ async fn main() -> Result<()> {
     }
     let raw = rows.len() as f64 / started.elapsed().as_secs_f64();
     println!("PostgreSQL raw: multi-row INSERT of the member rows      {raw:>9.0} rows/s");
-    let projected = drain(&args, &topics, directory, head).await?;
+    let projected = drain(&args.kafka_brokers, args.batch, &topics, directory, head).await?;
     println!("PostgreSQL projector: from Kafka, progress included     {projected:>9.0} records/s");
     println!("PostgreSQL projector / raw: {:.2}x (target >= 0.7)", projected / raw);
 
@@ -278,7 +151,7 @@ async fn main() -> Result<()> {
         .map(|(i, (message, channel, author))| posted(i as u64 + 1, *message, *channel, *author));
     let topics = fresh_topics();
     let started = Instant::now();
-    let head = backlog(&args, &topics, counter_events).await?;
+    let head = backlog(&args.kafka_brokers, &topics, counter_events).await?;
     println!("counters backlog: {head} events to Kafka in {:.1} s", started.elapsed().as_secs_f64());
 
     let client = redis::Client::open(args.redis_url.as_str())?;
@@ -310,7 +183,7 @@ async fn main() -> Result<()> {
     println!("Redis raw: pipelined ZADD and HSET of the same keys      {raw:>9.0} events/s");
     let keys = Keys { prefix: format!("bench:{}:", Uuid::now_v7()) };
     let counters = Counters::new(Arc::new(RedisKeyspace::connect(&args.redis_url, keys.clone()).await?), keys);
-    let projected = drain(&args, &topics, Arc::new(counters), head).await?;
+    let projected = drain(&args.kafka_brokers, args.batch, &topics, Arc::new(counters), head).await?;
     println!("Redis projector: from Kafka, progress included          {projected:>9.0} records/s");
     println!("Redis projector / raw: {:.2}x (target >= 0.7)", projected / raw);
 
@@ -327,7 +200,7 @@ async fn timelines(args: &Args) -> Result<()> {
         .map(|i| posted(i + 1, Uuid::now_v7(), channels[i as usize % channels.len()], author))
         .collect();
     let topics = fresh_topics();
-    let head = backlog(args, &topics, events.iter().cloned()).await?;
+    let head = backlog(&args.kafka_brokers, &topics, events.iter().cloned()).await?;
     let database = |name: &str| {
         format!(
             "{}/bench_{name}_{}",
@@ -358,7 +231,7 @@ async fn timelines(args: &Args) -> Result<()> {
     let model_url = database("model");
     let timelines = Arc::new(quikapp_projections::timelines::mongo::MongoTimelines::connect(&model_url).await?);
     timelines.migrate().await?;
-    let projected = drain(args, &topics, timelines.clone(), head).await?;
+    let projected = drain(&args.kafka_brokers, args.batch, &topics, timelines.clone(), head).await?;
     println!("MongoDB projector: from Kafka, progress included          {projected:>9.0} records/s");
     println!("MongoDB projector / raw: {:.2}x (target >= 0.7)", projected / raw);
     timeline_pages(Some(&model_url), timelines, &channels).await
@@ -393,53 +266,12 @@ async fn timeline_pages(
     timelines: Arc<dyn quikapp_projections::timelines::Timelines>,
     channels: &[Uuid],
 ) -> Result<()> {
-    use quikapp_projections::Batch;
-    use quikapp_projections::directory::memory::MemoryDirectory;
     const REQUESTS: usize = 400;
     const CLIENTS: usize = 8;
-    // The directory the visibility checks read: a workspace the reader owns, its channels.
     let (reader, workspace) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut events = vec![envelope(
-        1,
-        format!("workspace-{workspace}"),
-        1,
-        Uuid::nil(),
-        quikapp_domain::event::WorkspaceCreated { workspace_id: workspace, name: "bench".into(), owner_id: reader }
-            .into(),
-    )];
-    for (i, channel) in channels.iter().enumerate() {
-        let created = ChannelCreated {
-            channel_id: *channel,
-            workspace_id: workspace,
-            name: format!("c{i}"),
-            topic: None,
-            private: false,
-            created_by: reader,
-        };
-        events.push(envelope(i as u64 + 2, format!("channel-{channel}"), 1, *channel, created.into()));
-    }
-    let directory = Arc::new(MemoryDirectory::new());
-    directory.apply(&Batch { events, ..Batch::default() }).await?;
-    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
-    let counters =
-        Counters::new(Arc::new(quikapp_projections::counters::memory::MemoryKeyspace::new()), Keys::default());
     let search = Arc::new(quikapp_projections::search::sqlite::SqliteSearch::in_memory().await?);
-    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors: vec![] };
-    let config = quikapp_read_api::ReadConfig {
-        partitions: vec![],
-        min_position_wait: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(30),
-    };
-    let read = quikapp_read_api::ReadApi::new(
-        models,
-        Arc::new(PostgresStore::connect(&contract::fresh_postgres_database().await.context("PostgreSQL")?).await?),
-        tokens.clone(),
-        config,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move { axum::serve(listener, quikapp_read_api::router(read)).await });
-    let (http, token) = (reqwest::Client::new(), tokens.mint(reader));
+    let (address, token) = read_api(reader, workspace, channels, timelines, search).await?;
+    let http = reqwest::Client::new();
     let collection = match url {
         Some(url) => Some(
             mongodb::Client::with_uri_str(url)
@@ -487,9 +319,7 @@ async fn timeline_pages(
             .await?;
             let mut latencies: Vec<Duration> = latencies.into_iter().flatten().collect();
             latencies.sort_unstable();
-            let at = |p: f64| {
-                latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3
-            };
+            let at = |p: f64| percentile(&latencies, p);
             println!("  {name:<28} p50 {:>7.2} ms   p99 {:>7.2} ms", at(0.5), at(0.99));
             anyhow::Ok(at(0.99))
         }
@@ -641,8 +471,7 @@ async fn live(args: &Args) -> Result<()> {
         [("command answered", &mut command), ("PostgreSQL model", &mut postgres), ("Redis model", &mut redis)]
     {
         latencies.sort_unstable();
-        let at =
-            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+        let at = |p: f64| percentile(latencies, p);
         let what = if name == "command answered" { "sent to answered" } else { "accepted to visible" };
         println!(
             "  {name:<17} {what:<20} p50 {:>6.2} ms   p99 {:>6.2} ms   max {:>7.2} ms",

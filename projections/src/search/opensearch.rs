@@ -6,10 +6,16 @@
 //!
 //! Each changed document is written whole by one `index` op of a `_bulk` with
 //! `version_type=external` and version `applied`: the server refuses a stale or repeated one
-//! (a 409 for that item: already there). The bulk waits for the index's next refresh (every
-//! 200 ms), so what the progress says is applied is what searches see. The progress is one
-//! document of index `{prefix}search-progress`, written after the effects with
-//! `if_seq_no`/`if_primary_term`: of two members applying the same batch, one is refused.
+//! (a 409 for that item: already there). The progress is one more document of the same index,
+//! `_id` `progress` (no message has that id, and it has no `workspace_id`, so no search finds
+//! it), written after the effects with `if_seq_no`/`if_primary_term`: of two members applying
+//! the same batch, one is refused.
+//!
+//! Searches see writes only after the index's next refresh (every 200 ms). Nothing waits for
+//! it: the index has one shard, in which a refresh makes everything written before it visible
+//! at once, so the progress document as of the last refresh (a GET with `realtime=false`) is
+//! a progress whose effects every search sees: [`Projector::visible`]. The writers read the
+//! latest one (a real-time GET).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,7 +28,6 @@ use elasticsearch::http::{StatusCode, Url};
 use elasticsearch::indices::{
     IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts,
 };
-use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, IndexParts, MgetParts, SearchParts};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -31,6 +36,7 @@ use super::{Document, Hit, Hits, MARK_END, MARK_START, Query, Search, fold, high
 use crate::timelines::MessageView;
 use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
+/// The `_id` of the progress document in the messages index.
 const PROGRESS: &str = "progress";
 
 pub struct OpenSearch {
@@ -66,17 +72,15 @@ impl OpenSearch {
         format!("{}messages", self.prefix)
     }
 
-    fn progress(&self) -> String {
-        format!("{}search-progress", self.prefix)
-    }
-
-    /// The template, the first messages index behind its alias, and the progress document,
+    /// The template, the first messages index behind its alias, and its progress document,
     /// each when missing.
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
         let template = json!({
             "index_patterns": [format!("{}-*", self.messages())],
             "template": {
                 "settings": {
+                    // One shard: a refresh then shows every earlier write at once (see the module).
+                    "number_of_shards": 1,
                     "refresh_interval": "200ms",
                     "auto_expand_replicas": "0-1",
                     "analysis": { "analyzer": { "message_text": {
@@ -98,18 +102,15 @@ impl OpenSearch {
                 }
             }
         });
-        let (indices, messages, progress) = (self.client.indices(), self.messages(), self.progress());
+        let (indices, messages) = (self.client.indices(), self.messages());
         let put = indices.put_index_template(IndicesPutIndexTemplateParts::Name(&messages)).body(template);
         expect_success(put.send().await, &[]).await?;
         let first = format!("{messages}-1");
         let aliased = json!({ "aliases": { &messages: {} } });
         let create = indices.create(IndicesCreateParts::Index(&first)).body(aliased);
         expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
-        let unparsed = json!({ "mappings": { "enabled": false } });
-        let create = indices.create(IndicesCreateParts::Index(&progress)).body(unparsed);
-        expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
         let empty = json!({ "partitions": [], "dead_lettered": 0 });
-        let initial = self.client.create(elasticsearch::CreateParts::IndexId(&progress, PROGRESS)).body(empty);
+        let initial = self.client.create(elasticsearch::CreateParts::IndexId(&messages, PROGRESS)).body(empty);
         expect_success(initial.send().await, &["version_conflict_engine_exception"]).await?;
         Ok(())
     }
@@ -125,12 +126,34 @@ impl OpenSearch {
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
-        self.versioned().await.map(|_| ())
+        self.latest().await.map(|_| ())
     }
 
-    async fn versioned(&self) -> Result<Versioned, ProjectionError> {
-        let response = self.client.get(GetParts::IndexId(&self.progress(), PROGRESS)).send().await;
+    /// The latest progress document, which `migrate` creates.
+    async fn latest(&self) -> Result<Versioned, ProjectionError> {
+        let missing = || ProjectionError::Unavailable(format!("no progress in {}: migrate first", self.messages()));
+        self.versioned(true).await?.ok_or_else(missing)
+    }
+
+    /// Makes every write so far visible to searches now: for tests, which read the model right
+    /// after writing it.
+    pub async fn refresh(&self) -> Result<(), ProjectionError> {
+        let messages = self.messages();
+        let indexes = [messages.as_str()];
+        let indices = self.client.indices();
+        let refresh = indices.refresh(elasticsearch::indices::IndicesRefreshParts::Index(&indexes));
+        expect_success(refresh.send().await, &[]).await.map(|_| ())
+    }
+
+    /// The progress document: the latest (`realtime`), or as of the last refresh; `None` when
+    /// there is none (before the first refresh after `migrate`, when not real-time).
+    async fn versioned(&self, realtime: bool) -> Result<Option<Versioned>, ProjectionError> {
+        let messages = self.messages();
+        let response = self.client.get(GetParts::IndexId(&messages, PROGRESS)).realtime(realtime).send().await;
         let body = expect_success(response, &[]).await?;
+        if body["found"] == false {
+            return Ok(None);
+        }
         let source = &body["_source"];
         let partitions = source["partitions"]
             .as_array()
@@ -143,7 +166,7 @@ impl OpenSearch {
             .collect();
         let stored = Stored { partitions, dead_lettered: source["dead_lettered"].as_u64().unwrap_or(0) };
         let number = |key: &str| body[key].as_i64().ok_or_else(|| unavailable(format!("no {key} in {body}")));
-        Ok(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? })
+        Ok(Some(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? }))
     }
 
     /// The stored documents among `ids`.
@@ -177,7 +200,7 @@ impl OpenSearch {
             body.push(source(document).into());
         }
         let messages = self.messages();
-        let bulk = self.client.bulk(BulkParts::Index(&messages)).refresh(Refresh::WaitFor).body(body);
+        let bulk = self.client.bulk(BulkParts::Index(&messages)).body(body);
         let answer = expect_success(bulk.send().await, &[]).await?;
         if answer["errors"] != true {
             return Ok(());
@@ -200,10 +223,10 @@ impl OpenSearch {
             .iter()
             .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
             .collect();
-        let progress = self.progress();
+        let messages = self.messages();
         let save = self
             .client
-            .index(IndexParts::IndexId(&progress, PROGRESS))
+            .index(IndexParts::IndexId(&messages, PROGRESS))
             .if_seq_no(read.seq_no)
             .if_primary_term(read.primary_term)
             .body(json!({ "partitions": partitions, "dead_lettered": stored.dead_lettered }));
@@ -224,7 +247,9 @@ async fn expect_success(
     let response = response.map_err(unavailable)?;
     let status = response.status_code();
     let body: Value = response.json().await.map_err(unavailable)?;
-    if status.is_success() || body["error"]["type"].as_str().is_some_and(|t| tolerated.contains(&t)) {
+    // A GET that finds no document answers 404 with `found: false`: an answer all the same.
+    let answered = status.is_success() || body["found"] == false;
+    if answered || body["error"]["type"].as_str().is_some_and(|t| tolerated.contains(&t)) {
         return Ok(body);
     }
     let error = format!("{status}: {}", body["error"]);
@@ -236,7 +261,7 @@ async fn expect_success(
 }
 
 /// A document as indexed: the fields searches match and filter on, and the message whole.
-fn source(document: &Document) -> Value {
+pub fn source(document: &Document) -> Value {
     let message = &document.message;
     json!({
         "workspace_id": document.workspace_id,
@@ -265,13 +290,18 @@ impl Projector for OpenSearch {
     }
 
     async fn stored(&self) -> Result<Stored, ProjectionError> {
-        Ok(self.versioned().await?.stored)
+        Ok(self.latest().await?.stored)
+    }
+
+    /// The progress as of the last refresh (see the module).
+    async fn visible(&self) -> Result<Stored, ProjectionError> {
+        Ok(self.versioned(false).await?.map(|v| v.stored).unwrap_or_default())
     }
 
     /// Not atomic (see the module): a batch whose progress moved is refused before any write;
     /// otherwise its documents, each versioned, then its progress in one compare-and-set.
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
-        let read = self.versioned().await?;
+        let read = self.latest().await?;
         check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
         let mut documents = self.documents(&to_read(&batch.events)).await?;
         let changed = fold(&batch.events, &mut documents);

@@ -27,16 +27,19 @@ use uuid::Uuid;
 async fn directory_snapshot(directory: &dyn Directory, c: &Cast) -> Value {
     let mut channels_seen = serde_json::Map::new();
     let mut roles = serde_json::Map::new();
+    let mut hidden = serde_json::Map::new();
     for (name, user) in [("ada", c.ada), ("bob", c.bob), ("cy", c.cy)] {
         let seen: Vec<String> =
             directory.channels(c.workspace, user).await.unwrap().into_iter().map(|ch| ch.name).collect();
         channels_seen.insert(name.into(), json!(seen));
         roles.insert(name.into(), json!(directory.role(c.workspace, user).await.unwrap()));
+        hidden.insert(name.into(), json!(directory.hidden_channels(c.workspace, user).await.unwrap()));
     }
     json!({
         "workspace": directory.workspace(c.workspace).await.unwrap(),
         "roles": roles,
         "channels_seen": channels_seen,
+        "hidden": hidden,
         "general": directory.channel(c.general).await.unwrap(),
         "secret": directory.channel(c.secret).await.unwrap(),
         "general_members": directory.members(c.general).await.unwrap(),
@@ -59,6 +62,7 @@ fn expected_directory(c: &Cast, events: &[Envelope]) -> Value {
         "workspace": { "workspace_id": c.workspace, "name": "acme", "owner_id": c.ada, "member_count": 3, "version": 3 },
         "roles": { "ada": "owner", "bob": "member", "cy": "admin" },
         "channels_seen": { "ada": ["secret", "town-square"], "bob": ["secret", "town-square"], "cy": ["town-square"] },
+        "hidden": { "ada": [], "bob": [], "cy": [c.secret] },
         "general": {
             "channel_id": c.general, "workspace_id": c.workspace, "name": "town-square", "topic": null,
             "private": false, "archived": false, "created_by": c.ada, "member_count": 2, "version": 4,
@@ -306,25 +310,24 @@ async fn timelines_on_mongo_comply() {
 // ------------------------------------------------------------------ search
 
 async fn search_snapshot(search: &dyn Search, c: &Cast) -> Value {
-    let find = |q: &'static str, channels: Vec<Uuid>, author: Option<Uuid>| {
-        let query = Query { workspace_id: c.workspace, channels, author, words: words(q), limit: 10 };
+    let find = |q: &'static str, channel: Option<Uuid>, hidden: Vec<Uuid>, author: Option<Uuid>| {
+        let query = Query { workspace_id: c.workspace, channel, hidden, author, words: words(q), limit: 10 };
         async move { serde_json::to_value(search.search(&query).await.unwrap()).unwrap() }
     };
-    let both = vec![c.general, c.secret];
-    let elsewhere =
-        Query { workspace_id: Uuid::now_v7(), channels: both.clone(), author: None, words: words("hello"), limit: 10 };
+    let elsewhere = Query { workspace_id: Uuid::now_v7(), words: words("hello"), limit: 10, ..Query::default() };
     json!({
         // Porter stems: "replies" finds "reply"; the deleted reply m6 is gone.
-        "replies": find("replies", both.clone(), None).await,
-        "final_words": find("Final WORDS!", both.clone(), None).await,
-        "diacritics": find("héllo", both.clone(), None).await,
-        "every_word": find("hello words", both.clone(), None).await["total"],
-        "edited_away": find("draft", both.clone(), None).await["total"],
-        "deleted": find("hi", both.clone(), None).await["total"],
-        "secret_only_where_asked": find("psst", vec![c.general], None).await["total"],
-        "secret": find("psst", vec![c.secret], None).await,
-        "by_ada": find("reply", both.clone(), Some(c.ada)).await["total"],
-        "by_bob": find("reply", both, Some(c.bob)).await["total"],
+        "replies": find("replies", None, vec![], None).await,
+        "final_words": find("Final WORDS!", None, vec![], None).await,
+        "diacritics": find("héllo", None, vec![], None).await,
+        "every_word": find("hello words", None, vec![], None).await["total"],
+        "edited_away": find("draft", None, vec![], None).await["total"],
+        "deleted": find("hi", None, vec![], None).await["total"],
+        "secret_elsewhere": find("psst", Some(c.general), vec![], None).await["total"],
+        "secret_hidden": find("psst", None, vec![c.secret], None).await["total"],
+        "secret": find("psst", Some(c.secret), vec![], None).await,
+        "by_ada": find("reply", None, vec![], Some(c.ada)).await["total"],
+        "by_bob": find("reply", None, vec![c.secret], Some(c.bob)).await["total"],
         "other_workspace": search.search(&elsewhere).await.unwrap().total,
     })
 }
@@ -343,7 +346,8 @@ fn expected_search(c: &Cast, events: &[Envelope]) -> Value {
         "every_word": 0,
         "edited_away": 0,
         "deleted": 0,
-        "secret_only_where_asked": 0,
+        "secret_elsewhere": 0,
+        "secret_hidden": 0,
         "secret": hit(&messages["secret"][0], "<em>psst</em>"),
         "by_ada": 0,
         "by_bob": 1,
@@ -412,8 +416,7 @@ async fn search_progress_becomes_visible_with_its_effects_not_before() {
     }
     let stored = model.stored().await.unwrap();
     assert_eq!(stored.partitions.len(), 2 * compliance::PARTITIONS as usize);
-    let hello =
-        Query { workspace_id: c.workspace, channels: vec![c.general], author: None, words: words("hello"), limit: 5 };
+    let hello = Query { workspace_id: c.workspace, words: words("hello"), limit: 5, ..Query::default() };
     assert_eq!((model.visible().await.unwrap(), model.search(&hello).await.unwrap().total), (Default::default(), 0));
     model.refresh().await.unwrap();
     assert_eq!((model.visible().await.unwrap(), model.search(&hello).await.unwrap().total), (stored, 1));

@@ -389,20 +389,22 @@ async fn search(
     };
     api.reached(SEARCH_WITH_VISIBILITY, min).await?;
     api.visible_workspace(actor.0, workspace_id).await?;
-    // Decided now, from the directory: public channels and the private ones the caller is in.
-    let readable = api.inner.models.directory.channels(workspace_id, actor.0).await.map_err(store_error)?;
-    let mut channels: Vec<Uuid> = readable.iter().map(|c| c.channel_id).collect();
+    // Decided now, from the directory: the workspace's channels less the private ones the
+    // caller is not in, or the one channel asked for if the caller may read it.
+    let directory = &api.inner.models.directory;
+    let hidden = directory.hidden_channels(workspace_id, actor.0).await.map_err(store_error)?;
     if let Some(channel) = channel {
-        if !channels.contains(&channel) {
+        let in_workspace =
+            directory.channel(channel).await.map_err(store_error)?.is_some_and(|c| c.workspace_id == workspace_id);
+        if !in_workspace || hidden.contains(&channel) {
             return Err(not_found("channel"));
         }
-        channels = vec![channel];
     }
     let words = search::words(&q);
-    if channels.is_empty() || words.is_empty() {
+    if words.is_empty() {
         return Ok(Json(Hits { hits: vec![], total: 0 }));
     }
-    let query = search::Query { workspace_id, channels, author, words, limit };
+    let query = search::Query { workspace_id, channel, hidden, author, words, limit };
     Ok(Json(api.inner.models.search.search(&query).await.map_err(store_error)?))
 }
 

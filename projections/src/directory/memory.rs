@@ -176,6 +176,15 @@ impl Directory for MemoryDirectory {
         Ok(channels)
     }
 
+    async fn hidden_channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
+        let state = self.read();
+        let hidden = state
+            .channels
+            .values()
+            .filter(|c| c.view.workspace_id == workspace_id && c.view.private && !c.members.contains_key(&viewer));
+        Ok(hidden.map(|c| c.view.channel_id).collect())
+    }
+
     async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError> {
         Ok(self.read().channels.get(&channel_id).map(|c| c.view.clone()))
     }

@@ -453,6 +453,19 @@ impl Directory for PostgresDirectory {
         Ok(rows.iter().map(channel_view).collect())
     }
 
+    async fn hidden_channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
+        sqlx::query_scalar(
+            "SELECT c.channel_id FROM directory.channels c
+             WHERE c.workspace_id = $1 AND c.private AND NOT EXISTS (
+                 SELECT 1 FROM directory.channel_members m WHERE m.channel_id = c.channel_id AND m.user_id = $2)",
+        )
+        .bind(workspace_id)
+        .bind(viewer)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)
+    }
+
     async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError> {
         let row = sqlx::query(&format!("SELECT {CHANNEL_COLUMNS} FROM directory.channels c WHERE c.channel_id = $1"))
             .bind(channel_id)

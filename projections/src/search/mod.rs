@@ -83,12 +83,15 @@ pub fn fold(events: &[Envelope], documents: &mut HashMap<Uuid, Document>) -> Vec
     changed
 }
 
-/// A search, once the read API has decided which channels the caller may read.
-#[derive(Debug, Clone)]
+/// A search, once the read API has decided which channels the caller may read: the
+/// workspace's, or only `channel`, less the `hidden` ones.
+#[derive(Debug, Clone, Default)]
 pub struct Query {
     pub workspace_id: Uuid,
-    /// The channels to search: never empty.
-    pub channels: Vec<Uuid>,
+    pub channel: Option<Uuid>,
+    /// The workspace's private channels the caller is not in: usually few, whereas the public
+    /// ones may be thousands.
+    pub hidden: Vec<Uuid>,
     pub author: Option<Uuid>,
     /// Every one of these must match (see [`words`]).
     pub words: Vec<String>,

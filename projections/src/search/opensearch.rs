@@ -322,11 +322,11 @@ impl Projector for OpenSearch {
 #[async_trait]
 impl Search for OpenSearch {
     async fn search(&self, query: &Query) -> Result<Hits, ProjectionError> {
-        let mut filter = vec![
-            json!({ "term": { "workspace_id": query.workspace_id } }),
-            json!({ "terms": { "channel_id": query.channels } }),
-            json!({ "term": { "deleted": false } }),
-        ];
+        let mut filter =
+            vec![json!({ "term": { "workspace_id": query.workspace_id } }), json!({ "term": { "deleted": false } })];
+        if let Some(channel) = query.channel {
+            filter.push(json!({ "term": { "channel_id": channel } }));
+        }
         if let Some(author) = query.author {
             filter.push(json!({ "term": { "author_id": author } }));
         }
@@ -336,6 +336,7 @@ impl Search for OpenSearch {
             "query": { "bool": {
                 "must": [{ "match": { "text": { "query": query.words.join(" "), "operator": "and" } } }],
                 "filter": filter,
+                "must_not": [{ "terms": { "channel_id": query.hidden } }],
             } },
             "sort": [{ "_score": "desc" }, { "position": "desc" }],
             "_source": ["workspace_id", "applied", "message"],

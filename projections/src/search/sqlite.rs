@@ -31,7 +31,8 @@ INSERT INTO dead_letters VALUES (1, 0);
 
 /// What a search matches: the FTS5 table `matches` as the read API filters it.
 const MATCHING: &str = "matches MATCH ?1 AND matches.workspace_id = ?2 \
-     AND matches.channel_id IN (SELECT value FROM json_each(?3)) AND (?4 IS NULL OR matches.author_id = ?4)";
+     AND (?3 IS NULL OR matches.channel_id = ?3) AND (?4 IS NULL OR matches.author_id = ?4) \
+     AND matches.channel_id NOT IN (SELECT value FROM json_each(?5))";
 
 pub struct SqliteSearch {
     /// One connection: an in-memory database lives as long as its connection.
@@ -179,18 +180,20 @@ fn fts_query(words: &[String]) -> String {
 impl Search for SqliteSearch {
     async fn search(&self, query: &Query) -> Result<Hits, ProjectionError> {
         let matching = fts_query(&query.words);
-        let channels = serde_json::to_string(&query.channels).expect("ids serialize");
+        let channel = query.channel.map(|c| c.to_string());
+        let hidden = serde_json::to_string(&query.hidden).expect("ids serialize");
         let author = query.author.map(|a| a.to_string());
         let mut connection = self.pool.acquire().await.map_err(unavailable)?;
         let rows: Vec<(String, String)> = sqlx::query_as(&format!(
-            "SELECT documents.body, highlight(matches, 0, ?5, ?6) FROM matches \
+            "SELECT documents.body, highlight(matches, 0, ?6, ?7) FROM matches \
              JOIN documents ON documents.id = matches.rowid WHERE {MATCHING} \
-             ORDER BY matches.rank, matches.position DESC LIMIT ?7"
+             ORDER BY matches.rank, matches.position DESC LIMIT ?8"
         ))
         .bind(&matching)
         .bind(query.workspace_id.to_string())
-        .bind(&channels)
+        .bind(&channel)
         .bind(&author)
+        .bind(&hidden)
         .bind(MARK_START.to_string())
         .bind(MARK_END.to_string())
         .bind(query.limit as i64)
@@ -200,8 +203,9 @@ impl Search for SqliteSearch {
         let total: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM matches WHERE {MATCHING}"))
             .bind(&matching)
             .bind(query.workspace_id.to_string())
-            .bind(&channels)
+            .bind(&channel)
             .bind(&author)
+            .bind(&hidden)
             .fetch_one(&mut *connection)
             .await
             .map_err(unavailable)?;

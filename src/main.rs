@@ -87,6 +87,10 @@ async fn main() -> Result<()> {
                 models::open_timelines(&config).await?;
                 println!("made the MongoDB read model's indexes");
             }
+            if config.elasticsearch_url.is_some() {
+                models::open_search(&config).await?;
+                println!("made the search read model's template and index");
+            }
             Ok(())
         }
         Role::Dev => {

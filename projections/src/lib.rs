@@ -122,13 +122,6 @@ pub trait Projector: Send + Sync {
     /// The stored progress.
     async fn stored(&self) -> Result<Stored, ProjectionError>;
 
-    /// The progress whose effects every read of the model sees: what X-Min-Position is answered
-    /// from. The stored progress, unless the store makes writes visible to reads only later (a
-    /// search index's refresh): then the progress as of that store's last refresh.
-    async fn visible(&self) -> Result<Stored, ProjectionError> {
-        self.stored().await
-    }
-
     /// Applies `batch` as described above.
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError>;
 

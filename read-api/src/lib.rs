@@ -119,11 +119,11 @@ impl ReadApi {
     }
 }
 
-/// Keeps `sender` at the model's visible progress: read again on each notification of the
+/// Keeps `sender` at the model's stored progress: read again on each notification of the
 /// store, and at least every second.
 async fn track(projector: Arc<dyn Projector>, partitions: Vec<Partition>, sender: watch::Sender<Applied>) {
     while !sender.is_closed() {
-        match projector.visible().await {
+        match projector.stored().await {
             Ok(stored) => {
                 let applied =
                     Applied { position: applied_position(&stored, &partitions), dead_lettered: stored.dead_lettered };

@@ -389,22 +389,22 @@ async fn search(
     };
     api.reached(SEARCH_WITH_VISIBILITY, min).await?;
     api.visible_workspace(actor.0, workspace_id).await?;
-    // Decided now, from the directory: the workspace's channels less the private ones the
-    // caller is not in, or the one channel asked for if the caller may read it.
-    let directory = &api.inner.models.directory;
-    let hidden = directory.hidden_channels(workspace_id, actor.0).await.map_err(store_error)?;
+    // Decided now, from the directory: the workspace's public channels and the private ones
+    // the caller is in (a channel the directory does not know yet is searched by no one), or
+    // the one channel asked for if the caller may read it.
     if let Some(channel) = channel {
-        let in_workspace =
-            directory.channel(channel).await.map_err(store_error)?.is_some_and(|c| c.workspace_id == workspace_id);
-        if !in_workspace || hidden.contains(&channel) {
+        let visible = api.visible_channel(actor.0, channel).await?;
+        if visible.workspace_id != workspace_id {
             return Err(not_found("channel"));
         }
     }
+    let directory = &api.inner.models.directory;
+    let private = directory.private_channels(workspace_id, actor.0).await.map_err(store_error)?;
     let words = search::words(&q);
     if words.is_empty() {
         return Ok(Json(Hits { hits: vec![], total: 0 }));
     }
-    let query = search::Query { workspace_id, channel, hidden, author, words, limit };
+    let query = search::Query { workspace_id, channel, private, author, words, limit };
     Ok(Json(api.inner.models.search.search(&query).await.map_err(store_error)?))
 }
 

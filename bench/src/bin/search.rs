@@ -1,7 +1,8 @@
 //! Search benchmark against the real Kafka and OpenSearch, in one run so the ratios compare like
 //! with like:
 //!
-//! 1. a backlog of `--events` MessagePosted events in 1,000 channels of one workspace, in fresh
+//! 1. a backlog of `--events` MessagePosted events in 1,000 public channels of one workspace
+//!    (after their ChannelCreated events), in fresh
 //!    Kafka topics; each text is 8 words drawn from a 4,000-word vocabulary, common words far
 //!    more often than rare ones;
 //! 2. raw: `_bulk` of the same documents (external versions included) into an index made from
@@ -19,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use quikapp_bench::{backlog, drain, fresh_topics, percentile, posted, read_api};
+use quikapp_bench::{backlog, drain, envelope, fresh_topics, percentile, posted, read_api};
 use quikapp_domain::Envelope;
-use quikapp_projections::search::opensearch::{OpenSearch, source};
-use quikapp_projections::search::{Document, fold};
+use quikapp_domain::event::ChannelCreated;
+use quikapp_projections::search::opensearch::{OpenSearch, query_body, source};
+use quikapp_projections::search::{Known, Query, fold};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -85,17 +87,31 @@ async fn main() -> Result<()> {
     let (reader, workspace) = (Uuid::now_v7(), Uuid::now_v7());
     let channels: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
     let author = Uuid::now_v7();
-    let events: Vec<Envelope> = (0..args.events)
-        .map(|i| {
-            let mut event = posted(i + 1, Uuid::now_v7(), channels[i as usize % channels.len()], author);
-            let text = (0..8).map(|_| random.word(&vocabulary)).collect::<Vec<_>>().join(" ");
-            if let quikapp_domain::Event::MessagePosted(posted) = &mut event.event {
-                posted.text = text;
-            }
-            event.workspace_id = Some(workspace);
-            event
-        })
-        .collect();
+    // The channels (public), then the messages.
+    let created = channels.iter().enumerate().map(|(i, channel)| {
+        let created = ChannelCreated {
+            channel_id: *channel,
+            workspace_id: workspace,
+            name: format!("c{i}"),
+            topic: None,
+            private: false,
+            created_by: reader,
+        };
+        let mut event = envelope(i as u64 + 1, format!("channel-{channel}"), 1, *channel, created.into());
+        event.workspace_id = Some(workspace);
+        event
+    });
+    let first = channels.len() as u64 + 1;
+    let messages = (0..args.events).map(|i| {
+        let mut event = posted(first + i, Uuid::now_v7(), channels[i as usize % channels.len()], author);
+        let text = (0..8).map(|_| random.word(&vocabulary)).collect::<Vec<_>>().join(" ");
+        if let quikapp_domain::Event::MessagePosted(posted) = &mut event.event {
+            posted.text = text;
+        }
+        event.workspace_id = Some(workspace);
+        event
+    });
+    let events: Vec<Envelope> = created.chain(messages).collect();
     let topics = fresh_topics();
     let started = Instant::now();
     let head = backlog(&args.kafka_brokers, &topics, events.iter().cloned()).await?;
@@ -112,12 +128,12 @@ async fn main() -> Result<()> {
     let created = http.put(format!("{base}/{raw_index}")).send().await?;
     anyhow::ensure!(created.status().is_success(), "create {raw_index}: {}", created.text().await?);
     let started = Instant::now();
-    for chunk in events.chunks(args.batch) {
-        let mut documents = std::collections::HashMap::<Uuid, Document>::new();
-        let ids = fold(chunk, &mut documents);
+    let public = Known { channels: channels.iter().map(|c| (*c, false)).collect(), ..Known::default() };
+    for chunk in events[channels.len()..].chunks(args.batch) {
+        let mut known = Known { channels: public.channels.clone(), ..Known::default() };
         let mut body = String::new();
-        for id in ids {
-            let document = &documents[&id];
+        for id in fold(chunk, &mut known).changed {
+            let document = &known.documents[&id];
             let action = json!({ "index": { "_id": id, "version": document.applied, "version_type": "external" } });
             body.push_str(&format!("{action}\n{}\n", source(document)));
         }
@@ -131,7 +147,7 @@ async fn main() -> Result<()> {
         anyhow::ensure!(answer["errors"] == false, "raw bulk: {}", answer["items"][0]);
     }
     http.post(format!("{base}/{raw_index}/_refresh")).send().await?;
-    let raw = head as f64 / started.elapsed().as_secs_f64();
+    let raw = args.events as f64 / started.elapsed().as_secs_f64();
     println!("OpenSearch raw: _bulk of the same documents               {raw:>9.0} events/s");
     let projected = drain(&args.kafka_brokers, args.batch, &topics, model.clone(), head).await?;
     println!("search projector: from Kafka, progress included          {projected:>9.0} records/s");
@@ -155,21 +171,10 @@ async fn main() -> Result<()> {
                     for (one, two) in queries.iter().skip(c).step_by(clients) {
                         let started = Instant::now();
                         let total = if direct {
-                            let query = json!({
-                                "size": 20, "track_total_hits": true,
-                                "query": { "bool": {
-                                    "must": [{ "match": { "text": { "query": format!("{one} {two}"), "operator": "and" } } }],
-                                    "filter": [
-                                        { "term": { "workspace_id": workspace } },
-                                        { "term": { "deleted": false } },
-                                    ],
-                                    "must_not": [{ "terms": { "channel_id": [] } }],
-                                } },
-                                "sort": [{ "_score": "desc" }, { "position": "desc" }],
-                                "_source": ["workspace_id", "applied", "message"],
-                                "highlight": { "fields": { "text": { "number_of_fragments": 0 } } },
-                            });
-                            let response = http.post(format!("{base}/{alias}/_search")).json(&query).send().await?;
+                            let words = vec![one.clone(), two.clone()];
+                            let query = Query { workspace_id: workspace, words, limit: 20, ..Query::default() };
+                            let response =
+                                http.post(format!("{base}/{alias}/_search")).json(&query_body(&query)).send().await?;
                             let answer: serde_json::Value = response.json().await?;
                             answer["hits"]["total"]["value"].as_u64().context("a total")?
                         } else {

@@ -176,13 +176,13 @@ impl Directory for MemoryDirectory {
         Ok(channels)
     }
 
-    async fn hidden_channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
+    async fn private_channels(&self, workspace_id: Uuid, member: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
         let state = self.read();
-        let hidden = state
+        let private = state
             .channels
             .values()
-            .filter(|c| c.view.workspace_id == workspace_id && c.view.private && !c.members.contains_key(&viewer));
-        Ok(hidden.map(|c| c.view.channel_id).collect())
+            .filter(|c| c.view.workspace_id == workspace_id && c.view.private && c.members.contains_key(&member));
+        Ok(private.map(|c| c.view.channel_id).collect())
     }
 
     async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError> {

@@ -61,8 +61,8 @@ pub trait Directory: Send + Sync {
     async fn role(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, ProjectionError>;
     /// The workspace's public channels and the private ones `viewer` is a member of, by name.
     async fn channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<ChannelView>, ProjectionError>;
-    /// The workspace's private channels that `viewer` is not a member of.
-    async fn hidden_channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<Uuid>, ProjectionError>;
+    /// The workspace's private channels that `member` is in.
+    async fn private_channels(&self, workspace_id: Uuid, member: Uuid) -> Result<Vec<Uuid>, ProjectionError>;
     async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError>;
     async fn is_member(&self, channel_id: Uuid, user_id: Uuid) -> Result<bool, ProjectionError>;
     /// The channel's members, by join time.

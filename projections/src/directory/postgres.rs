@@ -453,14 +453,14 @@ impl Directory for PostgresDirectory {
         Ok(rows.iter().map(channel_view).collect())
     }
 
-    async fn hidden_channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
+    async fn private_channels(&self, workspace_id: Uuid, member: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
         sqlx::query_scalar(
             "SELECT c.channel_id FROM directory.channels c
-             WHERE c.workspace_id = $1 AND c.private AND NOT EXISTS (
-                 SELECT 1 FROM directory.channel_members m WHERE m.channel_id = c.channel_id AND m.user_id = $2)",
+             JOIN directory.channel_members m ON m.channel_id = c.channel_id AND m.user_id = $2
+             WHERE c.workspace_id = $1 AND c.private ORDER BY c.channel_id",
         )
         .bind(workspace_id)
-        .bind(viewer)
+        .bind(member)
         .fetch_all(&self.pool)
         .await
         .map_err(classify)

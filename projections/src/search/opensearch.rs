@@ -1,23 +1,22 @@
 //! Search on OpenSearch or Elasticsearch 8+ (the Elasticsearch API, through the `elasticsearch`
 //! crate). Index template `{prefix}messages` gives every index `{prefix}messages-*` the
 //! `message_text` analyzer (Unicode words, lowercased, ASCII-folded, Porter stems: what the
-//! embedded FTS5 tokenizer does) and the mapping; the live index is reached through the alias
+//! embedded FTS5 tokenizer does) and the mapping (the first index is created with them too, so
+//! no other template can change them); the live index is reached through the alias
 //! `{prefix}messages`, so that a rebuild can fill another index and move the alias.
 //!
 //! Each changed document is written whole by one `index` op of a `_bulk` with
 //! `version_type=external` and version `applied`: the server refuses a stale or repeated one
-//! (a 409 for that item: already there). The progress is one more document of the same index,
-//! `_id` `progress` (no message has that id, and it has no `workspace_id`, so no search finds
-//! it), written after the effects with `if_seq_no`/`if_primary_term`: of two members applying
-//! the same batch, one is refused.
-//!
-//! Searches see writes only after the index's next refresh (every 200 ms). Nothing waits for
-//! it: the index has one shard, in which a refresh makes everything written before it visible
-//! at once, so the progress document as of the last refresh (a GET with `realtime=false`) is
-//! a progress whose effects every search sees: [`Projector::visible`]. The writers read the
-//! latest one (a real-time GET).
+//! (a 409 for that item: already there). Beside the messages, the index holds one document per
+//! channel (`_id` `channel:{id}`, whether it is private, written once) and the progress
+//! (`_id` `progress`); neither has a `workspace_id`, so no search finds them. Each bulk waits
+//! for the refresh that makes it searchable (`refresh=wait_for`, on every copy of every shard;
+//! the index refreshes every 100 ms; a batch applied again, whose effects an earlier attempt
+//! wrote, refreshes explicitly), and only then is the progress written, with
+//! `if_seq_no`/`if_primary_term`: what the progress says is applied, searches see; and of two
+//! members applying the same batch, one is refused. Members of one group applying different
+//! partitions at once each merge their moves into the progress the other left.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,16 +27,21 @@ use elasticsearch::http::{StatusCode, Url};
 use elasticsearch::indices::{
     IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts,
 };
+use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, IndexParts, MgetParts, SearchParts};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{Document, Hit, Hits, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
+use super::{Document, Hit, Hits, Known, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
 use crate::timelines::MessageView;
 use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
 /// The `_id` of the progress document in the messages index.
 const PROGRESS: &str = "progress";
+/// A bulk request is sent once its body reaches this size (the server's limit is 100 MB).
+const BULK_BYTES: usize = 8 << 20;
+/// Per-item bulk errors that are the document's own fault: a retry cannot cure them.
+const DOCUMENT_ERRORS: &[&str] = &["mapper_parsing_exception", "document_parsing_exception"];
 
 pub struct OpenSearch {
     client: Elasticsearch,
@@ -46,6 +50,10 @@ pub struct OpenSearch {
 
 fn unavailable(error: impl ToString) -> ProjectionError {
     ProjectionError::Unavailable(error.to_string())
+}
+
+fn channel_id(channel: Uuid) -> String {
+    format!("channel:{channel}")
 }
 
 /// The stored progress and the sequence number and primary term it was read at.
@@ -75,39 +83,38 @@ impl OpenSearch {
     /// The template, the first messages index behind its alias, and its progress document,
     /// each when missing.
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
-        let template = json!({
-            "index_patterns": [format!("{}-*", self.messages())],
-            "template": {
-                "settings": {
-                    // One shard: a refresh then shows every earlier write at once (see the module).
-                    "number_of_shards": 1,
-                    "refresh_interval": "200ms",
-                    "auto_expand_replicas": "0-1",
-                    "analysis": { "analyzer": { "message_text": {
-                        "type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding", "porter_stem"]
-                    } } }
-                },
-                "mappings": {
-                    "dynamic": false,
-                    "properties": {
-                        "workspace_id": { "type": "keyword" },
-                        "channel_id": { "type": "keyword" },
-                        "author_id": { "type": "keyword" },
-                        "text": { "type": "text", "analyzer": "message_text" },
-                        "deleted": { "type": "boolean" },
-                        "position": { "type": "long" },
-                        "applied": { "type": "long" },
-                        "message": { "type": "object", "enabled": false }
-                    }
+        let (indices, messages) = (self.client.indices(), self.messages());
+        let index = json!({
+            "settings": {
+                "refresh_interval": "100ms",
+                "auto_expand_replicas": "0-1",
+                "analysis": { "analyzer": { "message_text": {
+                    "type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding", "porter_stem"]
+                } } }
+            },
+            "mappings": {
+                "dynamic": false,
+                "properties": {
+                    "workspace_id": { "type": "keyword" },
+                    "channel_id": { "type": "keyword" },
+                    "author_id": { "type": "keyword" },
+                    "text": { "type": "text", "analyzer": "message_text" },
+                    "deleted": { "type": "boolean" },
+                    "private": { "type": "boolean" },
+                    "position": { "type": "long" },
+                    "applied": { "type": "long" },
+                    "message": { "type": "object", "enabled": false },
+                    "channel_private": { "type": "boolean", "index": false }
                 }
             }
         });
-        let (indices, messages) = (self.client.indices(), self.messages());
+        let template = json!({ "index_patterns": [format!("{messages}-*")], "template": index });
         let put = indices.put_index_template(IndicesPutIndexTemplateParts::Name(&messages)).body(template);
         expect_success(put.send().await, &[]).await?;
         let first = format!("{messages}-1");
-        let aliased = json!({ "aliases": { &messages: {} } });
-        let create = indices.create(IndicesCreateParts::Index(&first)).body(aliased);
+        let mut create = index;
+        create["aliases"] = json!({ &messages: {} });
+        let create = indices.create(IndicesCreateParts::Index(&first)).body(create);
         expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
         let empty = json!({ "partitions": [], "dead_lettered": 0 });
         let initial = self.client.create(elasticsearch::CreateParts::IndexId(&messages, PROGRESS)).body(empty);
@@ -126,33 +133,14 @@ impl OpenSearch {
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
-        self.latest().await.map(|_| ())
+        self.versioned().await.map(|_| ())
     }
 
-    /// The latest progress document, which `migrate` creates.
-    async fn latest(&self) -> Result<Versioned, ProjectionError> {
-        let missing = || ProjectionError::Unavailable(format!("no progress in {}: migrate first", self.messages()));
-        self.versioned(true).await?.ok_or_else(missing)
-    }
-
-    /// Makes every write so far visible to searches now: for tests, which read the model right
-    /// after writing it.
-    pub async fn refresh(&self) -> Result<(), ProjectionError> {
+    async fn versioned(&self) -> Result<Versioned, ProjectionError> {
         let messages = self.messages();
-        let indexes = [messages.as_str()];
-        let indices = self.client.indices();
-        let refresh = indices.refresh(elasticsearch::indices::IndicesRefreshParts::Index(&indexes));
-        expect_success(refresh.send().await, &[]).await.map(|_| ())
-    }
-
-    /// The progress document: the latest (`realtime`), or as of the last refresh; `None` when
-    /// there is none (before the first refresh after `migrate`, when not real-time).
-    async fn versioned(&self, realtime: bool) -> Result<Option<Versioned>, ProjectionError> {
-        let messages = self.messages();
-        let response = self.client.get(GetParts::IndexId(&messages, PROGRESS)).realtime(realtime).send().await;
-        let body = expect_success(response, &[]).await?;
-        if body["found"] == false {
-            return Ok(None);
+        let body = expect_success(self.client.get(GetParts::IndexId(&messages, PROGRESS)).send().await, &[]).await?;
+        if body["found"] != true {
+            return Err(unavailable(format!("no progress in {messages}: run `quikapp migrate`")));
         }
         let source = &body["_source"];
         let partitions = source["partitions"]
@@ -166,80 +154,117 @@ impl OpenSearch {
             .collect();
         let stored = Stored { partitions, dead_lettered: source["dead_lettered"].as_u64().unwrap_or(0) };
         let number = |key: &str| body[key].as_i64().ok_or_else(|| unavailable(format!("no {key} in {body}")));
-        Ok(Some(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? }))
+        Ok(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? })
     }
 
-    /// The stored documents among `ids`.
-    async fn documents(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Document>, ProjectionError> {
-        if ids.is_empty() {
-            return Ok(HashMap::new());
+    /// The stored documents and channels that `batch` needs.
+    async fn known(&self, batch: &Batch) -> Result<Known, ProjectionError> {
+        let reads = to_read(&batch.events);
+        let mut known = Known::default();
+        if reads.messages.is_empty() && reads.channels.is_empty() {
+            return Ok(known);
         }
+        let ids: Vec<String> =
+            reads.messages.iter().map(Uuid::to_string).chain(reads.channels.iter().map(|c| channel_id(*c))).collect();
         let messages = self.messages();
         let request = self.client.mget(MgetParts::Index(&messages)).body(json!({ "ids": ids }));
         let body = expect_success(request.send().await, &[]).await?;
-        let found = body["docs"].as_array().into_iter().flatten().filter(|d| d["found"] == true);
-        found
-            .map(|d| {
-                let document = document_of(&d["_source"]).ok_or_else(|| unavailable(format!("unreadable: {d}")))?;
-                Ok((document.message.message_id, document))
-            })
-            .collect()
-    }
-
-    /// Writes each document unless the stored one is as recent.
-    async fn write(&self, documents: Vec<&Document>) -> Result<(), ProjectionError> {
-        let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(documents.len() * 2);
-        for document in documents {
-            let message = &document.message;
-            body.push(
-                json!({ "index": {
-                "_id": message.message_id, "version": document.applied, "version_type": "external"
-            } })
-                .into(),
-            );
-            body.push(source(document).into());
-        }
-        let messages = self.messages();
-        let bulk = self.client.bulk(BulkParts::Index(&messages)).body(body);
-        let answer = expect_success(bulk.send().await, &[]).await?;
-        if answer["errors"] != true {
-            return Ok(());
-        }
-        for item in answer["items"].as_array().into_iter().flatten() {
-            let result = &item["index"];
-            match result["status"].as_u64().unwrap_or(0) {
-                200..=299 | 409 => {} // 409: this version or a later one is there
-                429 | 500.. => return Err(unavailable(&result["error"])),
-                _ => return Err(ProjectionError::Rejected(result["error"].to_string())),
+        for found in body["docs"].as_array().into_iter().flatten().filter(|d| d["found"] == true) {
+            let source = &found["_source"];
+            let unreadable = || unavailable(format!("unreadable: {found}"));
+            match found["_id"].as_str().and_then(|id| id.strip_prefix("channel:")) {
+                Some(channel) => {
+                    let private = source["channel_private"].as_bool().ok_or_else(unreadable)?;
+                    known.channels.insert(channel.parse().map_err(|_| unreadable())?, private);
+                }
+                None => {
+                    let document = document_of(source).ok_or_else(unreadable)?;
+                    known.documents.insert(document.message.message_id, document);
+                }
             }
         }
-        Ok(())
+        Ok(known)
     }
 
-    /// Stores `stored` unless the progress document changed since `read`.
-    async fn save(&self, read: &Versioned, stored: &Stored) -> Result<(), ProjectionError> {
-        let partitions: Vec<Value> = stored
-            .partitions
-            .iter()
-            .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
-            .collect();
-        let messages = self.messages();
-        let save = self
-            .client
-            .index(IndexParts::IndexId(&messages, PROGRESS))
-            .if_seq_no(read.seq_no)
-            .if_primary_term(read.primary_term)
-            .body(json!({ "partitions": partitions, "dead_lettered": stored.dead_lettered }));
-        match save.send().await {
-            Ok(response) if response.status_code() == StatusCode::CONFLICT => {
-                Err(ProjectionError::Moved("another member stored this progress first".into()))
+    /// Sends `ops` (action and source lines) in bulks of at most about [`BULK_BYTES`], each
+    /// waiting for the refresh that makes it searchable. True when some op found its document
+    /// there already (a 409).
+    async fn write(&self, ops: Vec<(Value, Value)>) -> Result<bool, ProjectionError> {
+        let mut there = false;
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let (mut body, mut bytes) = (Vec::<JsonBody<Value>>::new(), 0);
+            while bytes < BULK_BYTES
+                && let Some((action, source)) = ops.next()
+            {
+                bytes += source.to_string().len() + 100;
+                body.push(action.into());
+                body.push(source.into());
             }
-            response => expect_success(response, &[]).await.map(|_| ()),
+            let messages = self.messages();
+            let bulk = self.client.bulk(BulkParts::Index(&messages)).refresh(Refresh::WaitFor).body(body);
+            let answer = expect_success(bulk.send().await, &[]).await?;
+            if answer["errors"] != true {
+                continue;
+            }
+            for item in answer["items"].as_array().into_iter().flatten() {
+                let result = &item["index"];
+                let error = &result["error"];
+                match result["status"].as_u64().unwrap_or(0) {
+                    200..=299 => {}
+                    409 => there = true, // this version or a later one is there
+                    _ if error["type"].as_str().is_some_and(|t| DOCUMENT_ERRORS.contains(&t)) => {
+                        return Err(ProjectionError::Rejected(error.to_string()));
+                    }
+                    _ => return Err(unavailable(error)),
+                }
+            }
+        }
+        Ok(there)
+    }
+
+    /// Makes every write so far searchable now.
+    async fn refresh(&self) -> Result<(), ProjectionError> {
+        let messages = self.messages();
+        let indexes = [messages.as_str()];
+        let indices = self.client.indices();
+        let refresh = indices.refresh(elasticsearch::indices::IndicesRefreshParts::Index(&indexes));
+        expect_success(refresh.send().await, &[]).await.map(|_| ())
+    }
+
+    /// Stores the batch's moves into the progress read as `read`. When another member stored
+    /// progress meanwhile (its own partitions), the moves are checked against that and merged
+    /// into it; `Moved` when they no longer apply.
+    async fn save(&self, mut read: Versioned, batch: &Batch) -> Result<(), ProjectionError> {
+        loop {
+            let mut stored = read.stored.clone();
+            stored.record(&batch.moves, batch.dead_lettered);
+            let partitions: Vec<Value> = stored
+                .partitions
+                .iter()
+                .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
+                .collect();
+            let messages = self.messages();
+            let save = self
+                .client
+                .index(IndexParts::IndexId(&messages, PROGRESS))
+                .if_seq_no(read.seq_no)
+                .if_primary_term(read.primary_term)
+                .body(json!({ "partitions": partitions, "dead_lettered": stored.dead_lettered }));
+            match save.send().await {
+                Ok(response) if response.status_code() == StatusCode::CONFLICT => {
+                    read = self.versioned().await?;
+                    check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
+                }
+                response => return expect_success(response, &[]).await.map(|_| ()),
+            }
         }
     }
 }
 
-/// The body of a successful answer; an error whose type is among `tolerated` counts as one.
+/// The body of a successful answer (a GET that finds nothing is one: 404 with `found: false`);
+/// an error whose type is among `tolerated` counts as one. Any other error is the store's or
+/// the request's, never an event's: [`ProjectionError::Unavailable`], retried until it clears.
 async fn expect_success(
     response: Result<Response, elasticsearch::Error>,
     tolerated: &[&str],
@@ -247,40 +272,81 @@ async fn expect_success(
     let response = response.map_err(unavailable)?;
     let status = response.status_code();
     let body: Value = response.json().await.map_err(unavailable)?;
-    // A GET that finds no document answers 404 with `found: false`: an answer all the same.
     let answered = status.is_success() || body["found"] == false;
     if answered || body["error"]["type"].as_str().is_some_and(|t| tolerated.contains(&t)) {
         return Ok(body);
     }
-    let error = format!("{status}: {}", body["error"]);
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status == StatusCode::NOT_FOUND {
-        Err(ProjectionError::Unavailable(error))
-    } else {
-        Err(ProjectionError::Rejected(error))
-    }
+    Err(unavailable(format!("{status}: {}", body["error"])))
 }
 
-/// A document as indexed: the fields searches match and filter on, and the message whole.
+/// A document as indexed: the fields searches match and filter on, and the rest of the
+/// message (its text is the `text` field's).
 pub fn source(document: &Document) -> Value {
     let message = &document.message;
+    let mut whole = serde_json::to_value(message).expect("a message serializes");
+    whole.as_object_mut().expect("an object").remove("text");
     json!({
         "workspace_id": document.workspace_id,
         "channel_id": message.channel_id,
         "author_id": message.author_id,
         "text": message.text,
         "deleted": message.deleted,
+        "private": document.private,
         "position": message.position,
         "applied": document.applied,
-        "message": message,
+        "message": whole,
     })
 }
 
 fn document_of(source: &Value) -> Option<Document> {
+    let mut message = source["message"].clone();
+    message.as_object_mut()?.insert("text".into(), source["text"].clone());
     Some(Document {
         workspace_id: serde_json::from_value(source["workspace_id"].clone()).ok()?,
+        private: source["private"].as_bool()?,
         applied: source["applied"].as_u64()?,
-        message: serde_json::from_value(source["message"].clone()).ok()?,
+        message: serde_json::from_value(message).ok()?,
     })
+}
+
+/// The `_search` body of `query`.
+pub fn query_body(query: &Query) -> Value {
+    let mut filter = vec![
+        json!({ "term": { "workspace_id": query.workspace_id } }),
+        json!({ "term": { "deleted": false } }),
+        // Public channels', and those of the private channels the caller is in.
+        json!({ "bool": { "should": [
+            { "term": { "private": false } },
+            { "terms": { "channel_id": query.private } },
+        ] } }),
+    ];
+    if let Some(channel) = query.channel {
+        filter.push(json!({ "term": { "channel_id": channel } }));
+    }
+    if let Some(author) = query.author {
+        filter.push(json!({ "term": { "author_id": author } }));
+    }
+    json!({
+            "size": query.limit,
+            "track_total_hits": true,
+            "query": { "bool": {
+                "must": [{ "match": { "text": { "query": query.words.join(" "), "operator": "and" } } }],
+                "filter": filter,
+            } },
+            "sort": [{ "_score": "desc" }, { "position": "desc" }],
+            "highlight": {
+                "pre_tags": [MARK_START.to_string()],
+                "post_tags": [MARK_END.to_string()],
+                "fields": { "text": { "number_of_fragments": 0 } },
+            },
+    })
+}
+
+/// The bulk op that writes `document` unless the stored one is as recent.
+fn index_op(document: &Document) -> (Value, Value) {
+    let id = document.message.message_id;
+    let action = json!({ "index": { "_id": id, "version": document.applied, "version_type": "external" } });
+    (action, source(document))
 }
 
 #[async_trait]
@@ -290,27 +356,31 @@ impl Projector for OpenSearch {
     }
 
     async fn stored(&self) -> Result<Stored, ProjectionError> {
-        Ok(self.latest().await?.stored)
-    }
-
-    /// The progress as of the last refresh (see the module).
-    async fn visible(&self) -> Result<Stored, ProjectionError> {
-        Ok(self.versioned(false).await?.map(|v| v.stored).unwrap_or_default())
+        Ok(self.versioned().await?.stored)
     }
 
     /// Not atomic (see the module): a batch whose progress moved is refused before any write;
-    /// otherwise its documents, each versioned, then its progress in one compare-and-set.
+    /// otherwise its documents, each versioned, then its progress in a compare-and-set.
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
-        let read = self.latest().await?;
+        let read = self.versioned().await?;
         check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
-        let mut documents = self.documents(&to_read(&batch.events)).await?;
-        let changed = fold(&batch.events, &mut documents);
-        if !changed.is_empty() {
-            self.write(changed.iter().map(|id| &documents[id]).collect()).await?;
+        let mut known = self.known(batch).await?;
+        let folded = fold(&batch.events, &mut known);
+        let channels = folded.channels.iter().map(|(channel, private, position)| {
+            let action =
+                json!({ "index": { "_id": channel_id(*channel), "version": position, "version_type": "external" } });
+            (action, json!({ "channel_private": private }))
+        });
+        let documents = folded.changed.iter().map(|id| index_op(&known.documents[id]));
+        let ops: Vec<(Value, Value)> = channels.chain(documents).collect();
+        let there = !ops.is_empty() && self.write(ops).await?;
+        // Effects already stored (by an attempt that stopped before its progress) may not be
+        // searchable yet, and no write of this attempt waited for them: refresh before the
+        // progress says they are applied.
+        if there || folded.again {
+            self.refresh().await?;
         }
-        let mut stored = read.stored.clone();
-        stored.record(&batch.moves, batch.dead_lettered);
-        self.save(&read, &stored).await
+        self.save(read, batch).await
     }
 
     /// OpenSearch tells no one of writes: the progress is looked at again every 100 ms.
@@ -322,34 +392,11 @@ impl Projector for OpenSearch {
 #[async_trait]
 impl Search for OpenSearch {
     async fn search(&self, query: &Query) -> Result<Hits, ProjectionError> {
-        let mut filter =
-            vec![json!({ "term": { "workspace_id": query.workspace_id } }), json!({ "term": { "deleted": false } })];
-        if let Some(channel) = query.channel {
-            filter.push(json!({ "term": { "channel_id": channel } }));
-        }
-        if let Some(author) = query.author {
-            filter.push(json!({ "term": { "author_id": author } }));
-        }
-        let request = json!({
-            "size": query.limit,
-            "track_total_hits": true,
-            "query": { "bool": {
-                "must": [{ "match": { "text": { "query": query.words.join(" "), "operator": "and" } } }],
-                "filter": filter,
-                "must_not": [{ "terms": { "channel_id": query.hidden } }],
-            } },
-            "sort": [{ "_score": "desc" }, { "position": "desc" }],
-            "_source": ["workspace_id", "applied", "message"],
-            "highlight": {
-                "pre_tags": [MARK_START.to_string()],
-                "post_tags": [MARK_END.to_string()],
-                "fields": { "text": { "number_of_fragments": 0 } },
-            },
-        });
+        let request = query_body(query);
         let messages = self.messages();
         let indexes = [messages.as_str()];
         let search = self.client.search(SearchParts::Index(&indexes)).body(request);
-        let answer = expect_success(search.send().await, &[]).await.map_err(unavailable)?;
+        let answer = expect_success(search.send().await, &[]).await?;
         let hits = answer["hits"]["hits"]
             .as_array()
             .into_iter()

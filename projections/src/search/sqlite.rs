@@ -1,18 +1,18 @@
 //! Search for the embedded default: SQLite FTS5 in this process's memory (like the other
 //! embedded models, rebuilt from the log at each start). Table `documents` holds each
-//! [`Document`] whole; the FTS5 table `matches` holds, under the same rowid, the text of each
-//! message not deleted and the columns a search filters on. Its tokenizer is `porter unicode61
+//! [`Document`] whole, `channels` whether each channel is private; the FTS5 table `matches`
+//! holds, under the same rowid, the text of each message not deleted and the columns a search
+//! filters on. Its tokenizer is `porter unicode61
 //! remove_diacritics 2`: Unicode words, case and diacritics folded, English stems, as the
 //! OpenSearch analyzer does. A batch is one transaction, progress included.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{SqliteConnection, SqlitePool};
 
-use super::{Document, Hit, Hits, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
+use super::{Document, Hit, Hits, Known, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
 use crate::timelines::MessageView;
 use crate::{
     Batch, Changes, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key,
@@ -21,9 +21,10 @@ use crate::{
 const SCHEMA: &str = r#"
 CREATE TABLE documents (id INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, applied INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE VIRTUAL TABLE matches USING fts5(
-    text, workspace_id UNINDEXED, channel_id UNINDEXED, author_id UNINDEXED, position UNINDEXED,
+    text, workspace_id UNINDEXED, channel_id UNINDEXED, author_id UNINDEXED, position UNINDEXED, private UNINDEXED,
     tokenize = 'porter unicode61 remove_diacritics 2'
 );
+CREATE TABLE channels (channel_id TEXT PRIMARY KEY, private INTEGER NOT NULL);
 CREATE TABLE progress (partition TEXT PRIMARY KEY, "offset" INTEGER NOT NULL, watermark INTEGER NOT NULL);
 CREATE TABLE dead_letters (id INTEGER PRIMARY KEY CHECK (id = 1), count INTEGER NOT NULL);
 INSERT INTO dead_letters VALUES (1, 0);
@@ -32,7 +33,7 @@ INSERT INTO dead_letters VALUES (1, 0);
 /// What a search matches: the FTS5 table `matches` as the read API filters it.
 const MATCHING: &str = "matches MATCH ?1 AND matches.workspace_id = ?2 \
      AND (?3 IS NULL OR matches.channel_id = ?3) AND (?4 IS NULL OR matches.author_id = ?4) \
-     AND matches.channel_id NOT IN (SELECT value FROM json_each(?5))";
+     AND (matches.private = 0 OR matches.channel_id IN (SELECT value FROM json_each(?5)))";
 
 pub struct SqliteSearch {
     /// One connection: an in-memory database lives as long as its connection.
@@ -99,8 +100,8 @@ async fn write(connection: &mut SqliteConnection, document: &Document) -> Result
         .map_err(unavailable)?;
     if !message.deleted {
         sqlx::query(
-            "INSERT INTO matches (rowid, text, workspace_id, channel_id, author_id, position) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO matches (rowid, text, workspace_id, channel_id, author_id, position, private) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .bind(id)
         .bind(&message.text)
@@ -108,6 +109,7 @@ async fn write(connection: &mut SqliteConnection, document: &Document) -> Result
         .bind(message.channel_id.to_string())
         .bind(message.author_id.to_string())
         .bind(message.position as i64)
+        .bind(document.private)
         .execute(connection)
         .await
         .map_err(unavailable)?;
@@ -129,8 +131,9 @@ impl Projector for SqliteSearch {
         let mut transaction = self.pool.begin().await.map_err(unavailable)?;
         let now = stored(&mut transaction).await?;
         check_moves(&batch.moves, |p| now.partitions.get(p).map(|s| s.offset))?;
-        let mut documents = HashMap::new();
-        for id in to_read(&batch.events) {
+        let reads = to_read(&batch.events);
+        let mut known = Known::default();
+        for id in reads.messages {
             let body: Option<String> = sqlx::query_scalar("SELECT body FROM documents WHERE message_id = ?1")
                 .bind(id.to_string())
                 .fetch_optional(&mut *transaction)
@@ -138,11 +141,30 @@ impl Projector for SqliteSearch {
                 .map_err(unavailable)?;
             if let Some(body) = body {
                 let document = serde_json::from_str(&body).map_err(|e| ProjectionError::Rejected(e.to_string()))?;
-                documents.insert(id, document);
+                known.documents.insert(id, document);
             }
         }
-        for id in fold(&batch.events, &mut documents) {
-            write(&mut transaction, &documents[&id]).await?;
+        for id in reads.channels {
+            let private: Option<bool> = sqlx::query_scalar("SELECT private FROM channels WHERE channel_id = ?1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+            if let Some(private) = private {
+                known.channels.insert(id, private);
+            }
+        }
+        let folded = fold(&batch.events, &mut known);
+        for (channel, private, _) in folded.channels {
+            sqlx::query("INSERT INTO channels VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+                .bind(channel.to_string())
+                .bind(private)
+                .execute(&mut *transaction)
+                .await
+                .map_err(unavailable)?;
+        }
+        for id in folded.changed {
+            write(&mut transaction, &known.documents[&id]).await?;
         }
         for step in &batch.moves {
             sqlx::query(
@@ -181,7 +203,7 @@ impl Search for SqliteSearch {
     async fn search(&self, query: &Query) -> Result<Hits, ProjectionError> {
         let matching = fts_query(&query.words);
         let channel = query.channel.map(|c| c.to_string());
-        let hidden = serde_json::to_string(&query.hidden).expect("ids serialize");
+        let private = serde_json::to_string(&query.private).expect("ids serialize");
         let author = query.author.map(|a| a.to_string());
         let mut connection = self.pool.acquire().await.map_err(unavailable)?;
         let rows: Vec<(String, String)> = sqlx::query_as(&format!(
@@ -193,7 +215,7 @@ impl Search for SqliteSearch {
         .bind(query.workspace_id.to_string())
         .bind(&channel)
         .bind(&author)
-        .bind(&hidden)
+        .bind(&private)
         .bind(MARK_START.to_string())
         .bind(MARK_END.to_string())
         .bind(query.limit as i64)
@@ -205,7 +227,7 @@ impl Search for SqliteSearch {
             .bind(query.workspace_id.to_string())
             .bind(&channel)
             .bind(&author)
-            .bind(&hidden)
+            .bind(&private)
             .fetch_one(&mut *connection)
             .await
             .map_err(unavailable)?;

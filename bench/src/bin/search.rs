@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     /// Records a projector applies per batch, at most, and documents per raw `_bulk`.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, default_value_t = 10_000)]
     batch: usize,
     /// Searches per path.
     #[arg(long, default_value_t = 2_000)]

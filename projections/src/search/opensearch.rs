@@ -11,7 +11,7 @@
 //! channel (`_id` `channel:{id}`, whether it is private, written once) and the progress
 //! (`_id` `progress`); neither has a `workspace_id`, so no search finds them. Each bulk waits
 //! for the refresh that makes it searchable (`refresh=wait_for`, on every copy of every shard;
-//! the index refreshes every 100 ms; a batch applied again, whose effects an earlier attempt
+//! the index refreshes every 50 ms; a batch applied again, whose effects an earlier attempt
 //! wrote, refreshes explicitly), and only then is the progress written, with
 //! `if_seq_no`/`if_primary_term`: what the progress says is applied, searches see; and of two
 //! members applying the same batch, one is refused. Members of one group applying different
@@ -39,13 +39,16 @@ use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, pa
 /// The `_id` of the progress document in the messages index.
 const PROGRESS: &str = "progress";
 /// A bulk request is sent once its body reaches this size (the server's limit is 100 MB).
-const BULK_BYTES: usize = 8 << 20;
+const BULK_BYTES: usize = 16 << 20;
 /// Per-item bulk errors that are the document's own fault: a retry cannot cure them.
 const DOCUMENT_ERRORS: &[&str] = &["mapper_parsing_exception", "document_parsing_exception"];
 
 pub struct OpenSearch {
     client: Elasticsearch,
     prefix: String,
+    /// Whether each channel met is private: a channel never changes that, so what was read or
+    /// written once is kept (up to a million channels) instead of read again for every batch.
+    channels: moka::sync::Cache<Uuid, bool>,
 }
 
 fn unavailable(error: impl ToString) -> ProjectionError {
@@ -72,7 +75,8 @@ impl OpenSearch {
             .timeout(Duration::from_secs(30))
             .build()
             .map_err(unavailable)?;
-        Ok(OpenSearch { client: Elasticsearch::new(transport), prefix: prefix.to_owned() })
+        let channels = moka::sync::Cache::new(1_000_000);
+        Ok(OpenSearch { client: Elasticsearch::new(transport), prefix: prefix.to_owned(), channels })
     }
 
     /// The alias searches and writes go through.
@@ -86,7 +90,7 @@ impl OpenSearch {
         let (indices, messages) = (self.client.indices(), self.messages());
         let index = json!({
             "settings": {
-                "refresh_interval": "100ms",
+                "refresh_interval": "50ms",
                 "auto_expand_replicas": "0-1",
                 "analysis": { "analyzer": { "message_text": {
                     "type": "custom", "tokenizer": "standard", "filter": ["lowercase", "asciifolding", "porter_stem"]
@@ -161,11 +165,18 @@ impl OpenSearch {
     async fn known(&self, batch: &Batch) -> Result<Known, ProjectionError> {
         let reads = to_read(&batch.events);
         let mut known = Known::default();
-        if reads.messages.is_empty() && reads.channels.is_empty() {
+        let mut unknown = Vec::new();
+        for channel in reads.channels {
+            match self.channels.get(&channel) {
+                Some(private) => drop(known.channels.insert(channel, private)),
+                None => unknown.push(channel),
+            }
+        }
+        if reads.messages.is_empty() && unknown.is_empty() {
             return Ok(known);
         }
         let ids: Vec<String> =
-            reads.messages.iter().map(Uuid::to_string).chain(reads.channels.iter().map(|c| channel_id(*c))).collect();
+            reads.messages.iter().map(Uuid::to_string).chain(unknown.iter().map(|c| channel_id(*c))).collect();
         let messages = self.messages();
         let request = self.client.mget(MgetParts::Index(&messages)).body(json!({ "ids": ids }));
         let body = expect_success(request.send().await, &[]).await?;
@@ -174,8 +185,10 @@ impl OpenSearch {
             let unreadable = || unavailable(format!("unreadable: {found}"));
             match found["_id"].as_str().and_then(|id| id.strip_prefix("channel:")) {
                 Some(channel) => {
+                    let channel = channel.parse().map_err(|_| unreadable())?;
                     let private = source["channel_private"].as_bool().ok_or_else(unreadable)?;
-                    known.channels.insert(channel.parse().map_err(|_| unreadable())?, private);
+                    self.channels.insert(channel, private);
+                    known.channels.insert(channel, private);
                 }
                 None => {
                     let document = document_of(source).ok_or_else(unreadable)?;
@@ -379,6 +392,9 @@ impl Projector for OpenSearch {
         // progress says they are applied.
         if there || folded.again {
             self.refresh().await?;
+        }
+        for (channel, private, _) in folded.channels {
+            self.channels.insert(channel, private);
         }
         self.save(read, batch).await
     }

@@ -90,6 +90,16 @@ async fn dev_runs_the_readme_walk_through_on_the_embedded_default_and_keeps_its_
         (stats["message_count"].clone(), stats["last_message"]["preview"].clone()),
         (json!(1), json!("hello, world"))
     );
+    // The timeline and search, from the embedded default's in-memory timelines and FTS5.
+    let get =
+        |path: String| client.get(format!("{read}/v1{path}")).bearer_auth(&alice_token).header("x-min-position", "4");
+    let page: Value = get(format!("/channels/{ch}/messages")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["messages"][0]["text"], "hello, world", "{page}");
+    let found: Value = get(format!("/workspaces/{ws}/search?q=World")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (found["total"].clone(), found["hits"][0]["highlight"].clone()),
+        (json!(1), json!("hello, <em>world</em>"))
+    );
     assert_eq!(client.get(format!("{read}/readyz")).send().await.unwrap().status(), 200);
 
     assert!(server.stop().success(), "dev stops cleanly on SIGTERM");

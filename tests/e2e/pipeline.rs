@@ -250,6 +250,14 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
     projectors = start_projectors();
     let second: Vec<Uuid> = futures::stream::iter(MESSAGES / 2..MESSAGES).map(post).buffered(16).collect().await;
     let posted: Vec<Uuid> = first.into_iter().chain(second).collect();
+    // Reactions on each root: Bob's and Ada's, then Ada takes hers back.
+    for channel in [general, random, secret] {
+        let reactions = format!("/channels/{channel}/messages/{}/reactions", roots[&channel]);
+        client.must(bob, Method::PUT, &format!("{reactions}/tada"), None).await;
+        client.must(ada, Method::PUT, &format!("{reactions}/tada"), None).await;
+        client.must(ada, Method::PUT, &format!("{reactions}/eyes"), None).await;
+        client.must(ada, Method::DELETE, &format!("{reactions}/tada"), None).await;
+    }
     // Cy joins a channel with history: none of it is unread to Cy.
     join(cy, random, cy).await;
 
@@ -394,6 +402,7 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         assert_eq!(thread, replies.iter().map(|(id, _)| **id).collect::<Vec<_>>(), "the thread in {channel}");
         let root_view = client.read(bob, &format!("/channels/{channel}/messages/{root}")).await;
         assert_eq!(root_view["reply_count"], replies.len());
+        assert_eq!(root_view["reactions"], json!({ "eyes": [ada], "tada": [bob] }), "{root_view}");
     }
     let deleted = expected.iter().find(|(_, m)| m.5).map(|(id, m)| (*id, m.0)).unwrap();
     assert_eq!(client.query(ada, &format!("/channels/{}/messages/{}", deleted.1, deleted.0)).await.0, 404);

@@ -20,7 +20,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
@@ -206,13 +205,15 @@ impl OpenSearch {
         let mut there = false;
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
-            let (mut body, mut bytes) = (Vec::<JsonBody<Value>>::new(), 0);
+            // Each line serialized once, and counted as it is.
+            let (mut body, mut bytes) = (Vec::<String>::new(), 0);
             while bytes < BULK_BYTES
                 && let Some((action, source)) = ops.next()
             {
-                bytes += source.to_string().len() + 100;
-                body.push(action.into());
-                body.push(source.into());
+                for line in [action.to_string(), source.to_string()] {
+                    bytes += line.len() + 1;
+                    body.push(line);
+                }
             }
             let messages = self.messages();
             let bulk = self.client.bulk(BulkParts::Index(&messages)).refresh(Refresh::WaitFor).body(body);

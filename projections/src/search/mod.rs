@@ -53,7 +53,7 @@ pub struct Reads {
 }
 
 pub fn to_read(events: &[Envelope]) -> Reads {
-    let (mut posted, mut created) = (HashSet::new(), HashSet::new());
+    let (mut posted, mut created, mut listed) = (HashSet::new(), HashSet::new(), HashSet::new());
     let mut reads = Reads::default();
     for envelope in events {
         if let Event::ChannelCreated(created_now) = &envelope.event {
@@ -64,11 +64,11 @@ pub fn to_read(events: &[Envelope]) -> Reads {
             match op {
                 Op::Insert(message) => {
                     posted.insert(id);
-                    if !created.contains(&message.channel_id) && !reads.channels.contains(&message.channel_id) {
+                    if !created.contains(&message.channel_id) && listed.insert(message.channel_id) {
                         reads.channels.push(message.channel_id);
                     }
                 }
-                _ if !posted.contains(&id) && !reads.messages.contains(&id) => reads.messages.push(id),
+                _ if !posted.contains(&id) && listed.insert(id) => reads.messages.push(id),
                 _ => {}
             }
         }
@@ -98,6 +98,7 @@ pub struct Folded {
 /// Folds `events` into `known`.
 pub fn fold(events: &[Envelope], known: &mut Known) -> Folded {
     let mut folded = Folded::default();
+    let mut listed = HashSet::new();
     for envelope in events {
         if let Event::ChannelCreated(created) = &envelope.event {
             known.channels.insert(created.channel_id, created.private);
@@ -125,7 +126,7 @@ pub fn fold(events: &[Envelope], known: &mut Known) -> Folded {
                     changes
                 }),
             };
-            if changes && !folded.changed.contains(&id) {
+            if changes && listed.insert(id) {
                 folded.changed.push(id);
             }
         }

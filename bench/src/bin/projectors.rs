@@ -192,7 +192,7 @@ async fn main() -> Result<()> {
 }
 
 /// The timelines: MessagePosted events in 1,000 channels, against insert_many of the same
-/// documents on the same server.
+/// documents into the same collection (indexes included) on the same server.
 async fn timelines(args: &Args) -> Result<()> {
     let channels: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
     let author = Uuid::now_v7();
@@ -209,7 +209,9 @@ async fn timelines(args: &Args) -> Result<()> {
         )
     };
 
+    // The same collection as the model's, indexes included.
     let raw_url = database("raw");
+    quikapp_projections::timelines::mongo::MongoTimelines::connect(&raw_url).await?.migrate().await?;
     let client = mongodb::Client::with_uri_str(&raw_url).await?;
     let collection = client.default_database().context("a database")?.collection::<mongodb::bson::Document>("messages");
     let started = Instant::now();

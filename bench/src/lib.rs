@@ -150,6 +150,34 @@ pub async fn drain(
     Ok(rate)
 }
 
+/// The ChannelCreated of public channel `c{i}` of `workspace` at `position`.
+pub fn channel_created(position: u64, i: usize, channel: Uuid, workspace: Uuid, by: Uuid) -> Envelope {
+    let created = quikapp_domain::event::ChannelCreated {
+        channel_id: channel,
+        workspace_id: workspace,
+        name: format!("c{i}"),
+        topic: None,
+        private: false,
+        created_by: by,
+    };
+    let mut event = envelope(position, format!("channel-{channel}"), 1, channel, created.into());
+    event.workspace_id = Some(workspace);
+    event
+}
+
+/// A write API over `store` with no rate limit to speak of, and its tokens.
+pub fn unlimited_write_api(
+    store: Arc<dyn quikapp_commands::store::EventStore>,
+) -> Result<(quikapp_write_api::WriteApi, quikapp_write_api::auth::Tokens)> {
+    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
+    let limits = quikapp_write_api::Limits {
+        rate_limit: quikapp_write_api::RateLimit { per_second: 1_000_000, burst: 1_000_000 },
+        ..Default::default()
+    };
+    let service = quikapp_commands::CommandService::new(store);
+    Ok((quikapp_write_api::WriteApi::new(service, tokens.clone(), limits), tokens))
+}
+
 /// The `p` quantile (0 to 1) of sorted `latencies`, in milliseconds.
 pub fn percentile(latencies: &[Duration], p: f64) -> f64 {
     latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3
@@ -164,22 +192,14 @@ pub async fn read_api(
     timelines: Arc<dyn quikapp_projections::timelines::Timelines>,
     search: Arc<dyn quikapp_projections::search::Search>,
 ) -> Result<(std::net::SocketAddr, String)> {
-    use quikapp_domain::event::{ChannelCreated, WorkspaceCreated};
+    use quikapp_domain::event::WorkspaceCreated;
     use quikapp_projections::Batch;
     use quikapp_projections::counters::{Counters, Keys};
     use quikapp_projections::directory::memory::MemoryDirectory;
     let created = WorkspaceCreated { workspace_id: workspace, name: "bench".into(), owner_id: reader };
     let mut events = vec![envelope(1, format!("workspace-{workspace}"), 1, Uuid::nil(), created.into())];
     for (i, channel) in channels.iter().enumerate() {
-        let created = ChannelCreated {
-            channel_id: *channel,
-            workspace_id: workspace,
-            name: format!("c{i}"),
-            topic: None,
-            private: false,
-            created_by: reader,
-        };
-        events.push(envelope(i as u64 + 2, format!("channel-{channel}"), 1, *channel, created.into()));
+        events.push(channel_created(i as u64 + 2, i, *channel, workspace, reader));
     }
     let directory = Arc::new(MemoryDirectory::new());
     directory.apply(&Batch { events, ..Batch::default() }).await?;

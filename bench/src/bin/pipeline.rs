@@ -18,10 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use quikapp_bench::{PARTITIONS, fresh_topics};
+use quikapp_bench::{PARTITIONS, fresh_topics, unlimited_write_api};
 use quikapp_bus::EventBus;
 use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
-use quikapp_commands::CommandService;
 use quikapp_commands::store::{PostgresStore, contract};
 use quikapp_projections::Projector;
 use quikapp_projections::counters::redis::RedisKeyspace;
@@ -121,12 +120,7 @@ async fn start(args: &Args) -> Result<Platform> {
         tasks.spawn(runtime.run(std::future::pending()));
     }
 
-    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
-    let limits = quikapp_write_api::Limits {
-        rate_limit: quikapp_write_api::RateLimit { per_second: 1_000_000, burst: 1_000_000 },
-        ..Default::default()
-    };
-    let write = quikapp_write_api::WriteApi::new(CommandService::new(store.clone()), tokens.clone(), limits);
+    let (write, tokens) = unlimited_write_api(store.clone())?;
     let read_config = quikapp_read_api::ReadConfig {
         partitions: topics.partitions(PARTITIONS),
         min_position_wait: Duration::from_secs(60),
@@ -219,7 +213,7 @@ async fn run(args: &Args, rate: u64, changes_percent: u64) -> Result<Outcome> {
                     let permit = in_flight.clone().acquire_owned().await.expect("never closed");
                     let channel = channels[(sent % channels.len() as u64) as usize].clone();
                     // Every (100 / changes_percent)th command changes a message posted earlier.
-                    let change = changes_percent > 0 && sent % (100 / changes_percent) == 0;
+                    let change = changes_percent > 0 && sent.is_multiple_of(100 / changes_percent);
                     let target = if change {
                         let posted = posted.lock().unwrap();
                         posted.get(posted.len().saturating_sub(1 + (sent as usize * 7) % 500)).cloned()
@@ -227,7 +221,7 @@ async fn run(args: &Args, rate: u64, changes_percent: u64) -> Result<Outcome> {
                         None
                     };
                     let request = match &target {
-                        Some((channel, message)) if sent % 2 == 0 => http
+                        Some((channel, message)) if sent.is_multiple_of(2) => http
                             .patch(format!("{write}/v1/channels/{channel}/messages/{message}"))
                             .json(&json!({ "text": format!("edited at {sent}") })),
                         Some((channel, message)) => {

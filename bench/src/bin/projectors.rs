@@ -13,7 +13,9 @@
 //!
 //! Run it with `bench/projectors` (release build, starts the services).
 
-use quikapp_bench::{PARTITIONS, backlog, drain, envelope, fresh_topics, percentile, posted, read_api};
+use quikapp_bench::{
+    PARTITIONS, backlog, drain, envelope, fresh_topics, percentile, posted, read_api, unlimited_write_api,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +23,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use quikapp_bus::EventBus;
 use quikapp_bus::kafka::{KafkaBus, KafkaConfig, KafkaPublisher};
-use quikapp_commands::CommandService;
 use quikapp_commands::store::{PostgresStore, contract};
 use quikapp_domain::Envelope;
 use quikapp_domain::event::{ChannelCreated, ChannelMemberJoined, timestamp};
@@ -373,12 +374,7 @@ async fn live(args: &Args) -> Result<()> {
             RuntimeConfig { batch_size: args.batch, group_prefix: group_prefix.clone(), ..RuntimeConfig::default() };
         tokio::spawn(Runtime { projector: projector.clone(), bus: bus.clone(), config }.run(std::future::pending()));
     }
-    let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
-    let limits = quikapp_write_api::Limits {
-        rate_limit: quikapp_write_api::RateLimit { per_second: 1_000_000, burst: 1_000_000 },
-        ..Default::default()
-    };
-    let write = quikapp_write_api::WriteApi::new(CommandService::new(store.clone()), tokens.clone(), limits);
+    let (write, tokens) = unlimited_write_api(store.clone())?;
     let read_config = quikapp_read_api::ReadConfig {
         partitions: topics.partitions(PARTITIONS),
         min_position_wait: Duration::from_secs(10),

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use quikapp_bench::{backlog, drain, envelope, fresh_topics, percentile, posted, read_api};
+use quikapp_bench::{backlog, channel_created, drain, fresh_topics, percentile, posted, read_api};
 use quikapp_domain::Envelope;
-use quikapp_domain::event::ChannelCreated;
 use quikapp_projections::search::opensearch::{OpenSearch, query_body, source};
 use quikapp_projections::search::{Known, Query, fold};
 use serde_json::json;
@@ -88,19 +87,8 @@ async fn main() -> Result<()> {
     let channels: Vec<Uuid> = (0..1_000).map(|_| Uuid::now_v7()).collect();
     let author = Uuid::now_v7();
     // The channels (public), then the messages.
-    let created = channels.iter().enumerate().map(|(i, channel)| {
-        let created = ChannelCreated {
-            channel_id: *channel,
-            workspace_id: workspace,
-            name: format!("c{i}"),
-            topic: None,
-            private: false,
-            created_by: reader,
-        };
-        let mut event = envelope(i as u64 + 1, format!("channel-{channel}"), 1, *channel, created.into());
-        event.workspace_id = Some(workspace);
-        event
-    });
+    let created =
+        channels.iter().enumerate().map(|(i, channel)| channel_created(i as u64 + 1, i, *channel, workspace, reader));
     let first = channels.len() as u64 + 1;
     let messages = (0..args.events).map(|i| {
         let mut event = posted(first + i, Uuid::now_v7(), channels[i as usize % channels.len()], author);

@@ -278,7 +278,9 @@ cluster.routing.allocation.disk.threshold_enabled: false
 YML
   [ "$(id -u)" = 0 ] && chown -R "$SERVICE_USER" "$dir"
   # A node started before its analysis module was installed: start it again.
-  if pid_alive opensearch && health_opensearch_cluster && ! analysis_opensearch; then stop_opensearch; fi
+  if pid_alive opensearch && [ "$OPENSEARCH_HOME/.analysis-common" -nt "$DATA/opensearch.pid" ]; then
+    stop_opensearch
+  fi
   if ! pid_alive opensearch; then
     : > "$DATA/opensearch.log"; [ "$(id -u)" = 0 ] && chown "$SERVICE_USER" "$DATA/opensearch.log"
     rm -f "$dir/opensearch.pid" # a killed node leaves it behind; wait for the new one below

@@ -62,6 +62,63 @@ struct Args {
     /// Records a projector applies per batch, at most.
     #[arg(long, default_value_t = 2_000)]
     batch: usize,
+    /// Write an SVG plot of each run's lags and throughput into this directory.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
+}
+
+/// One second of a run: when, commands answered during it, each model's lag.
+struct Sample {
+    at: f64,
+    rate: f64,
+    lags: BTreeMap<String, f64>,
+}
+
+/// An SVG of each model's lag (left axis) and the commands answered per second (right axis,
+/// dashed) over a run, with the lag limit as a red line.
+fn plot(samples: &[Sample], asked: u64, max_lag: f64, title: &str) -> String {
+    let (width, height, margin) = (900.0, 420.0, 60.0);
+    let seconds = samples.last().map_or(1.0, |s| s.at).max(1.0);
+    let top_lag = samples.iter().flat_map(|s| s.lags.values().copied()).fold(max_lag * 1.5, f64::max);
+    let top_rate = asked as f64 * 1.5;
+    let x = |at: f64| margin + at / seconds * (width - 2.0 * margin);
+    let y = |value: f64, top: f64| height - margin - value / top * (height - 2.0 * margin);
+    let line = |points: Vec<(f64, f64)>, style: &str| {
+        let points: Vec<String> = points.iter().map(|(px, py)| format!("{px:.1},{py:.1}")).collect();
+        format!("<polyline fill=\"none\" {style} points=\"{}\"/>\n", points.join(" "))
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{margin}\" y=\"24\" font-size=\"14\">{title}</text>\n\
+         <text x=\"8\" y=\"{}\">lag s (max {top_lag:.1})</text>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">commands/s (max {top_rate:.0}), dashed</text>\n\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"end\">seconds (0 to {seconds:.0})</text>\n\
+         <line x1=\"{margin}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+        margin - 8.0,
+        width - 8.0,
+        margin - 8.0,
+        width - margin,
+        height - margin + 30.0,
+        height - margin,
+        width - margin,
+        height - margin,
+    );
+    let limit = y(max_lag, top_lag);
+    svg += &format!(
+        "<line x1=\"{margin}\" y1=\"{limit:.1}\" x2=\"{}\" y2=\"{limit:.1}\" stroke=\"red\" stroke-dasharray=\"2,4\"/>\n",
+        width - margin
+    );
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"];
+    for (i, (model, color)) in MODELS.iter().zip(colors).enumerate() {
+        let points = samples.iter().map(|s| (x(s.at), y(*s.lags.get(*model).unwrap_or(&0.0), top_lag))).collect();
+        svg += &line(points, &format!("stroke=\"{color}\" stroke-width=\"1.5\""));
+        let legend_x = margin + 10.0 + i as f64 * 110.0;
+        svg += &format!("<text x=\"{legend_x}\" y=\"44\" fill=\"{color}\">{model}</text>\n");
+    }
+    let rates = samples.iter().map(|s| (x(s.at), y(s.rate, top_rate))).collect();
+    svg += &line(rates, "stroke=\"gray\" stroke-dasharray=\"5,3\"");
+    svg + "</svg>\n"
 }
 
 const MODELS: [&str; 4] = ["postgres", "redis", "mongo", "search"];
@@ -265,6 +322,7 @@ async fn run(args: &Args, rate: u64, changes_percent: u64) -> Result<Outcome> {
     let started = Instant::now();
     let mut worst: BTreeMap<String, f64> = BTreeMap::new();
     let mut window = (Instant::now(), 0u64);
+    let (mut samples, mut previous) = (Vec::new(), (Instant::now(), 0u64));
     let mut sample = tokio::time::interval(Duration::from_secs(1));
     sample.tick().await;
     while !load.is_finished() {
@@ -274,6 +332,10 @@ async fn run(args: &Args, rate: u64, changes_percent: u64) -> Result<Outcome> {
             let worst = worst.entry(model.clone()).or_default();
             *worst = worst.max(*lag);
         }
+        let count = answered.load(std::sync::atomic::Ordering::Relaxed);
+        let rate_now = (count - previous.1) as f64 / previous.0.elapsed().as_secs_f64();
+        previous = (Instant::now(), count);
+        samples.push(Sample { at: started.elapsed().as_secs_f64(), rate: rate_now, lags: now.clone() });
         let elapsed = started.elapsed().as_secs();
         if elapsed.is_multiple_of(5) {
             let count = answered.load(std::sync::atomic::Ordering::Relaxed);
@@ -300,6 +362,13 @@ async fn run(args: &Args, rate: u64, changes_percent: u64) -> Result<Outcome> {
         }
     );
     platform.tasks.abort_all();
+    if let Some(directory) = &args.plot {
+        let title = format!("{rate} commands/s asked, {changes_percent}% edits and reactions: lag per model");
+        let file = directory.join(format!("pipeline-{rate}-{changes_percent}pct.svg"));
+        std::fs::create_dir_all(directory)?;
+        std::fs::write(&file, plot(&samples, rate, args.max_lag, &title))?;
+        println!("    plot: {}", file.display());
+    }
     Ok(Outcome { achieved, worst })
 }
 

@@ -423,6 +423,11 @@ async fn separate_processes_answer_what_the_commands_imply_through_a_projector_c
         let by_ada = client.read(user, &format!("/workspaces/{ws}/search?q=message&author={ada}")).await;
         assert_eq!(by_ada["total"], count(&|m| m.4.starts_with("message ") && m.1 == ada));
     }
+    // A public channel's messages are found by any member of the workspace, in it or not (Dan
+    // left general).
+    let in_general = expected.values().filter(|m| m.0 == general && !m.5 && m.4.starts_with("message ")).count();
+    let found = client.read(dan, &format!("/workspaces/{ws}/search?q=message&channel={general}")).await;
+    assert_eq!(found["total"], in_general, "{found}");
     let (one, (channel, ..)) =
         expected.iter().find(|(_, m)| m.0 == secret && !m.5 && m.4.starts_with("message ")).unwrap();
     let words = expected[one].4.replace(' ', "%20");

@@ -11,6 +11,7 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{SqliteConnection, SqlitePool};
+use uuid::Uuid;
 
 use super::{Document, Hit, Hits, Known, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
 use crate::timelines::MessageView;
@@ -133,26 +134,29 @@ impl Projector for SqliteSearch {
         check_moves(&batch.moves, |p| now.partitions.get(p).map(|s| s.offset))?;
         let reads = to_read(&batch.events);
         let mut known = Known::default();
-        for id in reads.messages {
-            let body: Option<String> = sqlx::query_scalar("SELECT body FROM documents WHERE message_id = ?1")
-                .bind(id.to_string())
-                .fetch_optional(&mut *transaction)
+        // One query each for the documents and the channels the batch needs.
+        let ids = |ids: &[Uuid]| serde_json::to_string(ids).expect("ids serialize");
+        let bodies: Vec<String> =
+            sqlx::query_scalar("SELECT body FROM documents WHERE message_id IN (SELECT value FROM json_each(?1))")
+                .bind(ids(&reads.messages))
+                .fetch_all(&mut *transaction)
                 .await
                 .map_err(unavailable)?;
-            if let Some(body) = body {
-                let document = serde_json::from_str(&body).map_err(|e| ProjectionError::Rejected(e.to_string()))?;
-                known.documents.insert(id, document);
-            }
+        for body in bodies {
+            let document: Document =
+                serde_json::from_str(&body).map_err(|e| ProjectionError::Rejected(e.to_string()))?;
+            known.documents.insert(document.message.message_id, document);
         }
-        for id in reads.channels {
-            let private: Option<bool> = sqlx::query_scalar("SELECT private FROM channels WHERE channel_id = ?1")
-                .bind(id.to_string())
-                .fetch_optional(&mut *transaction)
-                .await
-                .map_err(unavailable)?;
-            if let Some(private) = private {
-                known.channels.insert(id, private);
-            }
+        let channels: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT channel_id, private FROM channels WHERE channel_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids(&reads.channels))
+        .fetch_all(&mut *transaction)
+        .await
+        .map_err(unavailable)?;
+        for (channel, private) in channels {
+            let channel = channel.parse().map_err(|_| ProjectionError::Rejected(format!("channel id {channel}")))?;
+            known.channels.insert(channel, private);
         }
         let folded = fold(&batch.events, &mut known);
         for (channel, private, _) in folded.channels {

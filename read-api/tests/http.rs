@@ -122,6 +122,11 @@ impl App {
         self.call(&self.write, method, &format!("/v1{path}"), Some(user), body, &[]).await.ok()
     }
 
+    /// A channel of `ws` created by `user` with `body` (name, topic, private); answers its id.
+    async fn create_channel(&self, user: Uuid, ws: &str, body: Value) -> String {
+        id(&self.command(user, Method::POST, &format!("/workspaces/{ws}/channels"), Some(body)).await, "channel_id")
+    }
+
     /// A query that waits for `position`.
     async fn query(&self, user: Uuid, path: &str, position: &str) -> Answer {
         self.call(&self.read, Method::GET, &format!("/v1{path}"), Some(user), None, &[("x-min-position", position)])
@@ -147,26 +152,8 @@ async fn a_client_reads_back_what_it_wrote_and_only_what_it_may_see() {
         Some(json!({ "user_id": bob, "role": "member" })),
     )
     .await;
-    let general = id(
-        &app.command(
-            ada,
-            Method::POST,
-            &format!("/workspaces/{ws}/channels"),
-            Some(json!({ "name": "general", "topic": "all" })),
-        )
-        .await,
-        "channel_id",
-    );
-    let secret = id(
-        &app.command(
-            ada,
-            Method::POST,
-            &format!("/workspaces/{ws}/channels"),
-            Some(json!({ "name": "secret", "private": true })),
-        )
-        .await,
-        "channel_id",
-    );
+    let general = app.create_channel(ada, &ws, json!({ "name": "general", "topic": "all" })).await;
+    let secret = app.create_channel(ada, &ws, json!({ "name": "secret", "private": true })).await;
     app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
     let mut ada_messages = Vec::new();
     for text in ["one", "two", "three"] {
@@ -337,21 +324,8 @@ async fn timelines_page_newest_first_across_cursors_with_threads_reactions_edits
         Some(json!({ "user_id": bob, "role": "member" })),
     )
     .await;
-    let general = id(
-        &app.command(ada, Method::POST, &format!("/workspaces/{ws}/channels"), Some(json!({ "name": "general" })))
-            .await,
-        "channel_id",
-    );
-    let secret = id(
-        &app.command(
-            ada,
-            Method::POST,
-            &format!("/workspaces/{ws}/channels"),
-            Some(json!({ "name": "secret", "private": true })),
-        )
-        .await,
-        "channel_id",
-    );
+    let general = app.create_channel(ada, &ws, json!({ "name": "general" })).await;
+    let secret = app.create_channel(ada, &ws, json!({ "name": "secret", "private": true })).await;
     app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
     let mut posted = Vec::new();
     for i in 0..7 {
@@ -439,10 +413,8 @@ async fn search_matches_every_word_in_the_channels_the_caller_may_read() {
     let ws = id(&app.command(ada, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
     let member = json!({ "user_id": bob, "role": "member" });
     app.command(ada, Method::POST, &format!("/workspaces/{ws}/members"), Some(member)).await;
-    let channel = |name: &str, private: bool| json!({ "name": name, "private": private });
-    let path = format!("/workspaces/{ws}/channels");
-    let general = id(&app.command(ada, Method::POST, &path, Some(channel("general", false))).await, "channel_id");
-    let secret = id(&app.command(ada, Method::POST, &path, Some(channel("secret", true))).await, "channel_id");
+    let general = app.create_channel(ada, &ws, json!({ "name": "general" })).await;
+    let secret = app.create_channel(ada, &ws, json!({ "name": "secret", "private": true })).await;
     app.command(bob, Method::POST, &format!("/channels/{general}/members"), Some(json!({ "user_id": bob }))).await;
     let post = |user: Uuid, channel: String, text: &'static str| {
         let app = &app;

@@ -7,6 +7,7 @@
 
 mod config;
 mod models;
+mod replay;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ enum Role {
         /// `postgres`, `redis`, `mongo`, or `all`.
         model: models::Selection,
     },
+    /// Rebuild read models from the event store beside the live ones, then swap them in.
+    Replay(replay::ReplayArgs),
     /// Create or upgrade the schemas of every configured store.
     Migrate,
     /// Mint a bearer token for local use.
@@ -123,6 +126,10 @@ async fn main() -> Result<()> {
             let store = open_event_store(&config).await?;
             let models = models::ReadModels::open(&config).await?;
             run_read_api(&config, &required_secret(&config)?, store, &models, shutdown_signal()).await
+        }
+        Role::Replay(args) => {
+            init_tracing();
+            replay::run(&config, args).await
         }
         Role::Project { model } => {
             init_tracing();

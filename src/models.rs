@@ -136,6 +136,20 @@ pub async fn open_search(config: &Config) -> Result<(Arc<dyn Search>, Arc<dyn Pr
     }
 }
 
+/// A new, empty embedded model of `selection` (one model, not `all`).
+pub async fn open_embedded(selection: Selection) -> Result<Arc<dyn Projector>> {
+    Ok(match selection {
+        Selection::Postgres => Arc::new(MemoryDirectory::new()),
+        Selection::Redis => {
+            let keys = Keys::default();
+            Arc::new(Counters::new(Arc::new(MemoryKeyspace::new()), keys))
+        }
+        Selection::Mongo => Arc::new(MemoryTimelines::new()),
+        Selection::Search => Arc::new(SqliteSearch::in_memory().await?),
+        Selection::All => anyhow::bail!("one model at a time"),
+    })
+}
+
 async fn open_counters(config: &Config) -> Result<Counters> {
     let keys = Keys { prefix: config.redis_key_prefix.clone() };
     Ok(match &config.redis_url {

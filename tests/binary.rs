@@ -3,6 +3,8 @@
 
 #[path = "e2e/pipeline.rs"]
 mod pipeline;
+#[path = "e2e/replay.rs"]
+mod replay;
 mod support;
 
 use serde_json::{Value, json};

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use quikapp_commands::store::contract;
-use quikapp_commands::store::{AppendError, AppendOutcome, AppendRequest, EventStore, StoreError, StoredReply};
+use quikapp_commands::store::{
+    AppendError, AppendOutcome, AppendRequest, EventStore, ReplayProgress, StoreError, StoredReply,
+};
 use quikapp_commands::{Command, CommandContext, CommandError, CommandService, Idempotency, Reply};
 use quikapp_domain::workspace::Role;
 use quikapp_domain::{DomainError, Envelope};
@@ -81,6 +83,18 @@ impl EventStore for Observed {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
+    }
+
+    async fn record_replay(&self, model: &str, progress: ReplayProgress) -> Result<(), StoreError> {
+        self.inner.record_replay(model, progress).await
+    }
+
+    async fn end_replay(&self, model: &str) -> Result<(), StoreError> {
+        self.inner.end_replay(model).await
+    }
+
+    async fn replays(&self) -> Result<Vec<(String, ReplayProgress, chrono::DateTime<chrono::Utc>)>, StoreError> {
+        self.inner.replays().await
     }
 }
 

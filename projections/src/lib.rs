@@ -19,6 +19,7 @@
 
 pub mod counters;
 pub mod directory;
+pub mod replay;
 pub mod runtime;
 pub mod search;
 pub mod timelines;

@@ -33,6 +33,9 @@ pub struct RuntimeConfig {
     pub max_backoff: Duration,
     /// The consumer group is this followed by the model's name.
     pub group_prefix: String,
+    /// Events at or below this global position are passed over (a rebuild took them from the
+    /// event store); their offsets and watermarks still move.
+    pub skip_through: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -42,6 +45,7 @@ impl Default for RuntimeConfig {
             retries: 3,
             max_backoff: Duration::from_secs(10),
             group_prefix: "quikapp-projector-".into(),
+            skip_through: 0,
         }
     }
 }
@@ -234,7 +238,9 @@ impl Runtime {
                     self.dead_letter(subscription, partition, record, &error).await?;
                 }
                 batch.dead_lettered += 1;
-            } else if let Record::Event { event, .. } = record {
+            } else if let Record::Event { event, .. } = record
+                && event.global_position > self.config.skip_through
+            {
                 batch.events.push(event.clone());
             }
             let watermark = match record {
@@ -397,13 +403,15 @@ impl Runtime {
 fn poison(record: &Record) -> Option<String> {
     match record {
         Record::Undecodable { error, .. } => Some(format!("undecodable: {error}")),
-        Record::Event { event, .. } => {
-            let type_name = event.event.type_name();
-            let known = schema_version_of(type_name).unwrap_or(0);
-            (event.schema_version > known).then(|| {
-                format!("{type_name} schema_version {} is newer than this build's {known}", event.schema_version)
-            })
-        }
+        Record::Event { event, .. } => unknown_schema(event),
         Record::Watermark { .. } => None,
     }
+}
+
+/// Why this build cannot apply `event`: a schema_version newer than it knows.
+pub(crate) fn unknown_schema(event: &quikapp_domain::Envelope) -> Option<String> {
+    let type_name = event.event.type_name();
+    let known = schema_version_of(type_name).unwrap_or(0);
+    (event.schema_version > known)
+        .then(|| format!("{type_name} schema_version {} is newer than this build's {known}", event.schema_version))
 }

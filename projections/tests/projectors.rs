@@ -12,7 +12,7 @@ use quikapp_projections::counters::redis::RedisKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::Directory;
 use quikapp_projections::directory::memory::MemoryDirectory;
-use quikapp_projections::directory::postgres::PostgresDirectory;
+use quikapp_projections::directory::postgres::{LIVE_SCHEMA, PostgresDirectory};
 use quikapp_projections::search::opensearch::OpenSearch;
 use quikapp_projections::search::sqlite::SqliteSearch;
 use quikapp_projections::search::{Query, Search, words};
@@ -112,9 +112,8 @@ async fn directory_on_postgres_complies() {
         let snapshot = || directory_snapshot(&first, &c);
         let expected = expected_directory(&c, &events);
         // A second member: another process's pool on the same database.
-        let second = PostgresDirectory::with_pool(
-            sqlx::postgres::PgPoolOptions::new().connect_with((*first.pool().connect_options()).clone()).await.unwrap(),
-        );
+        let options = (*first.pool().connect_options()).clone();
+        let second = PostgresDirectory::connect_with(options, LIVE_SCHEMA).await.unwrap();
         compliance::check(check, &first, &second, Store::ATOMIC, &events, snapshot, expected).await;
     }
 }
@@ -539,7 +538,9 @@ async fn two_members_of_a_group_share_the_partitions_and_one_leaving_loses_and_d
     let Some(redis) = service_url("QUIKAPP_REDIS_URL") else { return };
     let group = format!("test-{}-", Uuid::now_v7());
     let partitions = kafka.topics.partitions(PARTITIONS);
-    let directory = Arc::new(PostgresDirectory::with_pool(kafka.store.pool().clone()));
+    let directory = Arc::new(
+        PostgresDirectory::connect_with((*kafka.store.pool().connect_options()).clone(), LIVE_SCHEMA).await.unwrap(),
+    );
     directory.migrate().await.unwrap();
     let keys = Keys { prefix: format!("test:{}:", Uuid::now_v7()) };
     let counters = Counters::new(Arc::new(RedisKeyspace::connect(&redis, keys.clone()).await.unwrap()), keys);

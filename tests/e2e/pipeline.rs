@@ -13,15 +13,15 @@ use uuid::Uuid;
 
 use super::support::{Running, deadline, fresh_postgres_database, quikapp, service_url};
 
-const SECRET: &str = "0123456789abcdef0123456789abcdef";
+pub(crate) const SECRET: &str = "0123456789abcdef0123456789abcdef";
 const MESSAGES: usize = 2_000;
 
-struct Pipeline {
-    env: Vec<(&'static str, String)>,
+pub(crate) struct Pipeline {
+    pub(crate) env: Vec<(&'static str, String)>,
 }
 
 impl Pipeline {
-    async fn new() -> Option<Pipeline> {
+    pub(crate) async fn new() -> Option<Pipeline> {
         let brokers = service_url("QUIKAPP_KAFKA_BROKERS")?;
         let redis = service_url("QUIKAPP_REDIS_URL")?;
         let postgres = fresh_postgres_database().await?;
@@ -55,7 +55,7 @@ impl Pipeline {
         Some(pipeline)
     }
 
-    fn command(&self, args: &[&str]) -> std::process::Command {
+    pub(crate) fn command(&self, args: &[&str]) -> std::process::Command {
         let mut command = quikapp(args);
         for (name, value) in &self.env {
             command.env(name, value);
@@ -69,7 +69,7 @@ impl Pipeline {
         self.env.push((name, value));
     }
 
-    fn start(&self, args: &[&str], what: &str) -> Running {
+    pub(crate) fn start(&self, args: &[&str], what: &str) -> Running {
         Running::start(self.command(args), what)
     }
 }
@@ -80,24 +80,24 @@ type Posted = (Uuid, Uuid, u64, bool, String, bool);
 
 /// What the commands imply, kept as their answers come.
 #[derive(Default)]
-struct Expected {
+pub(crate) struct Expected {
     messages: HashMap<Uuid, Posted>,
     /// (user, channel) → (position of the mark command, position of the marked message)
     marks: HashMap<(Uuid, Uuid), (u64, u64)>,
-    last_position: u64,
+    pub(crate) last_position: u64,
 }
 
-struct Client {
-    http: reqwest::Client,
-    write: String,
-    read: String,
-    tokens: HashMap<Uuid, String>,
-    expected: Mutex<Expected>,
+pub(crate) struct Client {
+    pub(crate) http: reqwest::Client,
+    pub(crate) write: String,
+    pub(crate) read: String,
+    pub(crate) tokens: HashMap<Uuid, String>,
+    pub(crate) expected: Mutex<Expected>,
 }
 
 impl Client {
     /// A command; answers its body when it succeeded, and notes its position.
-    async fn command(
+    pub(crate) async fn command(
         &self,
         user: Uuid,
         method: Method,
@@ -121,11 +121,11 @@ impl Client {
         Ok(body)
     }
 
-    async fn must(&self, user: Uuid, method: Method, path: &str, body: Option<Value>) -> Value {
+    pub(crate) async fn must(&self, user: Uuid, method: Method, path: &str, body: Option<Value>) -> Value {
         self.command(user, method, path, body).await.unwrap_or_else(|(status, body)| panic!("{path}: {status} {body}"))
     }
 
-    async fn post(&self, author: Uuid, channel: Uuid, text: String, root: Option<Uuid>) -> Uuid {
+    pub(crate) async fn post(&self, author: Uuid, channel: Uuid, text: String, root: Option<Uuid>) -> Uuid {
         let body = self
             .must(
                 author,
@@ -141,7 +141,7 @@ impl Client {
     }
 
     /// A query as `user`, waiting for every command so far.
-    async fn query(&self, user: Uuid, path: &str) -> (u16, Value) {
+    pub(crate) async fn query(&self, user: Uuid, path: &str) -> (u16, Value) {
         let at = self.expected.lock().unwrap().last_position.to_string();
         let response = self
             .http
@@ -154,14 +154,14 @@ impl Client {
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
-    async fn read(&self, user: Uuid, path: &str) -> Value {
+    pub(crate) async fn read(&self, user: Uuid, path: &str) -> Value {
         let (status, body) = self.query(user, path).await;
         assert_eq!(status, 200, "{path}: {body}");
         body
     }
 }
 
-fn id(body: &Value, name: &str) -> Uuid {
+pub(crate) fn id(body: &Value, name: &str) -> Uuid {
     body[name].as_str().unwrap().parse().unwrap()
 }
 

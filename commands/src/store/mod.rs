@@ -55,6 +55,44 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// A round trip to the backing store, for readiness checks.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records how far the replay of `model` has come (`quikapp replay` does, every second).
+    async fn record_replay(&self, model: &str, progress: ReplayProgress) -> Result<(), StoreError>;
+
+    /// Forgets the replay of `model`: it ended.
+    async fn end_replay(&self, model: &str) -> Result<(), StoreError>;
+
+    /// The replays recorded, each with when it was last recorded: one not recorded for a few
+    /// seconds was interrupted.
+    async fn replays(&self) -> Result<Vec<(String, ReplayProgress, DateTime<Utc>)>, StoreError>;
+}
+
+/// How far a replay has come: `done` of `total` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplayProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Stores a replay's progress, the same SQL on PostgreSQL and SQLite.
+pub(crate) const RECORD_REPLAY: &str =
+    "INSERT INTO replays (model, owner, done, total, renewed_ms) VALUES ($1, '', $2, $3, $4)
+     ON CONFLICT (model) DO UPDATE SET done = excluded.done, total = excluded.total, renewed_ms = excluded.renewed_ms";
+pub(crate) const END_REPLAY: &str = "DELETE FROM replays WHERE model = $1";
+pub(crate) const SELECT_REPLAYS: &str = "SELECT model, done, total, renewed_ms FROM replays ORDER BY model";
+
+pub(crate) fn replay_row<R: sqlx::Row>(row: &R) -> Result<(String, ReplayProgress, DateTime<Utc>), StoreError>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let model: String = row.try_get("model")?;
+    let done: i64 = row.try_get("done")?;
+    let total: i64 = row.try_get("total")?;
+    let renewed: i64 = row.try_get("renewed_ms")?;
+    let at = DateTime::from_timestamp_millis(renewed).unwrap_or_default();
+    Ok((model, ReplayProgress { done: done as u64, total: total as u64 }, at))
 }
 
 /// How an adapter bounds its waits and how long it remembers idempotency keys.

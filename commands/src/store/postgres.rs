@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use quikapp_domain::Envelope;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Postgres, Row, Transaction};
@@ -13,8 +14,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
-    StoredReply, delete_in_chunks,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, ReplayProgress, StoreError, StoreOptions,
+    StoredEvent, StoredReply, delete_in_chunks,
 };
 
 /// The advisory lock every writer of the event log holds while it appends.
@@ -120,6 +121,27 @@ impl EventStore for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn record_replay(&self, model: &str, progress: ReplayProgress) -> Result<(), StoreError> {
+        sqlx::query(super::RECORD_REPLAY)
+            .bind(model)
+            .bind(progress.done as i64)
+            .bind(progress.total as i64)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_replay(&self, model: &str) -> Result<(), StoreError> {
+        sqlx::query(super::END_REPLAY).bind(model).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn replays(&self) -> Result<Vec<(String, ReplayProgress, DateTime<Utc>)>, StoreError> {
+        let rows = sqlx::query(super::SELECT_REPLAYS).fetch_all(&self.pool).await?;
+        rows.iter().map(super::replay_row).collect()
     }
 }
 

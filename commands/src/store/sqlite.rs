@@ -19,8 +19,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, StoreError, StoreOptions, StoredEvent,
-    StoredReply, delete_in_chunks,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, ReplayProgress, StoreError, StoreOptions,
+    StoredEvent, StoredReply, delete_in_chunks,
 };
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
@@ -105,6 +105,27 @@ impl EventStore for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn record_replay(&self, model: &str, progress: ReplayProgress) -> Result<(), StoreError> {
+        sqlx::query(super::RECORD_REPLAY)
+            .bind(model)
+            .bind(progress.done as i64)
+            .bind(progress.total as i64)
+            .bind(Utc::now().timestamp_millis())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_replay(&self, model: &str) -> Result<(), StoreError> {
+        sqlx::query(super::END_REPLAY).bind(model).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn replays(&self) -> Result<Vec<(String, ReplayProgress, DateTime<Utc>)>, StoreError> {
+        let rows = sqlx::query(super::SELECT_REPLAYS).fetch_all(&self.pool).await?;
+        rows.iter().map(super::replay_row).collect()
     }
 }
 

@@ -3,13 +3,14 @@
 //! compared with the batch's moves, then each table gets one multi-row statement, then the
 //! progress, then a NOTIFY that read APIs wait on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use quikapp_domain::workspace::Role;
-use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Executor, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{Changes, ChannelView, Directory, MemberView, WorkspaceView, role_name, role_of};
@@ -21,26 +22,24 @@ pub const PROGRESS_CHANNEL: &str = "quikapp_projection";
 /// The schema, created or brought up to date by [`PostgresDirectory::migrate`]. Every statement
 /// can run again; a change adds statements at the end, never edits one.
 const SCHEMA: &str = r#"
-SET LOCAL client_min_messages = warning;
-CREATE SCHEMA IF NOT EXISTS directory;
-CREATE TABLE IF NOT EXISTS directory.users (
+CREATE TABLE IF NOT EXISTS users (
     user_id uuid PRIMARY KEY,
     display_name text NOT NULL
 );
-CREATE TABLE IF NOT EXISTS directory.workspaces (
+CREATE TABLE IF NOT EXISTS workspaces (
     workspace_id uuid PRIMARY KEY,
     name text NOT NULL,
     owner_id uuid NOT NULL,
     version bigint NOT NULL
 );
-CREATE TABLE IF NOT EXISTS directory.workspace_members (
+CREATE TABLE IF NOT EXISTS workspace_members (
     workspace_id uuid NOT NULL,
     user_id uuid NOT NULL,
     role text NOT NULL,
     joined_at timestamptz NOT NULL,
     PRIMARY KEY (workspace_id, user_id)
 );
-CREATE TABLE IF NOT EXISTS directory.channels (
+CREATE TABLE IF NOT EXISTS channels (
     channel_id uuid PRIMARY KEY,
     workspace_id uuid NOT NULL,
     name text NOT NULL,
@@ -50,46 +49,70 @@ CREATE TABLE IF NOT EXISTS directory.channels (
     created_by uuid NOT NULL,
     version bigint NOT NULL
 );
-CREATE INDEX IF NOT EXISTS channels_by_workspace ON directory.channels (workspace_id, name);
-CREATE TABLE IF NOT EXISTS directory.channel_members (
+CREATE INDEX IF NOT EXISTS channels_by_workspace ON channels (workspace_id, name);
+CREATE TABLE IF NOT EXISTS channel_members (
     channel_id uuid NOT NULL,
     user_id uuid NOT NULL,
     joined_at timestamptz NOT NULL,
     PRIMARY KEY (channel_id, user_id)
 );
-CREATE INDEX IF NOT EXISTS channel_members_by_user ON directory.channel_members (user_id);
-CREATE TABLE IF NOT EXISTS directory.progress (
+CREATE INDEX IF NOT EXISTS channel_members_by_user ON channel_members (user_id);
+CREATE TABLE IF NOT EXISTS progress (
     partition text PRIMARY KEY,
     "offset" bigint NOT NULL,
     watermark bigint NOT NULL
 );
-CREATE TABLE IF NOT EXISTS directory.totals (
+CREATE TABLE IF NOT EXISTS totals (
     model text PRIMARY KEY,
     dead_lettered bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS model (
+    schema_version integer NOT NULL
+);
 "#;
+
+/// The shape of the tables this build reads and writes. A change to it that the statements of
+/// [`SCHEMA`] cannot bring existing rows up to (a new column filled from history) raises it,
+/// and a model of an older version is then rebuilt by `quikapp replay postgres`.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The schema the live model is in; a rebuild fills another one beside it.
+pub const LIVE_SCHEMA: &str = "directory";
 
 /// Serializes concurrent migrations of the schema.
 const MIGRATION_LOCK: i64 = 0x5155_494b_4449_5231; // "QUIKDIR1"
 
 pub struct PostgresDirectory {
     pool: PgPool,
+    /// The schema of the tables (every connection's search_path).
+    schema: String,
     listener: tokio::sync::Mutex<Option<PgListener>>,
 }
 
 impl PostgresDirectory {
+    /// The live model.
     pub async fn connect(url: &str) -> Result<Self, ProjectionError> {
+        Self::connect_in(url, LIVE_SCHEMA).await
+    }
+
+    /// The model whose tables are in `schema`: the live one, or a rebuild beside it.
+    pub async fn connect_in(url: &str, schema: &str) -> Result<Self, ProjectionError> {
+        Self::connect_with(url.parse().map_err(classify)?, schema).await
+    }
+
+    /// The model in `schema`, on the database `options` name.
+    pub async fn connect_with(options: PgConnectOptions, schema: &str) -> Result<Self, ProjectionError> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect_with(options.options([("search_path", schema)]))
             .await
             .map_err(classify)?;
-        Ok(Self::with_pool(pool))
+        Ok(PostgresDirectory { pool, schema: schema.to_owned(), listener: tokio::sync::Mutex::new(None) })
     }
 
-    pub fn with_pool(pool: PgPool) -> Self {
-        PostgresDirectory { pool, listener: tokio::sync::Mutex::new(None) }
+    pub fn schema(&self) -> &str {
+        &self.schema
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -103,12 +126,119 @@ impl PostgresDirectory {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(classify)?;
+        let schema = self.schema.clone();
+        let prepare = format!(
+            "SET LOCAL client_min_messages = warning; CREATE SCHEMA IF NOT EXISTS {schema}; \
+             SET LOCAL search_path TO {schema};"
+        );
+        (&mut *tx).execute(prepare.as_str()).await.map_err(classify)?;
+        (&mut *tx).execute(SCHEMA).await.map_err(classify)?;
+        let version: i32 = sqlx::query_scalar(
+            "WITH made AS (INSERT INTO model (schema_version) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM model)
+                           RETURNING schema_version)
+             SELECT schema_version FROM made UNION ALL SELECT schema_version FROM model",
+        )
+        .bind(SCHEMA_VERSION)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if version < SCHEMA_VERSION {
+            return Err(ProjectionError::Rejected(format!(
+                "the PostgreSQL read model (schema {schema}) has schema version {version}, this build needs \
+                 {SCHEMA_VERSION}: run `quikapp replay postgres` to rebuild it"
+            )));
+        }
         tx.commit().await.map_err(classify)
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(classify)
+    }
+}
+
+/// The tables of the model, as a swap moves them between schemas.
+const TABLES: [&str; 8] =
+    ["users", "workspaces", "workspace_members", "channels", "channel_members", "progress", "totals", "model"];
+
+/// The live directory and a rebuild of it in schema `{live}_rebuild`; a swap moves the live
+/// tables to `{live}_old` and the rebuild's into the live schema, in one transaction.
+pub struct PostgresVersions {
+    live: Arc<PostgresDirectory>,
+    options: PgConnectOptions,
+}
+
+impl PostgresVersions {
+    pub fn new(live: Arc<PostgresDirectory>) -> Self {
+        let options = (*live.pool.connect_options()).clone();
+        PostgresVersions { live, options }
+    }
+
+    fn rebuild_schema(&self) -> String {
+        format!("{}_rebuild", self.live.schema)
+    }
+
+    fn old_schema(&self) -> String {
+        format!("{}_old", self.live.schema)
+    }
+
+    /// The directory in the rebuild's schema (which may not exist yet).
+    pub async fn rebuilt(&self) -> Result<PostgresDirectory, ProjectionError> {
+        PostgresDirectory::connect_with(self.options.clone(), &self.rebuild_schema()).await
+    }
+}
+
+#[async_trait]
+impl crate::replay::Versions for PostgresVersions {
+    fn live(&self) -> Arc<dyn Projector> {
+        self.live.clone()
+    }
+
+    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+        let rebuild = self.rebuilt().await?;
+        rebuild.migrate().await?;
+        Ok(Arc::new(rebuild))
+    }
+
+    async fn discard(&self) -> Result<(), ProjectionError> {
+        let sql = format!("SET client_min_messages = warning; DROP SCHEMA IF EXISTS {} CASCADE", self.rebuild_schema());
+        sqlx::raw_sql(&sql).execute(&self.live.pool).await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn swap(&self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+        let (live, rebuild, old) = (self.live.schema.clone(), self.rebuild_schema(), self.old_schema());
+        let mut tx = self.live.pool.begin().await.map_err(classify)?;
+        // The live progress first, as every batch takes it first: batches in flight finish,
+        // the next ones wait for the swap and then find the rebuild's progress.
+        let pause = format!(
+            "SET LOCAL lock_timeout = '10s'; SET LOCAL client_min_messages = warning;
+             LOCK TABLE {live}.progress IN ACCESS EXCLUSIVE MODE"
+        );
+        (&mut *tx).execute(pause.as_str()).await.map_err(classify)?;
+        let live_now = read_stored(&mut tx, &live).await?;
+        let rebuilt = read_stored(&mut tx, &rebuild).await?;
+        if let Some(partition) = crate::replay::behind(&live_now, &rebuilt) {
+            return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
+        }
+        let mut moves = format!("DROP SCHEMA IF EXISTS {old} CASCADE; CREATE SCHEMA {old};");
+        for table in TABLES {
+            moves.push_str(&format!(
+                "ALTER TABLE {live}.{table} SET SCHEMA {old}; ALTER TABLE {rebuild}.{table} SET SCHEMA {live};"
+            ));
+        }
+        moves.push_str(&format!("DROP SCHEMA {rebuild};"));
+        if !keep_old {
+            moves.push_str(&format!("DROP SCHEMA {old} CASCADE;"));
+        }
+        (&mut *tx).execute(moves.as_str()).await.map_err(classify)?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(PROGRESS_CHANNEL)
+            .bind("postgres")
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(())
     }
 }
 
@@ -127,7 +257,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     if !changes.users.is_empty() {
         let (ids, names): (Vec<Uuid>, Vec<String>) = changes.users.into_iter().unzip();
         sqlx::query(
-            "INSERT INTO directory.users (user_id, display_name) SELECT * FROM UNNEST($1::uuid[], $2::text[])
+            "INSERT INTO users (user_id, display_name) SELECT * FROM UNNEST($1::uuid[], $2::text[])
              ON CONFLICT (user_id) DO UPDATE SET display_name = excluded.display_name",
         )
         .bind(ids)
@@ -143,7 +273,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
         .collect();
     if !created.is_empty() {
         sqlx::query(
-            "INSERT INTO directory.workspaces (workspace_id, name, owner_id, version)
+            "INSERT INTO workspaces (workspace_id, name, owner_id, version)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::bigint[])",
         )
         .bind(created.iter().map(|c| c.0).collect::<Vec<_>>())
@@ -157,7 +287,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
         changes.workspaces.iter().filter(|(_, w)| w.created.is_none()).map(|(id, w)| (*id, w.version as i64)).collect();
     if !versions.is_empty() {
         let updated = sqlx::query(
-            "UPDATE directory.workspaces w SET version = GREATEST(w.version, v.version)
+            "UPDATE workspaces w SET version = GREATEST(w.version, v.version)
              FROM UNNEST($1::uuid[], $2::bigint[]) AS v(id, version) WHERE w.workspace_id = v.id",
         )
         .bind(versions.iter().map(|v| v.0).collect::<Vec<_>>())
@@ -169,7 +299,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     if !changes.workspace_members.is_empty() {
         let members: Vec<_> = changes.workspace_members.into_iter().collect();
         sqlx::query(
-            "INSERT INTO directory.workspace_members (workspace_id, user_id, role, joined_at)
+            "INSERT INTO workspace_members (workspace_id, user_id, role, joined_at)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[])
              ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = excluded.role",
         )
@@ -184,7 +314,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     let (created, updated): (Vec<_>, Vec<_>) = changes.channels.into_iter().partition(|(_, c)| c.created.is_some());
     if !created.is_empty() {
         sqlx::query(
-            "INSERT INTO directory.channels (channel_id, workspace_id, name, topic, private, archived, created_by, version)
+            "INSERT INTO channels (channel_id, workspace_id, name, topic, private, archived, created_by, version)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[], $6::bool[], $7::uuid[],
                                   $8::bigint[])",
         )
@@ -201,7 +331,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     }
     if !updated.is_empty() {
         let rows = sqlx::query(
-            "UPDATE directory.channels c SET
+            "UPDATE channels c SET
                 name = COALESCE(v.name, c.name),
                 topic = CASE WHEN v.topic_changed THEN v.topic ELSE c.topic END,
                 archived = c.archived OR v.archived,
@@ -223,7 +353,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     let (joined, left): (Vec<_>, Vec<_>) = changes.channel_members.into_iter().partition(|(_, at)| at.is_some());
     if !left.is_empty() {
         sqlx::query(
-            "DELETE FROM directory.channel_members m USING UNNEST($1::uuid[], $2::uuid[]) AS v(channel_id, user_id)
+            "DELETE FROM channel_members m USING UNNEST($1::uuid[], $2::uuid[]) AS v(channel_id, user_id)
              WHERE m.channel_id = v.channel_id AND m.user_id = v.user_id",
         )
         .bind(left.iter().map(|((c, _), _)| *c).collect::<Vec<_>>())
@@ -233,7 +363,7 @@ async fn write_changes(tx: &mut Transaction<'_, Postgres>, changes: Changes) -> 
     }
     if !joined.is_empty() {
         sqlx::query(
-            "INSERT INTO directory.channel_members (channel_id, user_id, joined_at)
+            "INSERT INTO channel_members (channel_id, user_id, joined_at)
              SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[])
              ON CONFLICT (channel_id, user_id) DO UPDATE SET joined_at = excluded.joined_at",
         )
@@ -273,9 +403,9 @@ impl Projector for PostgresDirectory {
         // first time, offset -1: so that two members starting a partition at once are
         // serialized on it too), and their offsets.
         let rows = sqlx::query(
-            r#"INSERT INTO directory.progress (partition, "offset", watermark)
+            r#"INSERT INTO progress (partition, "offset", watermark)
                SELECT key, -1, 0 FROM UNNEST($1::text[]) AS key ORDER BY key
-               ON CONFLICT (partition) DO UPDATE SET "offset" = directory.progress."offset"
+               ON CONFLICT (partition) DO UPDATE SET "offset" = progress."offset"
                RETURNING partition, "offset""#,
         )
         .bind(&keys)
@@ -295,7 +425,7 @@ impl Projector for PostgresDirectory {
         // and come again from the bus.
         sqlx::query(
             r#"WITH saved AS (
-                   INSERT INTO directory.progress (partition, "offset", watermark)
+                   INSERT INTO progress (partition, "offset", watermark)
                    SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[])
                    ON CONFLICT (partition) DO UPDATE SET "offset" = excluded."offset", watermark = excluded.watermark
                    RETURNING 1)
@@ -326,8 +456,8 @@ pub(crate) async fn add_dead_letters(
     count: u64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO directory.totals (model, dead_lettered) VALUES ($1, $2)
-         ON CONFLICT (model) DO UPDATE SET dead_lettered = directory.totals.dead_lettered + excluded.dead_lettered",
+        "INSERT INTO totals (model, dead_lettered) VALUES ($1, $2)
+         ON CONFLICT (model) DO UPDATE SET dead_lettered = totals.dead_lettered + excluded.dead_lettered",
     )
     .bind(model)
     .bind(count as i64)
@@ -336,19 +466,29 @@ pub(crate) async fn add_dead_letters(
     .map(|_| ())
 }
 
-pub(crate) async fn stored(pool: &PgPool, model: &str) -> Result<Stored, ProjectionError> {
-    let rows = sqlx::query(r#"SELECT partition, "offset", watermark FROM directory.progress WHERE "offset" >= 0"#)
-        .fetch_all(pool)
-        .await
-        .map_err(classify)?;
-    let partitions = rows
-        .iter()
+/// The progress stored in `schema`, read on `connection` (in a swap's transaction).
+async fn read_stored(tx: &mut Transaction<'_, Postgres>, schema: &str) -> Result<Stored, ProjectionError> {
+    let sql = format!(r#"SELECT partition, "offset", watermark FROM {schema}.progress WHERE "offset" >= 0"#);
+    let rows = sqlx::query(&sql).fetch_all(&mut **tx).await.map_err(classify)?;
+    Ok(Stored { partitions: progress_of(&rows), dead_lettered: 0 })
+}
+
+fn progress_of(rows: &[sqlx::postgres::PgRow]) -> std::collections::HashMap<quikapp_bus::Partition, Progress> {
+    rows.iter()
         .filter_map(|row| {
             let partition = parse_partition_key(row.get::<&str, _>(0))?;
             Some((partition, Progress { offset: row.get::<i64, _>(1) as u64, watermark: row.get::<i64, _>(2) as u64 }))
         })
-        .collect();
-    let dead_lettered: Option<i64> = sqlx::query_scalar("SELECT dead_lettered FROM directory.totals WHERE model = $1")
+        .collect()
+}
+
+pub(crate) async fn stored(pool: &PgPool, model: &str) -> Result<Stored, ProjectionError> {
+    let rows = sqlx::query(r#"SELECT partition, "offset", watermark FROM progress WHERE "offset" >= 0"#)
+        .fetch_all(pool)
+        .await
+        .map_err(classify)?;
+    let partitions = progress_of(&rows);
+    let dead_lettered: Option<i64> = sqlx::query_scalar("SELECT dead_lettered FROM totals WHERE model = $1")
         .bind(model)
         .fetch_optional(pool)
         .await
@@ -409,16 +549,16 @@ fn channel_view(row: &sqlx::postgres::PgRow) -> ChannelView {
 }
 
 const CHANNEL_COLUMNS: &str = "c.channel_id, c.workspace_id, c.name, c.topic, c.private, c.archived, c.created_by,
-     c.version, (SELECT count(*) FROM directory.channel_members m WHERE m.channel_id = c.channel_id) AS member_count";
+     c.version, (SELECT count(*) FROM channel_members m WHERE m.channel_id = c.channel_id) AS member_count";
 
 #[async_trait]
 impl Directory for PostgresDirectory {
     async fn workspace(&self, workspace_id: Uuid) -> Result<Option<WorkspaceView>, ProjectionError> {
         let row = sqlx::query(
             "SELECT w.workspace_id, w.name, w.owner_id, w.version,
-                    (SELECT count(*) FROM directory.workspace_members m WHERE m.workspace_id = w.workspace_id)
+                    (SELECT count(*) FROM workspace_members m WHERE m.workspace_id = w.workspace_id)
                         AS member_count
-             FROM directory.workspaces w WHERE w.workspace_id = $1",
+             FROM workspaces w WHERE w.workspace_id = $1",
         )
         .bind(workspace_id)
         .fetch_optional(&self.pool)
@@ -429,7 +569,7 @@ impl Directory for PostgresDirectory {
 
     async fn role(&self, workspace_id: Uuid, user_id: Uuid) -> Result<Option<Role>, ProjectionError> {
         let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM directory.workspace_members WHERE workspace_id = $1 AND user_id = $2")
+            sqlx::query_scalar("SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2")
                 .bind(workspace_id)
                 .bind(user_id)
                 .fetch_optional(&self.pool)
@@ -440,9 +580,9 @@ impl Directory for PostgresDirectory {
 
     async fn channels(&self, workspace_id: Uuid, viewer: Uuid) -> Result<Vec<ChannelView>, ProjectionError> {
         let rows = sqlx::query(&format!(
-            "SELECT {CHANNEL_COLUMNS} FROM directory.channels c
+            "SELECT {CHANNEL_COLUMNS} FROM channels c
              WHERE c.workspace_id = $1 AND (NOT c.private OR EXISTS (
-                 SELECT 1 FROM directory.channel_members m WHERE m.channel_id = c.channel_id AND m.user_id = $2))
+                 SELECT 1 FROM channel_members m WHERE m.channel_id = c.channel_id AND m.user_id = $2))
              ORDER BY c.name, c.channel_id"
         ))
         .bind(workspace_id)
@@ -455,8 +595,8 @@ impl Directory for PostgresDirectory {
 
     async fn private_channels(&self, workspace_id: Uuid, member: Uuid) -> Result<Vec<Uuid>, ProjectionError> {
         sqlx::query_scalar(
-            "SELECT c.channel_id FROM directory.channels c
-             JOIN directory.channel_members m ON m.channel_id = c.channel_id AND m.user_id = $2
+            "SELECT c.channel_id FROM channels c
+             JOIN channel_members m ON m.channel_id = c.channel_id AND m.user_id = $2
              WHERE c.workspace_id = $1 AND c.private ORDER BY c.channel_id",
         )
         .bind(workspace_id)
@@ -467,7 +607,7 @@ impl Directory for PostgresDirectory {
     }
 
     async fn channel(&self, channel_id: Uuid) -> Result<Option<ChannelView>, ProjectionError> {
-        let row = sqlx::query(&format!("SELECT {CHANNEL_COLUMNS} FROM directory.channels c WHERE c.channel_id = $1"))
+        let row = sqlx::query(&format!("SELECT {CHANNEL_COLUMNS} FROM channels c WHERE c.channel_id = $1"))
             .bind(channel_id)
             .fetch_optional(&self.pool)
             .await
@@ -476,20 +616,18 @@ impl Directory for PostgresDirectory {
     }
 
     async fn is_member(&self, channel_id: Uuid, user_id: Uuid) -> Result<bool, ProjectionError> {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM directory.channel_members WHERE channel_id = $1 AND user_id = $2)",
-        )
-        .bind(channel_id)
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(classify)
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM channel_members WHERE channel_id = $1 AND user_id = $2)")
+            .bind(channel_id)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
     }
 
     async fn members(&self, channel_id: Uuid) -> Result<Vec<MemberView>, ProjectionError> {
         let rows = sqlx::query(
-            "SELECT m.user_id, u.display_name, m.joined_at FROM directory.channel_members m
-             LEFT JOIN directory.users u ON u.user_id = m.user_id
+            "SELECT m.user_id, u.display_name, m.joined_at FROM channel_members m
+             LEFT JOIN users u ON u.user_id = m.user_id
              WHERE m.channel_id = $1 ORDER BY m.joined_at, m.user_id",
         )
         .bind(channel_id)

@@ -1,0 +1,333 @@
+//! Rebuilding a read model from the event store beside the live one, then swapping it in.
+//!
+//! A rebuild is a second version of the model (a schema, an index, a keyspace: see each
+//! model's [`Versions`]) filled by its own projector, in three steps:
+//!
+//! 1. **Start.** The live model's stored offsets `S0` are copied into the rebuild, then the
+//!    position `G` up to which the store is complete and published is read. Every record up to
+//!    `S0` carries an event at or below `G`, since the live model can only have applied what
+//!    the relay had published.
+//! 2. **History.** The store's events up to `G`, in pages of [`ReplayOptions::batch_size`],
+//!    each applied as one batch whose only move is the [`REPLAY`] partition's offset: the last
+//!    position applied. That move is stored with the effects, so an interrupted rebuild resumes
+//!    where it stopped. The last batch sets the REPLAY watermark to `G` (history done) and
+//!    every partition's watermark to `G`.
+//! 3. **Catch-up and swap.** A projector runtime of its own reads the bus from `S0` on,
+//!    passing over events at or below `G` (they came from the store), until the rebuild has
+//!    applied every partition at least as far as the live model. The model's [`Versions::swap`]
+//!    then makes the rebuild live in one step, refused when the live model moved ahead
+//!    meanwhile (the runtime catches up again and the swap is tried again). The live
+//!    projectors, whose stored offsets are now the rebuild's, learn them on their next batch
+//!    ([`ProjectionError::Moved`]) and go on from there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use quikapp_bus::{EventBus, Partition};
+use quikapp_commands::store::{EventStore, ReplayProgress};
+use serde::Serialize;
+
+use crate::runtime::{Runtime, RuntimeConfig, unknown_schema};
+use crate::{Batch, Move, Progress, ProjectionError, Projector, Stored};
+
+/// The pseudo-partition a rebuild stores its place in the event store under: offset, the last
+/// position applied; watermark, the position its history ends at once it is done (else 0).
+pub const REPLAY_TOPIC: &str = "replay";
+
+fn replay_partition() -> Partition {
+    Partition { topic: REPLAY_TOPIC.into(), index: 0 }
+}
+
+/// A model's versions: the live one and a rebuild beside it.
+#[async_trait]
+pub trait Versions: Send + Sync {
+    /// The live model's projector.
+    fn live(&self) -> Arc<dyn Projector>;
+    /// The rebuild's projector, its storage made (empty, at this build's schema) if missing.
+    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError>;
+    /// Drops the rebuild, if there is one.
+    async fn discard(&self) -> Result<(), ProjectionError>;
+    /// Makes the rebuild the live model in one atomic step, unless the live model has applied
+    /// some partition further than the rebuild ([`SwapError::Behind`]: nothing changed). The
+    /// old version is dropped unless `keep_old`.
+    async fn swap(&self, keep_old: bool) -> Result<(), SwapError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error("the rebuild is behind the live model on {0}")]
+    Behind(String),
+    #[error(transparent)]
+    Store(#[from] ProjectionError),
+}
+
+/// Whether `rebuild` has applied every partition of the bus at least as far as `live`; the
+/// first one it has not, if not.
+pub fn behind(live: &Stored, rebuild: &Stored) -> Option<Partition> {
+    live.partitions.iter().find_map(|(partition, progress)| {
+        let ahead = partition.topic == REPLAY_TOPIC
+            || rebuild.partitions.get(partition).is_some_and(|own| own.offset >= progress.offset);
+        (!ahead).then(|| partition.clone())
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Drop what an earlier, interrupted rebuild left and start over.
+    pub restart: bool,
+    pub keep_old: bool,
+    /// Rebuild (and catch up) but leave the live model as it is.
+    pub dry_run: bool,
+    /// Events read from the store and applied per batch.
+    pub batch_size: u32,
+    /// The catch-up's runtime (its `group_prefix` and `skip_through` are set here).
+    pub runtime: RuntimeConfig,
+}
+
+/// What a replay did, as `--json` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub model: String,
+    /// Events applied from the store by this run.
+    pub events: u64,
+    /// Where this run started in the store's history (0: from the beginning).
+    pub resumed_from: u64,
+    /// The end of the history taken from the store.
+    pub through: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    /// Whether the rebuild is now the live model.
+    pub swapped: bool,
+}
+
+/// What a replay shows while it runs.
+pub trait Report: Send + Sync {
+    /// `done` of `total` events of history applied.
+    fn progress(&self, model: &str, done: u64, total: u64);
+    /// A step begins (`catching up with the live model`, `swapping`...).
+    fn step(&self, model: &str, step: &str);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("the event store: {0}")]
+    EventStore(String),
+    #[error(transparent)]
+    Model(#[from] ProjectionError),
+    #[error("the live model kept moving ahead of the rebuild: {0}")]
+    NoSwap(String),
+}
+
+/// The position up to which the event store is complete and published on the bus.
+pub type Head = Arc<dyn Fn() -> BoxFuture<'static, Result<u64, String>> + Send + Sync>;
+
+pub struct Replay {
+    pub model: &'static str,
+    pub store: Arc<dyn EventStore>,
+    /// The bus the live model follows; `None` for a rebuild with nothing to swap (the embedded
+    /// default, whose models live in `quikapp dev`'s memory).
+    pub bus: Option<Arc<dyn EventBus>>,
+    pub versions: Arc<dyn Versions>,
+    pub head: Head,
+    pub options: ReplayOptions,
+}
+
+impl Replay {
+    pub async fn run(&self, report: &dyn Report) -> Result<Summary, ReplayError> {
+        let started = Instant::now();
+        if self.options.restart {
+            self.versions.discard().await?;
+        }
+        let rebuild = self.versions.rebuild().await?;
+        let stored = rebuild.stored().await?;
+        let place = stored.partitions.get(&replay_partition()).copied();
+        if place.is_none() {
+            self.start(rebuild.as_ref()).await?;
+        }
+        let place = place.unwrap_or_default();
+        let (resumed_from, through) = if place.watermark > 0 {
+            (place.offset, place.watermark)
+        } else {
+            let through = (self.head)().await.map_err(ReplayError::EventStore)?;
+            self.history(rebuild.as_ref(), place.offset, through, report).await?;
+            (place.offset, through)
+        };
+        let events = through.saturating_sub(resumed_from);
+        let swapped = match &self.bus {
+            Some(bus) => self.catch_up_and_swap(rebuild.clone(), bus.clone(), through, report).await?,
+            None => false,
+        };
+        let _ = self.store.end_replay(self.model).await;
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(Summary {
+            model: self.model.into(),
+            events,
+            resumed_from,
+            through,
+            seconds,
+            events_per_second: events as f64 / seconds.max(1e-9),
+            swapped,
+        })
+    }
+
+    /// Copies the live model's offsets into a new rebuild, with its place in the store at 0.
+    async fn start(&self, rebuild: &dyn Projector) -> Result<(), ReplayError> {
+        let live = match &self.bus {
+            Some(_) => self.versions.live().stored().await?,
+            None => Stored::default(),
+        };
+        let mut moves: Vec<Move> = live
+            .partitions
+            .iter()
+            .filter(|(partition, _)| partition.topic != REPLAY_TOPIC)
+            .map(|(partition, progress)| Move {
+                partition: partition.clone(),
+                from: None,
+                to: Progress { offset: progress.offset, watermark: 0 },
+            })
+            .collect();
+        moves.push(Move { partition: replay_partition(), from: None, to: Progress::default() });
+        rebuild.apply(&Batch { events: vec![], moves, dead_lettered: 0 }).await?;
+        Ok(())
+    }
+
+    /// Applies the store's events after `from` up to `through`, the next page read while one
+    /// is applied.
+    async fn history(
+        &self,
+        rebuild: &dyn Projector,
+        from: u64,
+        through: u64,
+        report: &dyn Report,
+    ) -> Result<(), ReplayError> {
+        let total = through.saturating_sub(from);
+        let mut place = from;
+        let mut recorded = Instant::now();
+        report.progress(self.model, 0, total);
+        let mut page = self.page(place, through).await?;
+        loop {
+            let last = page.last().map_or(place, |event| event.global_position);
+            let done = last >= through;
+            let mut batch = Batch { events: Vec::with_capacity(page.len()), moves: vec![], dead_lettered: 0 };
+            for event in page {
+                match unknown_schema(&event) {
+                    Some(why) => {
+                        tracing::warn!(model = self.model, position = event.global_position, why, "passed over");
+                        batch.dead_lettered += 1;
+                    }
+                    None => batch.events.push(event),
+                }
+            }
+            let watermark = if done { through } else { 0 };
+            batch.moves.push(Move {
+                partition: replay_partition(),
+                from: Some(place),
+                to: Progress { offset: last, watermark },
+            });
+            if done {
+                // The history is in: every partition of the bus has it all up to `through`.
+                let stored = rebuild.stored().await?;
+                for (partition, progress) in stored.partitions {
+                    if partition.topic != REPLAY_TOPIC {
+                        let to = Progress { offset: progress.offset, watermark: progress.watermark.max(through) };
+                        batch.moves.push(Move { partition, from: Some(progress.offset), to });
+                    }
+                }
+            }
+            let next = async { if done { Ok(vec![]) } else { self.page(last, through).await } };
+            let (applied, next) = tokio::join!(self.apply(rebuild, &batch), next);
+            applied?;
+            place = last;
+            report.progress(self.model, place - from, total);
+            if recorded.elapsed() >= Duration::from_secs(1) || done {
+                recorded = Instant::now();
+                let progress = ReplayProgress { done: place - from, total };
+                if let Err(error) = self.store.record_replay(self.model, progress).await {
+                    tracing::warn!(model = self.model, %error, "cannot record the replay's progress");
+                }
+            }
+            if done {
+                return Ok(());
+            }
+            page = next?;
+        }
+    }
+
+    /// The store's events after `after`, up to `through`.
+    async fn page(&self, after: u64, through: u64) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
+        let limit = self.options.batch_size.min(u32::try_from(through - after).unwrap_or(u32::MAX));
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let page = self.store.read_all(after, limit).await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
+        if page.is_empty() {
+            return Err(ReplayError::EventStore(format!("no events after position {after}, expected up to {through}")));
+        }
+        Ok(page)
+    }
+
+    /// Applies `batch`, waiting out a store unavailable for a while.
+    async fn apply(&self, rebuild: &dyn Projector, batch: &Batch) -> Result<(), ReplayError> {
+        let mut backoff = Duration::from_millis(200);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rebuild.apply(batch).await {
+                Err(ProjectionError::Unavailable(error)) if Instant::now() < deadline => {
+                    tracing::warn!(model = self.model, error, retry_in = ?backoff, "the rebuild's store is unavailable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                outcome => return Ok(outcome?),
+            }
+        }
+    }
+
+    /// Follows the bus into the rebuild until it has what the live model has, then swaps.
+    async fn catch_up_and_swap(
+        &self,
+        rebuild: Arc<dyn Projector>,
+        bus: Arc<dyn EventBus>,
+        through: u64,
+        report: &dyn Report,
+    ) -> Result<bool, ReplayError> {
+        let live = self.versions.live();
+        let config = RuntimeConfig { skip_through: through, ..self.options.runtime.clone() };
+        let mut last_refusal = String::new();
+        for _attempt in 0..20 {
+            report.step(self.model, "catching up with the live model");
+            let runtime = Runtime { projector: rebuild.clone(), bus: bus.clone(), config: config.clone() };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let following = tokio::spawn(runtime.run(async {
+                let _ = stopped.await;
+            }));
+            let caught_up = loop {
+                let (live_now, own) = (live.stored().await?, rebuild.stored().await?);
+                if behind(&live_now, &own).is_none() {
+                    break true;
+                }
+                tokio::select! {
+                    () = rebuild.changed() => {}
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            };
+            let _ = stop.send(());
+            let _ = following.await;
+            debug_assert!(caught_up);
+            if self.options.dry_run {
+                return Ok(false);
+            }
+            report.step(self.model, "swapping");
+            match self.versions.swap(self.options.keep_old).await {
+                Ok(()) => return Ok(true),
+                Err(SwapError::Behind(why)) => {
+                    tracing::info!(model = self.model, why, "the live model moved on; catching up again");
+                    last_refusal = why;
+                }
+                Err(SwapError::Store(error)) => return Err(error.into()),
+            }
+        }
+        Err(ReplayError::NoSwap(last_refusal))
+    }
+}

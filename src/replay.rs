@@ -1,0 +1,254 @@
+//! `quikapp replay`: rebuilds read models beside the live ones and swaps them in (API.md,
+//! Replay). The steps are `quikapp_projections::replay`'s; this is the command around them:
+//! which versions each model has, one replay per model at a time, progress on the terminal.
+
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::FutureExt;
+use quikapp_commands::store::EventStore;
+use quikapp_projections::Projector;
+use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
+use quikapp_projections::replay::{Head, Replay, ReplayOptions, Report, Summary, SwapError, Versions};
+use quikapp_projections::runtime::RuntimeConfig;
+
+use crate::config::Config;
+use crate::models::{self, Selection};
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// `postgres`, `redis`, `mongo`, `search`, or `all`.
+    model: Selection,
+    /// Drop what an interrupted replay of the model left and start over.
+    #[arg(long)]
+    restart: bool,
+    /// Keep the old version after the swap (the next replay drops it).
+    #[arg(long)]
+    keep_old: bool,
+    /// Rebuild and catch up, but leave the live model in place.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print a JSON summary on stdout at the end.
+    #[arg(long)]
+    json: bool,
+    /// Events read from the store and written per batch.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch_size: u32,
+}
+
+pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
+    let store = crate::open_event_store(config).await?;
+    let names: Vec<Selection> = match args.model {
+        Selection::All => vec![Selection::Postgres, Selection::Redis, Selection::Mongo, Selection::Search],
+        one => vec![one],
+    };
+    let started = Instant::now();
+    let mut summaries = Vec::new();
+    for selection in names {
+        let name = model_name(selection);
+        let _lock = lock(config, name).await?;
+        let (versions, bus) = versions(config, selection, &store).await?;
+        let replay = Replay {
+            model: name,
+            store: store.clone(),
+            bus,
+            versions,
+            head: head(config, store.clone()).await?,
+            options: ReplayOptions {
+                restart: args.restart,
+                keep_old: args.keep_old,
+                dry_run: args.dry_run,
+                batch_size: args.batch_size,
+                runtime: RuntimeConfig {
+                    batch_size: config.projector_batch_size,
+                    group_prefix: format!("{}replay-", config.kafka_group_prefix),
+                    ..RuntimeConfig::default()
+                },
+            },
+        };
+        let report = Terminal::new();
+        let summary = replay.run(&report).await.with_context(|| format!("replay of the {name} model"))?;
+        report.finish();
+        if !args.json {
+            print_summary(&summary);
+        }
+        summaries.push(summary);
+    }
+    if args.json {
+        let json = serde_json::json!({ "models": summaries, "seconds": started.elapsed().as_secs_f64() });
+        println!("{json}");
+    }
+    Ok(())
+}
+
+fn model_name(selection: Selection) -> &'static str {
+    match selection {
+        Selection::Postgres => "postgres",
+        Selection::Redis => "redis",
+        Selection::Mongo => "mongo",
+        Selection::Search => "search",
+        Selection::All => unreachable!("`all` is taken apart first"),
+    }
+}
+
+fn print_summary(summary: &Summary) {
+    let outcome = if summary.swapped { "swapped in" } else { "not swapped (dry run or embedded)" };
+    println!(
+        "{}: {} events through position {} in {:.1} s ({:.0} events/s), {outcome}",
+        summary.model, summary.events, summary.through, summary.seconds, summary.events_per_second
+    );
+}
+
+/// The live model and its rebuild, with the bus the live one follows (none on the embedded
+/// default, whose models live in `quikapp dev`'s memory and are rebuilt at each start).
+async fn versions(
+    config: &Config,
+    selection: Selection,
+    store: &Arc<dyn EventStore>,
+) -> Result<(Arc<dyn Versions>, Option<Arc<dyn quikapp_bus::EventBus>>)> {
+    let bus = match &config.kafka_brokers {
+        Some(_) => Some(models::open_bus(config, store.clone()).await?),
+        None => None,
+    };
+    let versions: Arc<dyn Versions> = match (selection, &config.postgres_url) {
+        (Selection::Postgres, Some(url)) => {
+            // Not migrated: a model of an older schema version is what a replay is for.
+            let live = PostgresDirectory::connect(url).await.context("connecting to the PostgreSQL read model")?;
+            Arc::new(PostgresVersions::new(Arc::new(live)))
+        }
+        _ if config.kafka_brokers.is_none() => Arc::new(Embedded(models::open_embedded(selection).await?)),
+        _ => bail!("`quikapp replay {}` needs the model's store configured", model_name(selection)),
+    };
+    Ok((versions, bus))
+}
+
+/// A model of the embedded default: rebuilt in memory, here only to be counted (`quikapp dev`
+/// rebuilds its own at each start).
+struct Embedded(Arc<dyn Projector>);
+
+#[async_trait::async_trait]
+impl Versions for Embedded {
+    fn live(&self) -> Arc<dyn Projector> {
+        self.0.clone()
+    }
+    async fn rebuild(&self) -> Result<Arc<dyn Projector>, quikapp_projections::ProjectionError> {
+        Ok(self.0.clone())
+    }
+    async fn discard(&self) -> Result<(), quikapp_projections::ProjectionError> {
+        Ok(())
+    }
+    async fn swap(&self, _keep_old: bool) -> Result<(), SwapError> {
+        unreachable!("a replay without a bus never swaps")
+    }
+}
+
+/// The end of the history a replay takes from the store: what the relay has published (a
+/// position every event below which is on Kafka), or the store's head on the embedded default
+/// (SQLite commits one writer at a time, so its head has no gaps below it).
+async fn head(config: &Config, store: Arc<dyn EventStore>) -> Result<Head> {
+    Ok(match (&config.kafka_brokers, &config.postgres_url) {
+        (Some(_), Some(url)) => {
+            let pool = sqlx::PgPool::connect(url).await.context("connecting to the event store")?;
+            Arc::new(move || {
+                let pool = pool.clone();
+                async move { quikapp_bus::relay::checkpoint(&pool, "kafka").await.map_err(|e| e.to_string()) }.boxed()
+            })
+        }
+        _ => Arc::new(move || {
+            let store = store.clone();
+            async move { store.head().await.map_err(|e| e.to_string()) }.boxed()
+        }),
+    })
+}
+
+/// Held while a model's replay runs: a PostgreSQL session lock on the event store's database,
+/// or a lock on a file beside the embedded store. Both go with the process, however it ends.
+enum Lock {
+    Postgres(#[allow(dead_code)] sqlx::pool::PoolConnection<sqlx::Postgres>),
+    File(#[allow(dead_code)] std::fs::File),
+}
+
+async fn lock(config: &Config, model: &str) -> Result<Lock> {
+    let refused = || anyhow::anyhow!("another replay of the {model} model is running; wait for it to end");
+    match &config.postgres_url {
+        Some(url) => {
+            let pool = sqlx::PgPool::connect(url).await.context("connecting to the event store")?;
+            let mut connection = pool.acquire().await?;
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('quikapp-replay-' || $1))")
+                .bind(model)
+                .fetch_one(&mut *connection)
+                .await?;
+            if !locked {
+                return Err(refused());
+            }
+            Ok(Lock::Postgres(connection))
+        }
+        None => {
+            let path = config.data_dir.join(format!("replay-{model}.lock"));
+            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => Ok(Lock::File(file)),
+                Err(std::fs::TryLockError::WouldBlock) => Err(refused()),
+                Err(std::fs::TryLockError::Error(error)) => Err(error).context(format!("locking {}", path.display())),
+            }
+        }
+    }
+}
+
+/// A progress bar on a terminal; on anything else, a line every few seconds.
+struct Terminal {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Mutex<Option<Instant>>,
+    started: Instant,
+}
+
+impl Terminal {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>8} [{bar:32}] {human_pos}/{human_len} events  {per_sec}  ETA {eta}  {msg}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar
+        });
+        Terminal { bar, last_line: Mutex::new(None), started: Instant::now() }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Report for Terminal {
+    fn progress(&self, model: &str, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_prefix(model.to_owned());
+            bar.set_length(total);
+            bar.set_position(done);
+            return;
+        }
+        let mut last = self.last_line.lock().expect("not poisoned");
+        if done < total && last.is_some_and(|at| at.elapsed() < Duration::from_secs(2)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / seconds;
+        let eta = if rate > 0.0 { (total - done) as f64 / rate } else { 0.0 };
+        eprintln!("replay {model}: {done}/{total} events, {rate:.0} events/s, ETA {eta:.0} s");
+    }
+
+    fn step(&self, model: &str, step: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(step.to_owned()),
+            None => eprintln!("replay {model}: {step}"),
+        }
+    }
+}

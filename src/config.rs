@@ -33,6 +33,7 @@ const KEYS: &[&str] = &[
     "projector_batch_size",
     "min_position_wait_seconds",
     "redis_key_prefix",
+    "redis_rebuild_db",
     "search_index_prefix",
     "kafka_group_prefix",
 ];
@@ -110,6 +111,10 @@ pub struct Config {
     /// Every key of the Redis read model starts with this.
     #[serde(default = "default_redis_key_prefix")]
     pub redis_key_prefix: String,
+    /// The logical database `quikapp replay redis` rebuilds the counters in, then swaps with
+    /// the live one (the URL's): both are the counters' alone.
+    #[serde(default = "default_redis_rebuild_db")]
+    pub redis_rebuild_db: i64,
     /// The search read model's indexes and template are named from this.
     #[serde(default = "default_search_index_prefix")]
     pub search_index_prefix: String,
@@ -120,6 +125,10 @@ pub struct Config {
 
 fn default_search_index_prefix() -> String {
     "quikapp-".into()
+}
+
+fn default_redis_rebuild_db() -> i64 {
+    1
 }
 
 fn default_redis_key_prefix() -> String {
@@ -198,6 +207,7 @@ impl Default for Config {
             mongo_url: None,
             elasticsearch_url: None,
             redis_url: None,
+            redis_rebuild_db: default_redis_rebuild_db(),
             data_dir: default_data_dir(),
             write_addr: default_write_addr(),
             read_addr: default_read_addr(),

@@ -150,13 +150,14 @@ pub async fn open_embedded(selection: Selection) -> Result<Arc<dyn Projector>> {
     })
 }
 
-async fn open_counters(config: &Config) -> Result<Counters> {
+pub async fn open_counters(config: &Config) -> Result<Counters> {
     let keys = Keys { prefix: config.redis_key_prefix.clone() };
     Ok(match &config.redis_url {
-        Some(url) => Counters::new(
-            Arc::new(RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?),
-            keys,
-        ),
+        Some(url) => {
+            let keyspace = RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?;
+            keyspace.check_schema().await.context("checking the Redis read model")?;
+            Counters::new(Arc::new(keyspace), keys)
+        }
         None => Counters::new(Arc::new(MemoryKeyspace::new()), keys),
     })
 }

@@ -10,8 +10,10 @@ use anyhow::{Context, Result, bail};
 use futures::FutureExt;
 use quikapp_commands::store::EventStore;
 use quikapp_projections::Projector;
+use quikapp_projections::counters::redis::{RedisKeyspace, RedisVersions};
+use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
-use quikapp_projections::replay::{Head, Replay, ReplayOptions, Report, Summary, SwapError, Versions};
+use quikapp_projections::replay::{Head, Paused, Replay, ReplayOptions, Report, Summary, Versions};
 use quikapp_projections::runtime::RuntimeConfig;
 
 use crate::config::Config;
@@ -118,6 +120,13 @@ async fn versions(
             let live = PostgresDirectory::connect(url).await.context("connecting to the PostgreSQL read model")?;
             Arc::new(PostgresVersions::new(Arc::new(live)))
         }
+        (Selection::Redis, _) if config.redis_url.is_some() => {
+            let url = config.redis_url.as_deref().expect("checked");
+            let keys = Keys { prefix: config.redis_key_prefix.clone() };
+            let keyspace = RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?;
+            let live = Arc::new(Counters::new(Arc::new(keyspace), keys.clone()));
+            Arc::new(RedisVersions::new(live, url, keys, config.redis_rebuild_db)?)
+        }
         _ if config.kafka_brokers.is_none() => Arc::new(Embedded(models::open_embedded(selection).await?)),
         _ => bail!("`quikapp replay {}` needs the model's store configured", model_name(selection)),
     };
@@ -139,8 +148,8 @@ impl Versions for Embedded {
     async fn discard(&self) -> Result<(), quikapp_projections::ProjectionError> {
         Ok(())
     }
-    async fn swap(&self, _keep_old: bool) -> Result<(), SwapError> {
-        unreachable!("a replay without a bus never swaps")
+    async fn pause(&self) -> Result<Box<dyn Paused>, quikapp_projections::ProjectionError> {
+        Err(quikapp_projections::ProjectionError::Rejected("an embedded model has nothing to swap with".into()))
     }
 }
 

@@ -14,11 +14,10 @@
 //!    every partition's watermark to `G`.
 //! 3. **Catch-up and swap.** A projector runtime of its own reads the bus from `S0` on,
 //!    passing over events at or below `G` (they came from the store), until the rebuild has
-//!    applied every partition at least as far as the live model. The model's [`Versions::swap`]
-//!    then makes the rebuild live in one step, refused when the live model moved ahead
-//!    meanwhile (the runtime catches up again and the swap is tried again). The live
-//!    projectors, whose stored offsets are now the rebuild's, learn them on their next batch
-//!    ([`ProjectionError::Moved`]) and go on from there.
+//!    applied every partition at least as far as the live model. Then the live model is
+//!    paused ([`Versions::pause`]), the rebuild reaches where it stopped, and [`Paused::swap`]
+//!    makes the rebuild live in one step. The live projectors, whose stored offsets are now the
+//!    rebuild's, learn them on their next batch ([`ProjectionError::Moved`]) and go on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,10 +48,22 @@ pub trait Versions: Send + Sync {
     async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError>;
     /// Drops the rebuild, if there is one.
     async fn discard(&self) -> Result<(), ProjectionError>;
-    /// Makes the rebuild the live model in one atomic step, unless the live model has applied
-    /// some partition further than the rebuild ([`SwapError::Behind`]: nothing changed). The
-    /// old version is dropped unless `keep_old`.
-    async fn swap(&self, keep_old: bool) -> Result<(), SwapError>;
+    /// Stops the live model's projectors from storing anything until the swap (or until the
+    /// pause is dropped or lapses): their batches wait or are refused as unavailable.
+    async fn pause(&self) -> Result<Box<dyn Paused>, ProjectionError>;
+}
+
+/// The live model, paused.
+#[async_trait]
+pub trait Paused: Send {
+    /// The live model's progress, which no longer moves.
+    async fn live(&mut self) -> Result<Stored, ProjectionError>;
+    /// Makes the rebuild the live model in one atomic step, unless it is behind the live model
+    /// ([`SwapError::Behind`]: nothing changed), and ends the pause. The old version is dropped
+    /// unless `keep_old`.
+    async fn swap(self: Box<Self>, keep_old: bool) -> Result<(), SwapError>;
+    /// Ends the pause without a swap.
+    async fn resume(self: Box<Self>);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,7 +127,7 @@ pub enum ReplayError {
     EventStore(String),
     #[error(transparent)]
     Model(#[from] ProjectionError),
-    #[error("the live model kept moving ahead of the rebuild: {0}")]
+    #[error("no swap: {0}")]
     NoSwap(String),
 }
 
@@ -140,10 +151,12 @@ impl Replay {
         if self.options.restart {
             self.versions.discard().await?;
         }
-        let rebuild = self.versions.rebuild().await?;
-        let stored = rebuild.stored().await?;
-        let place = stored.partitions.get(&replay_partition()).copied();
+        let mut rebuild = self.versions.rebuild().await?;
+        let place = rebuild.stored().await?.partitions.get(&replay_partition()).copied();
         if place.is_none() {
+            // Not a rebuild begun by a replay (an old version kept, a start cut short): anew.
+            self.versions.discard().await?;
+            rebuild = self.versions.rebuild().await?;
             self.start(rebuild.as_ref()).await?;
         }
         let place = place.unwrap_or_default();
@@ -284,7 +297,8 @@ impl Replay {
         }
     }
 
-    /// Follows the bus into the rebuild until it has what the live model has, then swaps.
+    /// Follows the bus into the rebuild until it has what the live model has; then pauses the
+    /// live model, lets the rebuild reach where it stopped, and swaps.
     async fn catch_up_and_swap(
         &self,
         rebuild: Arc<dyn Projector>,
@@ -294,40 +308,74 @@ impl Replay {
     ) -> Result<bool, ReplayError> {
         let live = self.versions.live();
         let config = RuntimeConfig { skip_through: through, ..self.options.runtime.clone() };
-        let mut last_refusal = String::new();
-        for _attempt in 0..20 {
-            report.step(self.model, "catching up with the live model");
-            let runtime = Runtime { projector: rebuild.clone(), bus: bus.clone(), config: config.clone() };
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let following = tokio::spawn(runtime.run(async {
-                let _ = stopped.await;
-            }));
-            let caught_up = loop {
-                let (live_now, own) = (live.stored().await?, rebuild.stored().await?);
-                if behind(&live_now, &own).is_none() {
-                    break true;
-                }
-                tokio::select! {
-                    () = rebuild.changed() => {}
-                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                }
-            };
-            let _ = stop.send(());
-            let _ = following.await;
-            debug_assert!(caught_up);
+        report.step(self.model, "catching up with the live model");
+        let runtime = Runtime { projector: rebuild.clone(), bus, config };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let following = tokio::spawn(runtime.run(async {
+            let _ = stopped.await;
+        }));
+        let outcome = async {
+            self.reach(rebuild.as_ref(), &mut Live::Running(live.as_ref()), None).await?;
             if self.options.dry_run {
-                return Ok(false);
+                return Ok(None);
             }
-            report.step(self.model, "swapping");
-            match self.versions.swap(self.options.keep_old).await {
-                Ok(()) => return Ok(true),
-                Err(SwapError::Behind(why)) => {
-                    tracing::info!(model = self.model, why, "the live model moved on; catching up again");
-                    last_refusal = why;
+            report.step(self.model, "pausing the live model");
+            let mut paused = self.versions.pause().await?;
+            let limit = Some(Instant::now() + PAUSE_LIMIT);
+            let reached = self.reach(rebuild.as_ref(), &mut Live::Paused(&mut paused), limit).await;
+            match reached {
+                Ok(()) => Ok(Some(paused)),
+                Err(error) => {
+                    paused.resume().await;
+                    Err(error)
                 }
-                Err(SwapError::Store(error)) => return Err(error.into()),
             }
         }
-        Err(ReplayError::NoSwap(last_refusal))
+        .await;
+        let _ = stop.send(());
+        let _ = following.await;
+        let Some(paused) = outcome? else { return Ok(false) };
+        report.step(self.model, "swapping");
+        match paused.swap(self.options.keep_old).await {
+            Ok(()) => Ok(true),
+            Err(SwapError::Behind(why)) => Err(ReplayError::NoSwap(why)),
+            Err(SwapError::Store(error)) => Err(error.into()),
+        }
+    }
+
+    /// Waits until `rebuild` has applied every partition as far as `live` says, until `limit`.
+    async fn reach(
+        &self,
+        rebuild: &dyn Projector,
+        live: &mut Live<'_>,
+        limit: Option<Instant>,
+    ) -> Result<(), ReplayError> {
+        loop {
+            let live_now = match live {
+                Live::Running(projector) => projector.stored().await?,
+                Live::Paused(paused) => paused.live().await?,
+            };
+            let own = rebuild.stored().await?;
+            let Some(partition) = behind(&live_now, &own) else { return Ok(()) };
+            if limit.is_some_and(|limit| Instant::now() > limit) {
+                return Err(ReplayError::NoSwap(format!(
+                    "the rebuild did not reach the paused live model on {}/{} within {PAUSE_LIMIT:?}",
+                    partition.topic, partition.index
+                )));
+            }
+            tokio::select! {
+                () = rebuild.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 }
+
+/// The live model, as a rebuild catching up reads its progress.
+enum Live<'a> {
+    Running(&'a dyn Projector),
+    Paused(&'a mut Box<dyn Paused>),
+}
+
+/// The longest the live model stays paused while the rebuild reaches it.
+const PAUSE_LIMIT: Duration = Duration::from_secs(30);

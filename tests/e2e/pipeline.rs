@@ -64,7 +64,7 @@ impl Pipeline {
     }
 
     /// Sets one variable of every process started from now on.
-    fn set(&mut self, name: &'static str, value: String) {
+    pub(crate) fn set(&mut self, name: &'static str, value: String) {
         self.env.retain(|(n, _)| *n != name);
         self.env.push((name, value));
     }

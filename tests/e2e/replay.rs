@@ -28,8 +28,11 @@ const USERS: usize = 8;
 
 impl World {
     /// The world, and its processes (stopped when dropped).
-    async fn new(models: &[&str]) -> Option<(Arc<World>, Vec<Running>)> {
-        let pipeline = Pipeline::new().await?;
+    async fn new(models: &[&str], env: &[(&'static str, String)]) -> Option<(Arc<World>, Vec<Running>)> {
+        let mut pipeline = Pipeline::new().await?;
+        for (name, value) in env {
+            pipeline.set(name, value.clone());
+        }
         let mut processes = vec![pipeline.start(&["relay"], "relay")];
         for model in models {
             processes.push(pipeline.start(&["project", model], "projector"));
@@ -111,34 +114,66 @@ impl World {
     }
 }
 
-/// Commands that keep coming, and reads of what existed before that must never fail, until
-/// `stop`. Answers how many reads it made.
-fn keep_busy(world: &Arc<World>, stop: &Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+/// What a read of a channel made before the replay must answer, whenever it is made: each
+/// model's figure for it, from the read API's answer.
+type Check = (&'static str, fn(&Value) -> u64);
+
+const MEMBER_COUNT: Check = ("", |channel| channel["member_count"].as_u64().unwrap());
+const MESSAGE_COUNT: Check = ("/stats", |stats| stats["message_count"].as_u64().unwrap());
+
+/// Commands that keep coming, and reads of the channels that existed before, which must
+/// answer their figures (one message per member) at every instant, until `stop`. Answers how
+/// many reads it made.
+async fn keep_busy(
+    world: &Arc<World>,
+    checks: &'static [Check],
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
     let (world, stop) = (world.clone(), stop.clone());
-    tokio::spawn(async move {
-        let known: Vec<Uuid> = world.channels.lock().unwrap().keys().copied().collect();
+    let (first_round, started) = tokio::sync::oneshot::channel();
+    let mut first_round = Some(first_round);
+    let busy = tokio::spawn(async move {
+        let known = world.channels.lock().unwrap().clone();
         let owner = world.users[0];
+        // Every model has the known channels before the replay starts.
+        for channel in known.keys() {
+            for (path, _) in checks {
+                world.client.read(owner, &format!("/channels/{channel}{path}")).await;
+            }
+        }
         let mut reads = 0;
         let mut i = 100;
         while !stop.load(Ordering::SeqCst) {
             world.channel_with_traffic(i).await;
             i += 1;
-            for channel in &known {
-                // No X-Min-Position: what a client sees at any instant, the swap included.
-                let response = world
-                    .client
-                    .http
-                    .get(format!("{}/v1/channels/{channel}", world.client.read))
-                    .bearer_auth(&world.client.tokens[&owner])
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200, "a channel made before the replay, read during it");
-                reads += 1;
+            for (channel, members) in &known {
+                for (path, figure) in checks {
+                    // No X-Min-Position: what a client sees at any instant, the swap included.
+                    let response = world
+                        .client
+                        .http
+                        .get(format!("{}/v1/channels/{channel}{path}", world.client.read))
+                        .bearer_auth(&world.client.tokens[&owner])
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200, "{path} of a channel made before the replay");
+                    let body: Value = response.json().await.unwrap();
+                    assert_eq!(figure(&body), members.len() as u64, "{path} of {channel}: {body}");
+                    reads += 1;
+                }
+            }
+            if let Some(first_round) = first_round.take() {
+                let _ = first_round.send(());
             }
         }
         reads
-    })
+    });
+    if started.await.is_err() {
+        busy.await.expect("the first round of reads passes");
+        unreachable!("the first round ended without a word");
+    }
+    busy
 }
 
 fn summary(output: &std::process::Output) -> Value {
@@ -147,20 +182,27 @@ fn summary(output: &std::process::Output) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|_| panic!("JSON: {stdout}"))
 }
 
-#[tokio::test]
-async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never_fail() {
-    let Some((world, _processes)) = World::new(&["postgres"]).await else { return };
+/// Runs `quikapp replay <model>` while commands flow and reads are checked; answers its
+/// summary of the model.
+async fn replay_under_load(world: &Arc<World>, model: &str, checks: &'static [Check]) -> Value {
     let stop = Arc::new(AtomicBool::new(false));
-    let busy = keep_busy(&world, &stop);
-    let output = world.replay(&["postgres", "--json", "--batch-size", "20"]).await;
+    let busy = keep_busy(world, checks, &stop).await;
+    let output = world.replay(&[model, "--json", "--batch-size", "20"]).await;
     stop.store(true, Ordering::SeqCst);
     let reads = busy.await.unwrap();
     let summary = summary(&output);
-    let model = &summary["models"][0];
-    assert_eq!(model["model"], "postgres");
-    assert_eq!(model["swapped"], true);
-    assert!(model["events"].as_u64().unwrap() > 100, "{summary}");
+    let replayed = summary["models"][0].clone();
+    assert_eq!(replayed["model"], model);
+    assert_eq!(replayed["swapped"], true);
+    assert!(replayed["events"].as_u64().unwrap() > 100, "{summary}");
     assert!(reads > 0);
+    replayed
+}
+
+#[tokio::test]
+async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never_fail() {
+    let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
+    replay_under_load(&world, "postgres", &[MEMBER_COUNT]).await;
     world.assert_directory_matches().await;
 
     // The rebuild's schema became the live one; the old one is gone.
@@ -172,4 +214,26 @@ async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never
             .await
             .unwrap();
     assert_eq!(schemas, ["directory"]);
+}
+
+#[tokio::test]
+async fn replay_swaps_in_rebuilt_counters_while_commands_flow_and_reads_never_fail() {
+    // SWAPDB swaps whole logical databases: this test has two of its own.
+    let redis = super::support::service_url("QUIKAPP_REDIS_URL").map(|url| format!("{}/3", url.trim_end_matches('/')));
+    let Some(redis) = redis else { return };
+    let env = [("QUIKAPP_REDIS_URL", redis), ("QUIKAPP_REDIS_REBUILD_DB", "4".to_owned())];
+    let Some((world, _processes)) = World::new(&["postgres", "redis"], &env).await else { return };
+    replay_under_load(&world, "redis", &[MEMBER_COUNT, MESSAGE_COUNT]).await;
+    let owner = world.users[0];
+    let channels = world.channels.lock().unwrap().clone();
+    for (channel, members) in channels {
+        let stats = world.client.read(owner, &format!("/channels/{channel}/stats")).await;
+        assert_eq!(stats["message_count"], json!(members.len()), "{channel}");
+    }
+    // Every channel of the owner's: unread are the others' messages (one each).
+    let unread = world.client.read(owner, "/users/me/unread").await;
+    for entry in unread["channels"].as_array().unwrap() {
+        let members = world.channels.lock().unwrap()[&id(entry, "channel_id")].len();
+        assert_eq!(entry["unread"], json!(members - 1));
+    }
 }

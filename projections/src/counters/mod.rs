@@ -98,6 +98,12 @@ impl Keys {
     pub fn totals(&self) -> String {
         format!("{}totals", self.prefix)
     }
+    pub fn paused(&self) -> String {
+        format!("{}paused", self.prefix)
+    }
+    pub fn schema_version(&self) -> String {
+        format!("{}schema_version", self.prefix)
+    }
 }
 
 /// The writes that apply `events`, in order.

@@ -3,6 +3,7 @@
 //! PUBLISHes it for the read APIs. One round trip per batch, whatever its size.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,18 +11,21 @@ use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, PubSub};
 
-use super::{Keys, Keyspace, Op};
+use super::{Counters, Keys, Keyspace, Op};
 use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partition_key};
 
 /// The pub/sub channel stored progress is announced on.
 pub const PROGRESS_CHANNEL: &str = "quikapp:projection:redis";
 
-/// KEYS: progress hash, totals hash. ARGV, flat (no JSON to build or decode): the channel to
+/// KEYS: progress hash, totals hash, pause flag (set by a replay about to swap). ARGV, flat (no JSON to build or decode): the channel to
 /// announce on, the dead letters to count, the number of moves, each move as (partition, the
 /// offset it starts after or "", "offset:watermark"), then the operations, each its name and
 /// its arguments (`hset` gives its field count first). Offsets travel as decimal strings: Lua
 /// numbers are doubles.
 const COMMIT: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return redis.error_reply('QUIKPAUSED the model is paused for a replay to swap in its rebuild')
+end
 local moves = tonumber(ARGV[3])
 for i = 4, 3 + moves * 3, 3 do
   local stored = redis.call('HGET', KEYS[1], ARGV[i])
@@ -71,14 +75,36 @@ fn unavailable(error: redis::RedisError) -> ProjectionError {
     }
 }
 
+/// The shape of the keys this build reads and writes; see [`RedisKeyspace::check_schema`].
+pub const SCHEMA_VERSION: u32 = 1;
+
 impl RedisKeyspace {
     pub async fn connect(url: &str, keys: Keys) -> Result<Self, ProjectionError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        Self::connect_to(redis::Client::open(url).map_err(unavailable)?, keys).await
+    }
+
+    async fn connect_to(client: redis::Client, keys: Keys) -> Result<Self, ProjectionError> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
         let connection = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
         Ok(RedisKeyspace { client, connection, keys, script: redis::Script::new(COMMIT), pubsub: Default::default() })
+    }
+
+    /// Records this build's schema version in a keyspace that has none, and refuses one of an
+    /// older version (rebuilt by `quikapp replay redis`).
+    pub async fn check_schema(&self) -> Result<(), ProjectionError> {
+        let key = self.keys.schema_version();
+        let mut connection = self.connection.clone();
+        let _: bool = connection.set_nx(&key, SCHEMA_VERSION).await.map_err(unavailable)?;
+        let version: u32 = connection.get(&key).await.map_err(unavailable)?;
+        if version < SCHEMA_VERSION {
+            return Err(ProjectionError::Rejected(format!(
+                "the Redis read model has schema version {version}, this build needs {SCHEMA_VERSION}: \
+                 run `quikapp replay redis` to rebuild it"
+            )));
+        }
+        Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
@@ -109,22 +135,12 @@ impl Keyspace for RedisKeyspace {
         let progress: HashMap<String, String> = connection.hgetall(self.keys.progress()).await.map_err(unavailable)?;
         let dead_lettered: Option<u64> =
             connection.hget(self.keys.totals(), "dead_lettered").await.map_err(unavailable)?;
-        let partitions = progress
-            .iter()
-            .filter_map(|(key, value)| {
-                let (offset, watermark) = value.split_once(':')?;
-                Some((
-                    parse_partition_key(key)?,
-                    Progress { offset: offset.parse().ok()?, watermark: watermark.parse().ok()? },
-                ))
-            })
-            .collect();
-        Ok(Stored { partitions, dead_lettered: dead_lettered.unwrap_or(0) })
+        Ok(Stored { partitions: progress_of(&progress), dead_lettered: dead_lettered.unwrap_or(0) })
     }
 
     async fn commit(&self, moves: &[Move], dead_lettered: u64, ops: &[Op]) -> Result<(), ProjectionError> {
         let mut invocation = self.script.prepare_invoke();
-        invocation.key(self.keys.progress()).key(self.keys.totals());
+        invocation.key(self.keys.progress()).key(self.keys.totals()).key(self.keys.paused());
         invocation.arg(PROGRESS_CHANNEL).arg(dead_lettered).arg(moves.len());
         for step in moves {
             let from = step.from.map_or(String::new(), |offset| offset.to_string());
@@ -183,4 +199,152 @@ impl Keyspace for RedisKeyspace {
     async fn smembers(&self, key: &str) -> Result<Vec<String>, ProjectionError> {
         self.connection.clone().smembers(key).await.map_err(unavailable)
     }
+}
+
+/// The live counters in the logical database of their URL, and a rebuild in another one
+/// (`rebuild_db`) under the same key prefix. A swap is one SWAPDB, so the counters need their
+/// logical database to themselves; it is refused (under WATCH) when the live progress moved
+/// after the comparison.
+pub struct RedisVersions {
+    live: Arc<Counters>,
+    client: redis::Client,
+    keys: Keys,
+    live_db: i64,
+    rebuild_db: i64,
+}
+
+impl RedisVersions {
+    pub fn new(live: Arc<Counters>, url: &str, keys: Keys, rebuild_db: i64) -> Result<Self, ProjectionError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let live_db = client.get_connection_info().redis_settings().db();
+        if live_db == rebuild_db {
+            return Err(ProjectionError::Rejected(format!(
+                "the rebuild's logical database ({rebuild_db}) is the live one: choose another (redis_rebuild_db)"
+            )));
+        }
+        Ok(RedisVersions { live, client, keys, live_db, rebuild_db })
+    }
+
+    fn rebuild_client(&self) -> Result<redis::Client, ProjectionError> {
+        let info = self.client.get_connection_info().clone();
+        let settings = info.redis_settings().clone().set_db(self.rebuild_db);
+        redis::Client::open(info.set_redis_settings(settings)).map_err(unavailable)
+    }
+
+    /// The counters of the rebuild's database.
+    pub async fn rebuilt(&self) -> Result<Counters, ProjectionError> {
+        let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
+        Ok(Counters::new(Arc::new(keyspace), self.keys.clone()))
+    }
+}
+
+#[async_trait]
+impl crate::replay::Versions for RedisVersions {
+    fn live(&self) -> Arc<dyn crate::Projector> {
+        self.live.clone()
+    }
+
+    async fn rebuild(&self) -> Result<Arc<dyn crate::Projector>, ProjectionError> {
+        let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
+        keyspace.check_schema().await?;
+        Ok(Arc::new(Counters::new(Arc::new(keyspace), self.keys.clone())))
+    }
+
+    async fn discard(&self) -> Result<(), ProjectionError> {
+        flush(&self.rebuild_client()?).await
+    }
+
+    async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
+        // A connection of its own: WATCH and SELECT belong to it.
+        let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        // The commit script refuses batches while this key lives; it lapses if the replay dies.
+        let _: () = connection.set_ex(self.keys.paused(), "replay", 60).await.map_err(unavailable)?;
+        Ok(Box::new(PausedCounters {
+            connection,
+            keys: self.keys.clone(),
+            live_db: self.live_db,
+            rebuild_db: self.rebuild_db,
+            rebuild: self.rebuild_client()?,
+        }))
+    }
+}
+
+/// The live counters, paused.
+struct PausedCounters {
+    connection: redis::aio::MultiplexedConnection,
+    keys: Keys,
+    live_db: i64,
+    rebuild_db: i64,
+    rebuild: redis::Client,
+}
+
+#[async_trait]
+impl crate::replay::Paused for PausedCounters {
+    async fn live(&mut self) -> Result<Stored, ProjectionError> {
+        read_progress(&mut self.connection, &self.keys.progress()).await
+    }
+
+    async fn swap(mut self: Box<Self>, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+        let (progress, paused) = (self.keys.progress(), self.keys.paused());
+        let connection = &mut self.connection;
+        // Should the pause lapse, the live progress may move: then EXEC does nothing.
+        redis::cmd("WATCH").arg(&progress).arg(&paused).query_async::<()>(connection).await.map_err(unavailable)?;
+        let live = read_progress(connection, &progress).await?;
+        redis::cmd("SELECT").arg(self.rebuild_db).query_async::<()>(connection).await.map_err(unavailable)?;
+        let rebuilt = read_progress(connection, &progress).await?;
+        redis::cmd("SELECT").arg(self.live_db).query_async::<()>(connection).await.map_err(unavailable)?;
+        if let Some(partition) = crate::replay::behind(&live, &rebuilt) {
+            let _: () = redis::cmd("UNWATCH").query_async(connection).await.map_err(unavailable)?;
+            return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
+        }
+        // EXEC answers nil when a watched key changed. The pause key goes with the old version.
+        let swapped: Option<(String, i64)> = redis::pipe()
+            .atomic()
+            .cmd("SWAPDB")
+            .arg(self.live_db)
+            .arg(self.rebuild_db)
+            .cmd("PUBLISH")
+            .arg(PROGRESS_CHANNEL)
+            .arg("redis")
+            .query_async(connection)
+            .await
+            .map_err(unavailable)?;
+        if swapped.is_none() {
+            return Err(crate::replay::SwapError::Behind("the live progress moved during the swap".into()));
+        }
+        if !keep_old {
+            flush(&self.rebuild).await?;
+        }
+        Ok(())
+    }
+
+    async fn resume(mut self: Box<Self>) {
+        let _: Result<(), _> = self.connection.del(self.keys.paused()).await;
+    }
+}
+
+async fn flush(client: &redis::Client) -> Result<(), ProjectionError> {
+    let mut connection = client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+    redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await.map_err(unavailable)
+}
+
+async fn read_progress(
+    connection: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Stored, ProjectionError> {
+    let progress: HashMap<String, String> = connection.hgetall(key).await.map_err(unavailable)?;
+    Ok(Stored { partitions: progress_of(&progress), dead_lettered: 0 })
+}
+
+fn progress_of(progress: &HashMap<String, String>) -> HashMap<quikapp_bus::Partition, Progress> {
+    progress
+        .iter()
+        .filter_map(|(key, value)| {
+            let (offset, watermark) = value.split_once(':')?;
+            Some((
+                parse_partition_key(key)?,
+                Progress { offset: offset.parse().ok()?, watermark: watermark.parse().ok()? },
+            ))
+        })
+        .collect()
 }

@@ -205,18 +205,39 @@ impl crate::replay::Versions for PostgresVersions {
         Ok(())
     }
 
-    async fn swap(&self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
-        let (live, rebuild, old) = (self.live.schema.clone(), self.rebuild_schema(), self.old_schema());
+    async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
+        let live = self.live.schema.clone();
         let mut tx = self.live.pool.begin().await.map_err(classify)?;
-        // The live progress first, as every batch takes it first: batches in flight finish,
-        // the next ones wait for the swap and then find the rebuild's progress.
+        // Every batch writes the live progress first: the batches in flight end, the next ones
+        // wait for the swap (and then find the rebuild's progress). Reads go on.
         let pause = format!(
             "SET LOCAL lock_timeout = '10s'; SET LOCAL client_min_messages = warning;
-             LOCK TABLE {live}.progress IN ACCESS EXCLUSIVE MODE"
+             LOCK TABLE {live}.progress IN EXCLUSIVE MODE"
         );
         (&mut *tx).execute(pause.as_str()).await.map_err(classify)?;
-        let live_now = read_stored(&mut tx, &live).await?;
-        let rebuilt = read_stored(&mut tx, &rebuild).await?;
+        Ok(Box::new(PausedDirectory { tx, live, rebuild: self.rebuild_schema(), old: self.old_schema() }))
+    }
+}
+
+/// The live directory paused: a transaction holding its progress table.
+struct PausedDirectory {
+    tx: Transaction<'static, Postgres>,
+    live: String,
+    rebuild: String,
+    old: String,
+}
+
+#[async_trait]
+impl crate::replay::Paused for PausedDirectory {
+    async fn live(&mut self) -> Result<Stored, ProjectionError> {
+        let live = self.live.clone();
+        read_stored(&mut self.tx, &live).await
+    }
+
+    async fn swap(mut self: Box<Self>, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+        let (live, rebuild, old) = (self.live.clone(), self.rebuild.clone(), self.old.clone());
+        let live_now = read_stored(&mut self.tx, &live).await?;
+        let rebuilt = read_stored(&mut self.tx, &rebuild).await?;
         if let Some(partition) = crate::replay::behind(&live_now, &rebuilt) {
             return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
         }
@@ -230,6 +251,7 @@ impl crate::replay::Versions for PostgresVersions {
         if !keep_old {
             moves.push_str(&format!("DROP SCHEMA {old} CASCADE;"));
         }
+        let mut tx = self.tx;
         (&mut *tx).execute(moves.as_str()).await.map_err(classify)?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(PROGRESS_CHANNEL)
@@ -239,6 +261,10 @@ impl crate::replay::Versions for PostgresVersions {
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok(())
+    }
+
+    async fn resume(self: Box<Self>) {
+        let _ = self.tx.rollback().await;
     }
 }
 

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::FutureExt;
 use quikapp_commands::store::EventStore;
 use quikapp_projections::Projector;
 use quikapp_projections::counters::redis::{RedisKeyspace, RedisVersions};
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
-use quikapp_projections::replay::{Head, Paused, Replay, ReplayOptions, Report, Summary, Versions};
+use quikapp_projections::replay::{Paused, Replay, ReplayOptions, Report, Summary, Versions};
 use quikapp_projections::runtime::RuntimeConfig;
+use quikapp_projections::search::opensearch::{OpenSearch, OpenSearchVersions};
+use quikapp_projections::timelines::mongo::{MongoTimelines, MongoVersions};
 
 use crate::config::Config;
 use crate::models::{self, Selection};
@@ -57,7 +58,6 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
             store: store.clone(),
             bus,
             versions,
-            head: head(config, store.clone()).await?,
             options: ReplayOptions {
                 restart: args.restart,
                 keep_old: args.keep_old,
@@ -127,6 +127,16 @@ async fn versions(
             let live = Arc::new(Counters::new(Arc::new(keyspace), keys.clone()));
             Arc::new(RedisVersions::new(live, url, keys, config.redis_rebuild_db)?)
         }
+        (Selection::Search, _) if config.elasticsearch_url.is_some() => {
+            let url = config.elasticsearch_url.as_deref().expect("checked");
+            let live = OpenSearch::connect(url, &config.search_index_prefix).context("the search read model")?;
+            Arc::new(OpenSearchVersions::new(Arc::new(live)))
+        }
+        (Selection::Mongo, _) if config.mongo_url.is_some() => {
+            let url = config.mongo_url.as_deref().expect("checked");
+            let live = MongoTimelines::connect(url).await.context("connecting to MongoDB")?;
+            Arc::new(MongoVersions::new(Arc::new(live)))
+        }
         _ if config.kafka_brokers.is_none() => Arc::new(Embedded(models::open_embedded(selection).await?)),
         _ => bail!("`quikapp replay {}` needs the model's store configured", model_name(selection)),
     };
@@ -151,25 +161,6 @@ impl Versions for Embedded {
     async fn pause(&self) -> Result<Box<dyn Paused>, quikapp_projections::ProjectionError> {
         Err(quikapp_projections::ProjectionError::Rejected("an embedded model has nothing to swap with".into()))
     }
-}
-
-/// The end of the history a replay takes from the store: what the relay has published (a
-/// position every event below which is on Kafka), or the store's head on the embedded default
-/// (SQLite commits one writer at a time, so its head has no gaps below it).
-async fn head(config: &Config, store: Arc<dyn EventStore>) -> Result<Head> {
-    Ok(match (&config.kafka_brokers, &config.postgres_url) {
-        (Some(_), Some(url)) => {
-            let pool = sqlx::PgPool::connect(url).await.context("connecting to the event store")?;
-            Arc::new(move || {
-                let pool = pool.clone();
-                async move { quikapp_bus::relay::checkpoint(&pool, "kafka").await.map_err(|e| e.to_string()) }.boxed()
-            })
-        }
-        _ => Arc::new(move || {
-            let store = store.clone();
-            async move { store.head().await.map_err(|e| e.to_string()) }.boxed()
-        }),
-    })
 }
 
 /// Held while a model's replay runs: a PostgreSQL session lock on the event store's database,

@@ -4,9 +4,11 @@
 //! model's [`Versions`]) filled by its own projector, in three steps:
 //!
 //! 1. **Start.** The live model's stored offsets `S0` are copied into the rebuild, then the
-//!    position `G` up to which the store is complete and published is read. Every record up to
-//!    `S0` carries an event at or below `G`, since the live model can only have applied what
-//!    the relay had published.
+//!    store's head `G` is read (the store makes positions visible in order, so every event up
+//!    to `G` can be read). Every record up to `S0` carries an event at or below `G`: the live
+//!    model had applied it, so it was committed before `G` was read. Every event above `G`
+//!    was committed after, so its record is after `S0`. (The relay's checkpoint would not do:
+//!    it is saved after Kafka acknowledges, so a projector may have applied events above it.)
 //! 2. **History.** The store's events up to `G`, in pages of [`ReplayOptions::batch_size`],
 //!    each applied as one batch whose only move is the [`REPLAY`] partition's offset: the last
 //!    position applied. That move is stored with the effects, so an interrupted rebuild resumes
@@ -23,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::future::BoxFuture;
 use quikapp_bus::{EventBus, Partition};
 use quikapp_commands::store::{EventStore, ReplayProgress};
 use serde::Serialize;
@@ -59,9 +60,9 @@ pub trait Paused: Send {
     /// The live model's progress, which no longer moves.
     async fn live(&mut self) -> Result<Stored, ProjectionError>;
     /// Makes the rebuild the live model in one atomic step, unless it is behind the live model
-    /// ([`SwapError::Behind`]: nothing changed), and ends the pause. The old version is dropped
-    /// unless `keep_old`.
-    async fn swap(self: Box<Self>, keep_old: bool) -> Result<(), SwapError>;
+    /// ([`SwapError::Behind`]: nothing changed, still paused), and ends the pause. The old
+    /// version is dropped unless `keep_old`.
+    async fn swap(&mut self, keep_old: bool) -> Result<(), SwapError>;
     /// Ends the pause without a swap.
     async fn resume(self: Box<Self>);
 }
@@ -131,9 +132,6 @@ pub enum ReplayError {
     NoSwap(String),
 }
 
-/// The position up to which the event store is complete and published on the bus.
-pub type Head = Arc<dyn Fn() -> BoxFuture<'static, Result<u64, String>> + Send + Sync>;
-
 pub struct Replay {
     pub model: &'static str,
     pub store: Arc<dyn EventStore>,
@@ -141,12 +139,27 @@ pub struct Replay {
     /// default, whose models live in `quikapp dev`'s memory).
     pub bus: Option<Arc<dyn EventBus>>,
     pub versions: Arc<dyn Versions>,
-    pub head: Head,
     pub options: ReplayOptions,
 }
 
 impl Replay {
     pub async fn run(&self, report: &dyn Report) -> Result<Summary, ReplayError> {
+        let progress = Arc::new(std::sync::Mutex::new(ReplayProgress::default()));
+        let heartbeat = tokio::spawn(heartbeat(self.store.clone(), self.model, progress.clone()));
+        let outcome = self.steps(report, &progress).await;
+        heartbeat.abort();
+        let _ = heartbeat.await;
+        if outcome.is_ok() {
+            let _ = self.store.end_replay(self.model).await;
+        }
+        outcome
+    }
+
+    async fn steps(
+        &self,
+        report: &dyn Report,
+        progress: &std::sync::Mutex<ReplayProgress>,
+    ) -> Result<Summary, ReplayError> {
         let started = Instant::now();
         if self.options.restart {
             self.versions.discard().await?;
@@ -163,8 +176,8 @@ impl Replay {
         let (resumed_from, through) = if place.watermark > 0 {
             (place.offset, place.watermark)
         } else {
-            let through = (self.head)().await.map_err(ReplayError::EventStore)?;
-            self.history(rebuild.as_ref(), place.offset, through, report).await?;
+            let through = self.store.head().await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
+            self.history(rebuild.as_ref(), place.offset, through, report, progress).await?;
             (place.offset, through)
         };
         let events = through.saturating_sub(resumed_from);
@@ -172,7 +185,6 @@ impl Replay {
             Some(bus) => self.catch_up_and_swap(rebuild.clone(), bus.clone(), through, report).await?,
             None => false,
         };
-        let _ = self.store.end_replay(self.model).await;
         let seconds = started.elapsed().as_secs_f64();
         Ok(Summary {
             model: self.model.into(),
@@ -214,11 +226,12 @@ impl Replay {
         from: u64,
         through: u64,
         report: &dyn Report,
+        progress: &std::sync::Mutex<ReplayProgress>,
     ) -> Result<(), ReplayError> {
         let total = through.saturating_sub(from);
         let mut place = from;
-        let mut recorded = Instant::now();
         report.progress(self.model, 0, total);
+        *progress.lock().expect("not poisoned") = ReplayProgress { done: 0, total };
         let mut page = self.page(place, through).await?;
         loop {
             let last = page.last().map_or(place, |event| event.global_position);
@@ -254,13 +267,7 @@ impl Replay {
             applied?;
             place = last;
             report.progress(self.model, place - from, total);
-            if recorded.elapsed() >= Duration::from_secs(1) || done {
-                recorded = Instant::now();
-                let progress = ReplayProgress { done: place - from, total };
-                if let Err(error) = self.store.record_replay(self.model, progress).await {
-                    tracing::warn!(model = self.model, %error, "cannot record the replay's progress");
-                }
-            }
+            *progress.lock().expect("not poisoned") = ReplayProgress { done: place - from, total };
             if done {
                 return Ok(());
             }
@@ -308,39 +315,47 @@ impl Replay {
     ) -> Result<bool, ReplayError> {
         let live = self.versions.live();
         let config = RuntimeConfig { skip_through: through, ..self.options.runtime.clone() };
+        let follow =
+            || Following::start(Runtime { projector: rebuild.clone(), bus: bus.clone(), config: config.clone() });
         report.step(self.model, "catching up with the live model");
-        let runtime = Runtime { projector: rebuild.clone(), bus, config };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let following = tokio::spawn(runtime.run(async {
-            let _ = stopped.await;
-        }));
-        let outcome = async {
-            self.reach(rebuild.as_ref(), &mut Live::Running(live.as_ref()), None).await?;
-            if self.options.dry_run {
-                return Ok(None);
+        let following = follow();
+        let reached = self.reach(rebuild.as_ref(), &mut Live::Running(live.as_ref()), None).await;
+        if reached.is_err() || self.options.dry_run {
+            following.stop().await;
+            return reached.map(|()| false);
+        }
+        report.step(self.model, "pausing the live model");
+        let mut paused = match self.versions.pause().await {
+            Ok(paused) => paused,
+            Err(error) => {
+                following.stop().await;
+                return Err(error.into());
             }
-            report.step(self.model, "pausing the live model");
-            let mut paused = self.versions.pause().await?;
-            let limit = Some(Instant::now() + PAUSE_LIMIT);
-            let reached = self.reach(rebuild.as_ref(), &mut Live::Paused(&mut paused), limit).await;
-            match reached {
-                Ok(()) => Ok(Some(paused)),
-                Err(error) => {
-                    paused.resume().await;
-                    Err(error)
+        };
+        let limit = Instant::now() + PAUSE_LIMIT;
+        let mut following = Some(following);
+        let outcome = loop {
+            // Batches in flight when the pause began may still land: reach them too.
+            let current = following.take().unwrap_or_else(follow);
+            let reached = self.reach(rebuild.as_ref(), &mut Live::Paused(&mut paused), Some(limit)).await;
+            current.stop().await;
+            if let Err(error) = reached {
+                break Err(error);
+            }
+            report.step(self.model, "swapping");
+            match paused.swap(self.options.keep_old).await {
+                Ok(()) => break Ok(true),
+                Err(SwapError::Behind(why)) if Instant::now() < limit => {
+                    tracing::info!(model = self.model, why, "the paused live model moved on; catching up again");
                 }
+                Err(SwapError::Behind(why)) => break Err(ReplayError::NoSwap(why)),
+                Err(SwapError::Store(error)) => break Err(error.into()),
             }
+        };
+        if outcome.is_err() {
+            paused.resume().await;
         }
-        .await;
-        let _ = stop.send(());
-        let _ = following.await;
-        let Some(paused) = outcome? else { return Ok(false) };
-        report.step(self.model, "swapping");
-        match paused.swap(self.options.keep_old).await {
-            Ok(()) => Ok(true),
-            Err(SwapError::Behind(why)) => Err(ReplayError::NoSwap(why)),
-            Err(SwapError::Store(error)) => Err(error.into()),
-        }
+        outcome
     }
 
     /// Waits until `rebuild` has applied every partition as far as `live` says, until `limit`.
@@ -368,6 +383,40 @@ impl Replay {
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
+    }
+}
+
+/// Records `progress` in the store every second, for GET /projections, until aborted.
+async fn heartbeat(store: Arc<dyn EventStore>, model: &'static str, progress: Arc<std::sync::Mutex<ReplayProgress>>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let now = *progress.lock().expect("not poisoned");
+        if let Err(error) = store.record_replay(model, now).await {
+            tracing::warn!(model, %error, "cannot record the replay's progress");
+        }
+    }
+}
+
+/// The rebuild's projector runtime, following the bus.
+struct Following {
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl Following {
+    fn start(runtime: Runtime) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(runtime.run(async {
+            let _ = stopped.await;
+        }));
+        Following { stop, running }
+    }
+
+    /// Stops it, a batch in flight cut short (every projector stores a batch whole or not).
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.running.await;
     }
 }
 

@@ -422,11 +422,25 @@ struct ProjectionStatus {
     lag_events: u64,
     /// How long ago the first event it has not applied was stored; 0 when it has them all.
     lag_seconds: f64,
-    /// `running`; `rebuilding` and `paused` come with replay.
+    /// `running`, or `rebuilding` while `quikapp replay` rebuilds it beside the live model
+    /// (which keeps serving).
     state: String,
     /// Events set aside on the dead-letter topic.
     dead_lettered: u64,
+    /// While rebuilding: the events of history applied so far, of how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebuild: Option<RebuildProgress>,
 }
+
+#[derive(Serialize, ToSchema)]
+struct RebuildProgress {
+    done: u64,
+    total: u64,
+}
+
+/// A replay records its progress every second while it runs: one silent for longer was
+/// interrupted (and resumes when run again).
+const REPLAY_SILENCE: chrono::TimeDelta = chrono::TimeDelta::seconds(10);
 
 #[utoipa::path(get, path = "/v1/projections", tag = "projections",
     params(MinPositionHeader, MinPositionQueryDocs),
@@ -442,6 +456,7 @@ async fn projections(
     api.reached(&models, min).await?;
     let store = &api.inner.store;
     let head = store.head().await?;
+    let replays = store.replays().await?;
     let mut projections = Vec::new();
     for (name, progress) in &api.inner.progress {
         let applied = *progress.borrow();
@@ -453,13 +468,18 @@ async fn projections(
                 (behind.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6).max(0.0)
             }),
         };
+        let rebuild = replays
+            .iter()
+            .find(|(model, _, at)| model == name && chrono::Utc::now() - *at < REPLAY_SILENCE)
+            .map(|(_, progress, _)| RebuildProgress { done: progress.done, total: progress.total });
         projections.push(ProjectionStatus {
             name: name.to_string(),
             position: applied.position.to_string(),
             lag_events,
             lag_seconds,
-            state: "running".into(),
+            state: if rebuild.is_some() { "rebuilding" } else { "running" }.into(),
             dead_lettered: applied.dead_lettered,
+            rebuild,
         });
     }
     Ok(Json(ProjectionList { projections }))

@@ -114,12 +114,19 @@ impl World {
     }
 }
 
-/// What a read of a channel made before the replay must answer, whenever it is made: each
-/// model's figure for it, from the read API's answer.
+/// What a read of a channel made before the replay must answer, whenever it is made: a path
+/// (`{ws}` and `{ch}` stand for the workspace and the channel) and the figure of the answer
+/// that must be the channel's member count (each member posted one message).
 type Check = (&'static str, fn(&Value) -> u64);
 
-const MEMBER_COUNT: Check = ("", |channel| channel["member_count"].as_u64().unwrap());
-const MESSAGE_COUNT: Check = ("/stats", |stats| stats["message_count"].as_u64().unwrap());
+const MEMBER_COUNT: Check = ("/channels/{ch}", |channel| channel["member_count"].as_u64().unwrap());
+const MESSAGE_COUNT: Check = ("/channels/{ch}/stats", |stats| stats["message_count"].as_u64().unwrap());
+const TIMELINE: Check = ("/channels/{ch}/messages", |page| page["messages"].as_array().unwrap().len() as u64);
+const SEARCH: Check = ("/workspaces/{ws}/search?q=message&channel={ch}", |hits| hits["total"].as_u64().unwrap());
+
+fn path(world: &World, check: &Check, channel: Uuid) -> String {
+    check.0.replace("{ws}", &world.workspace.to_string()).replace("{ch}", &channel.to_string())
+}
 
 /// Commands that keep coming, and reads of the channels that existed before, which must
 /// answer their figures (one message per member) at every instant, until `stop`. Answers how
@@ -137,8 +144,8 @@ async fn keep_busy(
         let owner = world.users[0];
         // Every model has the known channels before the replay starts.
         for channel in known.keys() {
-            for (path, _) in checks {
-                world.client.read(owner, &format!("/channels/{channel}{path}")).await;
+            for check in checks {
+                world.client.read(owner, &path(&world, check, *channel)).await;
             }
         }
         let mut reads = 0;
@@ -147,12 +154,13 @@ async fn keep_busy(
             world.channel_with_traffic(i).await;
             i += 1;
             for (channel, members) in &known {
-                for (path, figure) in checks {
+                for check in checks {
+                    let (path, figure) = (path(&world, check, *channel), check.1);
                     // No X-Min-Position: what a client sees at any instant, the swap included.
                     let response = world
                         .client
                         .http
-                        .get(format!("{}/v1/channels/{channel}{path}", world.client.read))
+                        .get(format!("{}/v1{path}", world.client.read))
                         .bearer_auth(&world.client.tokens[&owner])
                         .send()
                         .await
@@ -236,4 +244,87 @@ async fn replay_swaps_in_rebuilt_counters_while_commands_flow_and_reads_never_fa
         let members = world.channels.lock().unwrap()[&id(entry, "channel_id")].len();
         assert_eq!(entry["unread"], json!(members - 1));
     }
+}
+
+#[tokio::test]
+async fn replay_swaps_in_a_rebuilt_search_index_while_commands_flow_and_searches_never_fail() {
+    let Some((world, _processes)) = World::new(&["postgres", "search"], &[]).await else { return };
+    replay_under_load(&world, "search", &[MEMBER_COUNT, SEARCH]).await;
+    let owner = world.users[0];
+    let channels = world.channels.lock().unwrap().clone();
+    for (channel, members) in channels {
+        let hits = world
+            .client
+            .read(owner, &format!("/workspaces/{}/search?q=message&channel={channel}", world.workspace))
+            .await;
+        assert_eq!(hits["total"], json!(members.len()), "{channel}");
+    }
+    // The alias is on the rebuilt index, the first one is gone.
+    let url = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_ELASTICSEARCH_URL").unwrap().1;
+    let prefix = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_SEARCH_INDEX_PREFIX").unwrap().1;
+    let aliases: Value = reqwest::get(format!("{url}/{prefix}messages/_alias")).await.unwrap().json().await.unwrap();
+    let indexes: Vec<&String> = aliases.as_object().unwrap().keys().collect();
+    assert_eq!(indexes, [&format!("{prefix}messages-2")]);
+    let first = reqwest::get(format!("{url}/{prefix}messages-1")).await.unwrap();
+    assert_eq!(first.status(), 404);
+}
+
+#[tokio::test]
+async fn replay_swaps_in_rebuilt_timelines_while_commands_flow_and_reads_never_fail() {
+    let Some((world, _processes)) = World::new(&["postgres", "mongo"], &[]).await else { return };
+    replay_under_load(&world, "mongo", &[MEMBER_COUNT, TIMELINE]).await;
+    let owner = world.users[0];
+    let channels = world.channels.lock().unwrap().clone();
+    for (channel, members) in channels {
+        let page = world.client.read(owner, &format!("/channels/{channel}/messages")).await;
+        assert_eq!(page["messages"].as_array().unwrap().len(), members.len(), "{channel}");
+    }
+}
+
+#[tokio::test]
+async fn a_replay_killed_midway_resumes_where_it_stopped_and_a_second_one_meanwhile_is_refused() {
+    let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
+    for i in 10..250 {
+        world.channel_with_traffic(i).await;
+    }
+    let owner = world.users[0];
+    // One event per batch, so that the replay is still at its history when killed.
+    let mut first = world.pipeline.command(&["replay", "postgres", "--batch-size", "1"]).spawn().unwrap();
+    // Without X-Min-Position: the models this test does not run never reach any.
+    let postgres_status = || async {
+        let url = format!("{}/v1/projections", world.client.read);
+        let response = world.client.http.get(url).bearer_auth(&world.client.tokens[&owner]).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let projections: Value = response.json().await.unwrap();
+        let postgres = projections["projections"].as_array().unwrap().iter().find(|p| p["name"] == "postgres");
+        postgres.expect("the postgres model is listed").clone()
+    };
+    let rebuilding = deadline(Duration::from_secs(60), async {
+        loop {
+            let postgres = postgres_status().await;
+            if postgres["state"] == "rebuilding" && postgres["rebuild"]["done"].as_u64().unwrap() > 0 {
+                return postgres;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("GET /projections shows the replay's progress");
+    assert!(rebuilding["rebuild"]["total"].as_u64().unwrap() > 1000, "{rebuilding}");
+
+    let second = world.replay(&["postgres"]).await;
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("another replay of the postgres model is running"), "{stderr}");
+
+    assert!(first.try_wait().unwrap().is_none(), "the first replay was still running when it was killed");
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+
+    let resumed = summary(&world.replay(&["postgres", "--json"]).await);
+    let model = &resumed["models"][0];
+    assert!(model["resumed_from"].as_u64().unwrap() > 0, "{resumed}");
+    assert_eq!(model["swapped"], true);
+    world.assert_directory_matches().await;
+    assert_eq!(postgres_status().await["state"], "running");
 }

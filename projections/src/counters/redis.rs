@@ -284,7 +284,7 @@ impl crate::replay::Paused for PausedCounters {
         read_progress(&mut self.connection, &self.keys.progress()).await
     }
 
-    async fn swap(mut self: Box<Self>, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+    async fn swap(&mut self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
         let (progress, paused) = (self.keys.progress(), self.keys.paused());
         let connection = &mut self.connection;
         // Should the pause lapse, the live progress may move: then EXEC does nothing.

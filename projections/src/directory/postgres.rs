@@ -215,13 +215,14 @@ impl crate::replay::Versions for PostgresVersions {
              LOCK TABLE {live}.progress IN EXCLUSIVE MODE"
         );
         (&mut *tx).execute(pause.as_str()).await.map_err(classify)?;
-        Ok(Box::new(PausedDirectory { tx, live, rebuild: self.rebuild_schema(), old: self.old_schema() }))
+        Ok(Box::new(PausedDirectory { tx: Some(tx), live, rebuild: self.rebuild_schema(), old: self.old_schema() }))
     }
 }
 
 /// The live directory paused: a transaction holding its progress table.
 struct PausedDirectory {
-    tx: Transaction<'static, Postgres>,
+    /// `None` once swapped.
+    tx: Option<Transaction<'static, Postgres>>,
     live: String,
     rebuild: String,
     old: String,
@@ -231,13 +232,14 @@ struct PausedDirectory {
 impl crate::replay::Paused for PausedDirectory {
     async fn live(&mut self) -> Result<Stored, ProjectionError> {
         let live = self.live.clone();
-        read_stored(&mut self.tx, &live).await
+        read_stored(self.tx.as_mut().expect("not swapped"), &live).await
     }
 
-    async fn swap(mut self: Box<Self>, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+    async fn swap(&mut self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
         let (live, rebuild, old) = (self.live.clone(), self.rebuild.clone(), self.old.clone());
-        let live_now = read_stored(&mut self.tx, &live).await?;
-        let rebuilt = read_stored(&mut self.tx, &rebuild).await?;
+        let tx = self.tx.as_mut().expect("not swapped");
+        let live_now = read_stored(tx, &live).await?;
+        let rebuilt = read_stored(tx, &rebuild).await?;
         if let Some(partition) = crate::replay::behind(&live_now, &rebuilt) {
             return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
         }
@@ -251,7 +253,7 @@ impl crate::replay::Paused for PausedDirectory {
         if !keep_old {
             moves.push_str(&format!("DROP SCHEMA {old} CASCADE;"));
         }
-        let mut tx = self.tx;
+        let mut tx = self.tx.take().expect("not swapped");
         (&mut *tx).execute(moves.as_str()).await.map_err(classify)?;
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(PROGRESS_CHANNEL)
@@ -264,7 +266,9 @@ impl crate::replay::Paused for PausedDirectory {
     }
 
     async fn resume(self: Box<Self>) {
-        let _ = self.tx.rollback().await;
+        if let Some(tx) = self.tx {
+            let _ = tx.rollback().await;
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! `external_gte` would close it but lets a stale member overwrite a document at an equal
 //! version with other content (a reply set replayed against a later state).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,7 +32,8 @@ use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesPutIndexTemplateParts,
+    IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesGetAliasParts,
+    IndicesGetMappingParts, IndicesPutIndexTemplateParts,
 };
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, IndexParts, MgetParts, SearchParts};
@@ -52,6 +54,8 @@ const DOCUMENT_ERRORS: &[&str] = &["mapper_parsing_exception", "document_parsing
 pub struct OpenSearch {
     client: Elasticsearch,
     prefix: String,
+    /// A rebuild's own index, written directly; `None`: the live one, through the alias.
+    rebuild: Option<String>,
     /// Whether each channel met is private: a channel never changes that, so what was read or
     /// written once is kept (up to a million channels) instead of read again for every batch.
     channels: moka::sync::Cache<Uuid, bool>,
@@ -68,9 +72,38 @@ fn channel_id(channel: Uuid) -> String {
 /// The stored progress and the sequence number and primary term it was read at.
 struct Versioned {
     stored: Stored,
+    /// Until when (milliseconds since the epoch) a replay has paused the model, if it has.
+    paused_until: Option<i64>,
     seq_no: i64,
     primary_term: i64,
 }
+
+impl Versioned {
+    /// Refuses to store anything while a replay has the model paused.
+    fn unless_paused(self) -> Result<Self, ProjectionError> {
+        match self.paused_until {
+            Some(until) if until > chrono::Utc::now().timestamp_millis() => {
+                Err(unavailable("the model is paused for a replay to swap in its rebuild"))
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// The progress document's source.
+    fn source(&self, paused_until: Option<i64>) -> Value {
+        let partitions: Vec<Value> = self
+            .stored
+            .partitions
+            .iter()
+            .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
+            .collect();
+        json!({ "partitions": partitions, "dead_lettered": self.stored.dead_lettered, "paused_until": paused_until })
+    }
+}
+
+/// The version of the index's mappings this build writes and reads; an index of an older one
+/// (without `private`, before version 2) is rebuilt by `quikapp replay search`.
+pub const SCHEMA_VERSION: u64 = 2;
 
 impl OpenSearch {
     /// A client of the server at `url`; its indexes are named from `prefix` (`quikapp-`).
@@ -82,12 +115,35 @@ impl OpenSearch {
             .build()
             .map_err(unavailable)?;
         let channels = moka::sync::Cache::new(1_000_000);
-        Ok(OpenSearch { client: Elasticsearch::new(transport), prefix: prefix.to_owned(), channels })
+        Ok(OpenSearch { client: Elasticsearch::new(transport), prefix: prefix.to_owned(), rebuild: None, channels })
     }
 
-    /// The alias searches and writes go through.
+    /// The model in index `index` (a rebuild beside the live one), on the server of `self`.
+    fn in_index(&self, index: String) -> Self {
+        let channels = moka::sync::Cache::new(1_000_000);
+        OpenSearch { client: self.client.clone(), prefix: self.prefix.clone(), rebuild: Some(index), channels }
+    }
+
+    /// The alias searches and writes of the live model go through.
     pub fn messages(&self) -> String {
         format!("{}messages", self.prefix)
+    }
+
+    /// Where this model's reads and writes go: the alias, or a rebuild's index.
+    fn target(&self) -> String {
+        self.rebuild.clone().unwrap_or_else(|| self.messages())
+    }
+
+    /// The index behind the alias.
+    async fn live_index(&self) -> Result<String, ProjectionError> {
+        let alias = self.messages();
+        let (indices, names) = (self.client.indices(), [alias.as_str()]);
+        let answer = expect_success(indices.get_alias(IndicesGetAliasParts::Name(&names)).send().await, &[]).await?;
+        let indexes: Vec<&String> = answer.as_object().into_iter().flat_map(|o| o.keys()).collect();
+        match indexes.as_slice() {
+            [index] => Ok((*index).clone()),
+            _ => Err(unavailable(format!("the alias {alias} is on {indexes:?}, not on one index"))),
+        }
     }
 
     /// The template, the first messages index behind its alias, and its progress document,
@@ -103,6 +159,7 @@ impl OpenSearch {
                 } } }
             },
             "mappings": {
+                "_meta": { "schema_version": SCHEMA_VERSION },
                 "dynamic": false,
                 "properties": {
                     "workspace_id": { "type": "keyword" },
@@ -121,14 +178,30 @@ impl OpenSearch {
         let template = json!({ "index_patterns": [format!("{messages}-*")], "template": index });
         let put = indices.put_index_template(IndicesPutIndexTemplateParts::Name(&messages)).body(template);
         expect_success(put.send().await, &[]).await?;
-        let first = format!("{messages}-1");
-        let mut create = index;
-        create["aliases"] = json!({ &messages: {} });
-        let create = indices.create(IndicesCreateParts::Index(&first)).body(create);
+        let (name, mut create) = match &self.rebuild {
+            Some(rebuild) => (rebuild.clone(), index),
+            None => (format!("{messages}-1"), index),
+        };
+        if self.rebuild.is_none() {
+            create["aliases"] = json!({ &messages: {} });
+        }
+        let create = indices.create(IndicesCreateParts::Index(&name)).body(create);
         expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
+        let target = self.target();
         let empty = json!({ "partitions": [], "dead_lettered": 0 });
-        let initial = self.client.create(elasticsearch::CreateParts::IndexId(&messages, PROGRESS)).body(empty);
+        let initial = self.client.create(elasticsearch::CreateParts::IndexId(&target, PROGRESS)).body(empty);
         expect_success(initial.send().await, &["version_conflict_engine_exception"]).await?;
+        let names = [target.as_str()];
+        let answer =
+            expect_success(indices.get_mapping(IndicesGetMappingParts::Index(&names)).send().await, &[]).await?;
+        let versions = answer.as_object().into_iter().flat_map(|indexes| indexes.values());
+        let version = versions.map(|i| i["mappings"]["_meta"]["schema_version"].as_u64().unwrap_or(1)).min();
+        if let Some(version) = version.filter(|v| *v < SCHEMA_VERSION) {
+            return Err(ProjectionError::Rejected(format!(
+                "the search read model ({target}) has schema version {version}, this build needs \
+                 {SCHEMA_VERSION}: run `quikapp replay search` to rebuild it"
+            )));
+        }
         Ok(())
     }
 
@@ -147,7 +220,7 @@ impl OpenSearch {
     }
 
     async fn versioned(&self) -> Result<Versioned, ProjectionError> {
-        let messages = self.messages();
+        let messages = self.target();
         let body = expect_success(self.client.get(GetParts::IndexId(&messages, PROGRESS)).send().await, &[]).await?;
         if body["found"] != true {
             return Err(unavailable(format!("no progress in {messages}: run `quikapp migrate`")));
@@ -164,7 +237,12 @@ impl OpenSearch {
             .collect();
         let stored = Stored { partitions, dead_lettered: source["dead_lettered"].as_u64().unwrap_or(0) };
         let number = |key: &str| body[key].as_i64().ok_or_else(|| unavailable(format!("no {key} in {body}")));
-        Ok(Versioned { stored, seq_no: number("_seq_no")?, primary_term: number("_primary_term")? })
+        Ok(Versioned {
+            stored,
+            paused_until: source["paused_until"].as_i64(),
+            seq_no: number("_seq_no")?,
+            primary_term: number("_primary_term")?,
+        })
     }
 
     /// The stored documents and channels that `batch` needs.
@@ -183,7 +261,7 @@ impl OpenSearch {
         }
         let ids: Vec<String> =
             reads.messages.iter().map(Uuid::to_string).chain(unknown.iter().map(|c| channel_id(*c))).collect();
-        let messages = self.messages();
+        let messages = self.target();
         let request = self.client.mget(MgetParts::Index(&messages)).body(json!({ "ids": ids }));
         let body = expect_success(request.send().await, &[]).await?;
         let docs = body["docs"].as_array().into_iter().flatten();
@@ -227,9 +305,9 @@ impl OpenSearch {
                     body.push(line);
                 }
             }
-            let messages = self.messages();
-            // The alias, never an index the request would create in its place.
-            let bulk = self.client.bulk(BulkParts::Index(&messages)).require_alias(true);
+            let messages = self.target();
+            // The alias (or the rebuild's index), never an index the request would create.
+            let bulk = self.client.bulk(BulkParts::Index(&messages)).require_alias(self.rebuild.is_none());
             let bulk = bulk.refresh(Refresh::WaitFor).body(body);
             let answer = expect_success(bulk.send().await, &[]).await?;
             if answer["errors"] != true {
@@ -253,7 +331,7 @@ impl OpenSearch {
 
     /// Makes every write so far searchable now.
     async fn refresh(&self) -> Result<(), ProjectionError> {
-        let messages = self.messages();
+        let messages = self.target();
         let indexes = [messages.as_str()];
         let indices = self.client.indices();
         let refresh = indices.refresh(elasticsearch::indices::IndicesRefreshParts::Index(&indexes));
@@ -269,27 +347,41 @@ impl OpenSearch {
     /// into it; `Moved` when they no longer apply.
     async fn save(&self, mut read: Versioned, batch: &Batch) -> Result<(), ProjectionError> {
         loop {
-            let mut stored = read.stored.clone();
-            stored.record(&batch.moves, batch.dead_lettered);
-            let partitions: Vec<Value> = stored
-                .partitions
-                .iter()
-                .map(|(p, at)| json!({ "partition": partition_key(p), "offset": at.offset, "watermark": at.watermark }))
-                .collect();
-            let messages = self.messages();
-            let save = self
-                .client
-                .index(IndexParts::IndexId(&messages, PROGRESS))
-                .require_alias(true)
-                .if_seq_no(read.seq_no)
-                .if_primary_term(read.primary_term)
-                .body(json!({ "partitions": partitions, "dead_lettered": stored.dead_lettered }));
-            match save.send().await {
-                Ok(response) if response.status_code() == StatusCode::CONFLICT => {
-                    read = self.versioned().await?;
+            let mut next = Versioned { stored: read.stored.clone(), ..read };
+            next.stored.record(&batch.moves, batch.dead_lettered);
+            match self.store_progress(&next, None).await? {
+                true => return Ok(()),
+                false => {
+                    read = self.versioned().await?.unless_paused()?;
                     check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
                 }
-                response => return expect_success(response, &[]).await.map(|_| ()),
+            }
+        }
+    }
+
+    /// Stores `progress` (paused until `paused_until`) if the document is still at the
+    /// sequence number it was read at; false if it is not.
+    async fn store_progress(&self, progress: &Versioned, paused_until: Option<i64>) -> Result<bool, ProjectionError> {
+        let messages = self.target();
+        let save = self
+            .client
+            .index(IndexParts::IndexId(&messages, PROGRESS))
+            .require_alias(self.rebuild.is_none())
+            .if_seq_no(progress.seq_no)
+            .if_primary_term(progress.primary_term)
+            .body(progress.source(paused_until));
+        match save.send().await {
+            Ok(response) if response.status_code() == StatusCode::CONFLICT => Ok(false),
+            response => expect_success(response, &[]).await.map(|_| true),
+        }
+    }
+
+    /// Pauses the live model until `until` (milliseconds since the epoch), or ends the pause.
+    async fn set_pause(&self, until: Option<i64>) -> Result<(), ProjectionError> {
+        loop {
+            let read = self.versioned().await?;
+            if self.store_progress(&read, until).await? {
+                return Ok(());
             }
         }
     }
@@ -395,7 +487,7 @@ impl Projector for OpenSearch {
     /// Not atomic (see the module): a batch whose progress moved is refused before any write;
     /// otherwise its documents, each versioned, then its progress in a compare-and-set.
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
-        let read = self.versioned().await?;
+        let read = self.versioned().await?.unless_paused()?;
         check_moves(&batch.moves, |p| read.stored.partitions.get(p).map(|s| s.offset))?;
         let mut known = self.known(batch).await?;
         let folded = fold(&batch.events, &mut known);
@@ -448,5 +540,95 @@ impl Search for OpenSearch {
             .collect();
         let total = answer["hits"]["total"]["value"].as_u64().unwrap_or(0);
         Ok(Hits { hits, total })
+    }
+}
+
+/// The live search model (the index behind the alias `{prefix}messages`) and a rebuild in the
+/// next index of the same name (`…messages-2` beside `…messages-1`). A swap moves the alias in
+/// one `_aliases` request.
+pub struct OpenSearchVersions {
+    live: Arc<OpenSearch>,
+}
+
+impl OpenSearchVersions {
+    pub fn new(live: Arc<OpenSearch>) -> Self {
+        OpenSearchVersions { live }
+    }
+
+    /// The live index, and the rebuild's beside it.
+    async fn indexes(&self) -> Result<(String, String), ProjectionError> {
+        let live = self.live.live_index().await?;
+        let (name, generation) = live.rsplit_once('-').unwrap_or((live.as_str(), "0"));
+        let next = generation.parse::<u64>().map_err(|_| unavailable(format!("unexpected live index {live}")))? + 1;
+        Ok((live.clone(), format!("{name}-{next}")))
+    }
+
+    async fn delete_index(&self, index: &str) -> Result<(), ProjectionError> {
+        let (indices, names) = (self.live.client.indices(), [index]);
+        let delete = indices.delete(IndicesDeleteParts::Index(&names)).send().await;
+        expect_success(delete, &["index_not_found_exception"]).await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl crate::replay::Versions for OpenSearchVersions {
+    fn live(&self) -> Arc<dyn Projector> {
+        self.live.clone()
+    }
+
+    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+        let (_, rebuild) = self.indexes().await?;
+        let rebuild = self.live.in_index(rebuild);
+        rebuild.migrate().await?;
+        Ok(Arc::new(rebuild))
+    }
+
+    async fn discard(&self) -> Result<(), ProjectionError> {
+        let (_, rebuild) = self.indexes().await?;
+        self.delete_index(&rebuild).await
+    }
+
+    async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
+        let (live, rebuild) = self.indexes().await?;
+        // Lapses if the replay dies; batches in flight fail their progress compare-and-set.
+        let until = chrono::Utc::now().timestamp_millis() + 60_000;
+        self.live.set_pause(Some(until)).await?;
+        Ok(Box::new(PausedSearch { versions: OpenSearchVersions { live: self.live.clone() }, live, rebuild }))
+    }
+}
+
+struct PausedSearch {
+    versions: OpenSearchVersions,
+    live: String,
+    rebuild: String,
+}
+
+#[async_trait]
+impl crate::replay::Paused for PausedSearch {
+    async fn live(&mut self) -> Result<Stored, ProjectionError> {
+        self.versions.live.stored().await
+    }
+
+    async fn swap(&mut self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+        let live = &self.versions.live;
+        let rebuilt = live.in_index(self.rebuild.clone()).stored().await?;
+        if let Some(partition) = crate::replay::behind(&live.stored().await?, &rebuilt) {
+            return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
+        }
+        let alias = live.messages();
+        let actions = json!({ "actions": [
+            { "remove": { "index": &self.live, "alias": &alias } },
+            { "add": { "index": &self.rebuild, "alias": &alias } },
+        ] });
+        let indices = live.client.indices();
+        expect_success(indices.update_aliases().body(actions).send().await, &[]).await?;
+        if !keep_old {
+            self.versions.delete_index(&self.live).await?;
+        }
+        Ok(())
+    }
+
+    async fn resume(self: Box<Self>) {
+        let _ = self.versions.live.set_pause(None).await;
     }
 }

@@ -7,6 +7,7 @@
 //! one (an update command matching many documents can hang it); inserts in unordered batches,
 //! where a duplicate (E11000) means already there.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,9 +26,30 @@ const PROGRESS: &str = "progress";
 /// MongoDB's duplicate key error.
 const DUPLICATE_KEY: i32 = 11000;
 
-pub struct MongoTimelines {
+/// The collection of the pointer to the live version.
+const VERSIONS: &str = "versions";
+/// The pointer's `_id`; its `live` names the live version's suffix ("" before any replay).
+const POINTER: &str = "timelines";
+/// How long a live model trusts the pointer it read.
+const POINTER_TTL: Duration = Duration::from_secs(1);
+
+/// The shape of the documents this build reads and writes; a model of an older version is
+/// rebuilt by `quikapp replay mongo`.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The collections of one version of the model: `messages{suffix}` and `progress{suffix}`.
+#[derive(Clone)]
+struct Collections {
+    suffix: String,
     messages: Collection<Document>,
     progress: Collection<Document>,
+}
+
+pub struct MongoTimelines {
+    database: mongodb::Database,
+    /// A rebuild's suffix; `None`: the live version, the one the pointer names.
+    fixed: Option<String>,
+    pointed: std::sync::Mutex<Option<(std::time::Instant, Collections)>>,
 }
 
 fn unavailable(error: mongodb::error::Error) -> ProjectionError {
@@ -48,11 +70,85 @@ impl MongoTimelines {
         options.connect_timeout = Some(Duration::from_secs(5));
         let client = mongodb::Client::with_options(options).map_err(unavailable)?;
         let database = client.default_database().unwrap_or_else(|| client.database("quikapp"));
-        Ok(MongoTimelines { messages: database.collection("messages"), progress: database.collection(PROGRESS) })
+        Ok(MongoTimelines { database, fixed: None, pointed: Default::default() })
+    }
+
+    fn collections_of(&self, suffix: &str) -> Collections {
+        Collections {
+            suffix: suffix.to_owned(),
+            messages: self.database.collection(&format!("messages{suffix}")),
+            progress: self.database.collection(&format!("{PROGRESS}{suffix}")),
+        }
+    }
+
+    /// The live version's suffix, as the pointer says now.
+    async fn pointer(&self) -> Result<String, ProjectionError> {
+        Ok(self.pointer_and_pause().await?.0)
+    }
+
+    /// The live version's suffix, and until when (milliseconds since the epoch) a replay
+    /// paused it, if it did. FerretDB updates a document by reading and writing it back whole,
+    /// so the pause is in the pointer, which only replays write, not in the progress that
+    /// projectors write.
+    async fn pointer_and_pause(&self) -> Result<(String, Option<i64>), ProjectionError> {
+        let versions = self.database.collection::<Document>(VERSIONS);
+        let pointer = versions.find_one(doc! { "_id": POINTER }).await.map_err(unavailable)?;
+        let live = pointer.as_ref().and_then(|p| p.get_str("live").ok()).unwrap_or_default();
+        Ok((live.to_owned(), pointer.as_ref().and_then(|p| p.get_i64("paused_until").ok())))
+    }
+
+    /// Sets (or with `None`, ends) a replay's pause of the live version.
+    async fn set_pause(&self, until: Option<i64>) -> Result<(), ProjectionError> {
+        let versions = self.database.collection::<Document>(VERSIONS);
+        let update = match until {
+            Some(until) => doc! { "$set": { "paused_until": until } },
+            None => doc! { "$unset": { "paused_until": "" } },
+        };
+        versions.update_one(doc! { "_id": POINTER }, update).upsert(true).await.map(|_| ()).map_err(unavailable)
+    }
+
+    /// This model's collections: the rebuild's, or the live version's (the pointer read at
+    /// most [`POINTER_TTL`] ago).
+    async fn collections(&self) -> Result<Collections, ProjectionError> {
+        if let Some(suffix) = &self.fixed {
+            return Ok(self.collections_of(suffix));
+        }
+        if let Some((at, collections)) = &*self.pointed.lock().expect("not poisoned")
+            && at.elapsed() < POINTER_TTL
+        {
+            return Ok(collections.clone());
+        }
+        let collections = self.collections_of(&self.pointer().await?);
+        *self.pointed.lock().expect("not poisoned") = Some((std::time::Instant::now(), collections.clone()));
+        Ok(collections)
+    }
+
+    /// The progress document of `collections`.
+    async fn progress(&self, collections: &Collections) -> Result<Stored, ProjectionError> {
+        let found = collections.progress.find_one(doc! { "_id": PROGRESS }).await.map_err(unavailable)?;
+        let Some(document) = found else { return Ok(Stored::default()) };
+        let partitions = document
+            .get_document("partitions")
+            .map(|partitions| {
+                partitions
+                    .iter()
+                    .filter_map(|(field, value)| {
+                        let progress = value.as_document()?;
+                        let partition = parse_partition_key(&field.replace('~', "."))?;
+                        let offset = progress.get_i64("offset").ok()? as u64;
+                        let watermark = progress.get_i64("watermark").ok()? as u64;
+                        Some((partition, Progress { offset, watermark }))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let dead_lettered = document.get_i64("dead_lettered").unwrap_or(0) as u64;
+        Ok(Stored { partitions, dead_lettered })
     }
 
     /// Creates the indexes and the progress document when missing.
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        let c = self.collections().await?;
         let timeline = IndexModel::builder()
             .keys(doc! { "channel_id": 1, "position": -1 })
             .options(IndexOptions::builder().name("timeline".to_owned()).build())
@@ -63,33 +159,43 @@ impl MongoTimelines {
             .build();
         // Only the missing ones: FerretDB 1.24 drops the connection when asked to create an
         // index that exists. A collection not made yet has none (and answers an error).
-        let existing = self.messages.list_index_names().await.unwrap_or_default();
+        let existing = c.messages.list_index_names().await.unwrap_or_default();
         let missing: Vec<IndexModel> = [timeline, thread]
             .into_iter()
             .filter(|index| index.options.as_ref().and_then(|o| o.name.as_ref()).is_none_or(|n| !existing.contains(n)))
             .collect();
         if !missing.is_empty()
-            && let Err(error) = self.messages.create_indexes(missing).await
+            && let Err(error) = c.messages.create_indexes(missing).await
         {
             // Another process starting at the same moment may have made them meanwhile.
-            let now = self.messages.list_index_names().await.map_err(unavailable)?;
+            let now = c.messages.list_index_names().await.map_err(unavailable)?;
             if !["timeline", "thread"].iter().all(|name| now.iter().any(|n| n == name)) {
                 return Err(unavailable(error));
             }
         }
-        self.progress
-            .update_one(doc! { "_id": PROGRESS }, doc! { "$setOnInsert": { "partitions": {}, "dead_lettered": 0_i64 } })
+        let initial = doc! { "partitions": {}, "dead_lettered": 0_i64, "schema_version": SCHEMA_VERSION };
+        c.progress
+            .update_one(doc! { "_id": PROGRESS }, doc! { "$setOnInsert": initial })
             .upsert(true)
             .await
             .map_err(unavailable)?;
+        let progress = c.progress.find_one(doc! { "_id": PROGRESS }).await.map_err(unavailable)?;
+        let version = progress.and_then(|p| p.get_i32("schema_version").ok()).unwrap_or(1);
+        if version < SCHEMA_VERSION {
+            return Err(ProjectionError::Rejected(format!(
+                "the MongoDB read model has schema version {version}, this build needs {SCHEMA_VERSION}: \
+                 run `quikapp replay mongo` to rebuild it"
+            )));
+        }
         Ok(())
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
-        self.progress.find_one(doc! { "_id": PROGRESS }).await.map(|_| ()).map_err(unavailable)
+        let c = self.collections().await?;
+        c.progress.find_one(doc! { "_id": PROGRESS }).await.map(|_| ()).map_err(unavailable)
     }
 
-    async fn write(&self, op: Op) -> Result<(), ProjectionError> {
+    async fn write(&self, c: &Collections, op: Op) -> Result<(), ProjectionError> {
         let (filter, update) = match op {
             Op::Insert(_) => unreachable!("inserts go in batches"),
             Op::Change { message_id, version, change } => {
@@ -116,15 +222,15 @@ impl MongoTimelines {
                 (doc! { "_id": root.to_string() }, doc! { "$pull": { "replies": reply.to_string() } })
             }
         };
-        self.messages.update_one(filter, update).await.map(|_| ()).map_err(unavailable)
+        c.messages.update_one(filter, update).await.map(|_| ()).map_err(unavailable)
     }
 
-    async fn insert(&self, messages: Vec<Message>) -> Result<(), ProjectionError> {
+    async fn insert(&self, c: &Collections, messages: Vec<Message>) -> Result<(), ProjectionError> {
         if messages.is_empty() {
             return Ok(());
         }
         let documents: Vec<Document> = messages.iter().map(document).collect();
-        match self.messages.insert_many(documents).ordered(false).await {
+        match c.messages.insert_many(documents).ordered(false).await {
             Ok(_) => Ok(()),
             Err(error) => match error.kind.as_ref() {
                 ErrorKind::InsertMany(InsertManyError {
@@ -206,41 +312,34 @@ impl Projector for MongoTimelines {
     }
 
     async fn stored(&self) -> Result<Stored, ProjectionError> {
-        let Some(document) = self.progress.find_one(doc! { "_id": PROGRESS }).await.map_err(unavailable)? else {
-            return Ok(Stored::default());
-        };
-        let partitions = document
-            .get_document("partitions")
-            .map(|partitions| {
-                partitions
-                    .iter()
-                    .filter_map(|(field, value)| {
-                        let progress = value.as_document()?;
-                        let partition = parse_partition_key(&field.replace('~', "."))?;
-                        let offset = progress.get_i64("offset").ok()? as u64;
-                        let watermark = progress.get_i64("watermark").ok()? as u64;
-                        Some((partition, Progress { offset, watermark }))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let dead_lettered = document.get_i64("dead_lettered").unwrap_or(0) as u64;
-        Ok(Stored { partitions, dead_lettered })
+        self.progress(&self.collections().await?).await
     }
 
     /// Not atomic (see the module): a batch whose progress moved is refused before any write;
     /// otherwise its writes, each idempotent, then its progress in one conditional write.
     async fn apply(&self, batch: &Batch) -> Result<(), ProjectionError> {
-        let stored = self.stored().await?;
+        // The live version as the pointer says now, not as cached for reads: a swap moves the
+        // projectors at once.
+        let c = match &self.fixed {
+            Some(suffix) => self.collections_of(suffix),
+            None => {
+                let (live, paused_until) = self.pointer_and_pause().await?;
+                if paused_until.is_some_and(|until| until > chrono::Utc::now().timestamp_millis()) {
+                    return Err(ProjectionError::Unavailable("paused for a replay to swap in its rebuild".into()));
+                }
+                self.collections_of(&live)
+            }
+        };
+        let stored = self.progress(&c).await?;
         check_moves(&batch.moves, |p| stored.partitions.get(p).map(|s| s.offset))?;
         let ops = ops_of(&batch.events);
         let inserts: Vec<Message> = ops
             .iter()
             .filter_map(|op| if let Op::Insert(message) = op { Some(message.clone()) } else { None })
             .collect();
-        self.insert(inserts).await?;
+        self.insert(&c, inserts).await?;
         for op in ops.into_iter().filter(|op| !matches!(op, Op::Insert(_))) {
-            self.write(op).await?;
+            self.write(&c, op).await?;
         }
         let mut filter = doc! { "_id": PROGRESS };
         let mut set = Document::new();
@@ -253,7 +352,7 @@ impl Projector for MongoTimelines {
             set.insert(field, doc! { "offset": step.to.offset as i64, "watermark": step.to.watermark as i64 });
         }
         let update = doc! { "$set": set, "$inc": { "dead_lettered": batch.dead_lettered as i64 } };
-        let saved = self.progress.update_one(filter, update).await.map_err(unavailable)?;
+        let saved = c.progress.update_one(filter, update).await.map_err(unavailable)?;
         if saved.matched_count == 0 {
             return Err(ProjectionError::Moved("another member stored this progress first".into()));
         }
@@ -273,7 +372,8 @@ impl MongoTimelines {
         sort: Document,
         limit: Option<i64>,
     ) -> Result<Vec<MessageView>, ProjectionError> {
-        let mut find = self.messages.find(filter).sort(sort);
+        let collections = self.collections().await?;
+        let mut find = collections.messages.find(filter).sort(sort);
         if let Some(limit) = limit {
             find = find.limit(limit);
         }
@@ -299,7 +399,7 @@ impl Timelines for MongoTimelines {
 
     async fn message(&self, channel_id: Uuid, message_id: Uuid) -> Result<Option<MessageView>, ProjectionError> {
         let filter = doc! { "_id": message_id.to_string(), "channel_id": channel_id.to_string(), "deleted": false };
-        let found = self.messages.find_one(filter).await.map_err(unavailable)?;
+        let found = self.collections().await?.messages.find_one(filter).await.map_err(unavailable)?;
         Ok(found.as_ref().and_then(message_of).map(|m| MessageView::from(&m)))
     }
 
@@ -307,5 +407,100 @@ impl Timelines for MongoTimelines {
         let filter =
             doc! { "thread_root_id": root.to_string(), "channel_id": channel_id.to_string(), "deleted": false };
         self.find(filter, doc! { "position": 1 }, None).await
+    }
+}
+
+/// The live timelines (the version the pointer names) and a rebuild in the next version's
+/// collections. A swap is one write of the pointer; the old collections are dropped once no
+/// live model can still trust a pointer read before it.
+pub struct MongoVersions {
+    live: Arc<MongoTimelines>,
+}
+
+impl MongoVersions {
+    pub fn new(live: Arc<MongoTimelines>) -> Self {
+        MongoVersions { live }
+    }
+
+    /// The live version's suffix and the rebuild's: `""` → `_2`, `_2` → `_3`...
+    async fn suffixes(&self) -> Result<(String, String), ProjectionError> {
+        let live = self.live.pointer().await?;
+        let generation: u64 = live.strip_prefix('_').and_then(|n| n.parse().ok()).unwrap_or(1);
+        Ok((live, format!("_{}", generation + 1)))
+    }
+
+    fn rebuilt(&self, suffix: String) -> MongoTimelines {
+        MongoTimelines { database: self.live.database.clone(), fixed: Some(suffix), pointed: Default::default() }
+    }
+}
+
+async fn drop_version(collections: &Collections) -> Result<(), ProjectionError> {
+    collections.messages.drop().await.map_err(unavailable)?;
+    collections.progress.drop().await.map_err(unavailable)
+}
+
+#[async_trait]
+impl crate::replay::Versions for MongoVersions {
+    fn live(&self) -> Arc<dyn Projector> {
+        self.live.clone()
+    }
+
+    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+        let (_, rebuild) = self.suffixes().await?;
+        let rebuild = self.rebuilt(rebuild);
+        rebuild.migrate().await?;
+        Ok(Arc::new(rebuild))
+    }
+
+    async fn discard(&self) -> Result<(), ProjectionError> {
+        let (_, rebuild) = self.suffixes().await?;
+        drop_version(&self.live.collections_of(&rebuild)).await
+    }
+
+    async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
+        let (live, rebuild) = self.suffixes().await?;
+        let live = self.live.collections_of(&live);
+        // Lapses if the replay dies. Batches that began before it still end (see `swap`).
+        self.live.set_pause(Some(chrono::Utc::now().timestamp_millis() + 60_000)).await?;
+        Ok(Box::new(PausedTimelines { model: self.live.clone(), live, rebuild: self.live.collections_of(&rebuild) }))
+    }
+}
+
+struct PausedTimelines {
+    model: Arc<MongoTimelines>,
+    live: Collections,
+    rebuild: Collections,
+}
+
+#[async_trait]
+impl crate::replay::Paused for PausedTimelines {
+    async fn live(&mut self) -> Result<Stored, ProjectionError> {
+        self.model.progress(&self.live).await
+    }
+
+    /// Without transactions, a batch that began before the pause may still store its progress
+    /// between this comparison and the pointer's write. Nothing is lost: the projectors go on
+    /// from the rebuild's own progress and apply that batch there too. Until they have,
+    /// readers see the timelines as they were a moment before.
+    async fn swap(&mut self, keep_old: bool) -> Result<(), crate::replay::SwapError> {
+        let live = self.model.progress(&self.live).await?;
+        let rebuilt = self.model.progress(&self.rebuild).await?;
+        if let Some(partition) = crate::replay::behind(&live, &rebuilt) {
+            return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
+        }
+        let versions = self.model.database.collection::<Document>(VERSIONS);
+        let point = doc! { "$set": { "live": &self.rebuild.suffix }, "$unset": { "paused_until": "" } };
+        versions.update_one(doc! { "_id": POINTER }, point).upsert(true).await.map_err(unavailable)?;
+        if !keep_old {
+            // Readers and projectors trust a pointer for POINTER_TTL: the old version is read
+            // (paused, so as the rebuild had it) until then.
+            tokio::time::sleep(POINTER_TTL * 2).await;
+            drop_version(&self.live).await?;
+        }
+        Ok(())
+    }
+
+    async fn resume(self: Box<Self>) {
+        let _ = self.model.set_pause(None).await;
     }
 }

@@ -10,6 +10,7 @@ use quikapp_bus::embedded::EmbeddedBus;
 use quikapp_bus::kafka::KafkaBus;
 use quikapp_commands::store::EventStore;
 use quikapp_projections::Projector;
+use quikapp_projections::audit::{CountersContents, DirectoryContents, Model, SearchContents, TimelinesContents};
 use quikapp_projections::counters::memory::MemoryKeyspace;
 use quikapp_projections::counters::redis::RedisKeyspace;
 use quikapp_projections::counters::{Counters, Keys};
@@ -137,15 +138,24 @@ pub async fn open_search(config: &Config) -> Result<(Arc<dyn Search>, Arc<dyn Pr
 }
 
 /// A new, empty embedded model of `selection` (one model, not `all`).
-pub async fn open_embedded(selection: Selection) -> Result<Arc<dyn Projector>> {
+pub async fn open_embedded(selection: Selection) -> Result<Model> {
     Ok(match selection {
-        Selection::Postgres => Arc::new(MemoryDirectory::new()),
-        Selection::Redis => {
-            let keys = Keys::default();
-            Arc::new(Counters::new(Arc::new(MemoryKeyspace::new()), keys))
+        Selection::Postgres => {
+            let directory = Arc::new(MemoryDirectory::new());
+            Model { projector: directory.clone(), contents: Arc::new(DirectoryContents(directory)) }
         }
-        Selection::Mongo => Arc::new(MemoryTimelines::new()),
-        Selection::Search => Arc::new(SqliteSearch::in_memory().await?),
+        Selection::Redis => {
+            let counters = Counters::new(Arc::new(MemoryKeyspace::new()), Keys::default());
+            Model { projector: Arc::new(counters.clone()), contents: Arc::new(CountersContents(counters)) }
+        }
+        Selection::Mongo => {
+            let timelines = Arc::new(MemoryTimelines::new());
+            Model { projector: timelines.clone(), contents: Arc::new(TimelinesContents(timelines)) }
+        }
+        Selection::Search => {
+            let search = Arc::new(SqliteSearch::in_memory().await?);
+            Model { projector: search.clone(), contents: Arc::new(SearchContents(search)) }
+        }
         Selection::All => anyhow::bail!("one model at a time"),
     })
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use quikapp_commands::store::EventStore;
-use quikapp_projections::Projector;
+use quikapp_projections::audit::Model;
 use quikapp_projections::counters::redis::{RedisKeyspace, RedisVersions};
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
@@ -33,6 +33,13 @@ pub struct ReplayArgs {
     /// Rebuild and catch up, but leave the live model in place.
     #[arg(long)]
     dry_run: bool,
+    /// Compare the rebuild with the live model before the swap: per channel, workspace and
+    /// user, counts and a digest, then each entry that differs. Exit status 1 if they differ.
+    #[arg(long)]
+    verify: bool,
+    /// With --verify: no rebuild; compare the live model with a fold of the store in memory.
+    #[arg(long, requires = "verify", conflicts_with_all = ["restart", "keep_old", "dry_run"])]
+    live_only: bool,
     /// Print a JSON summary on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -47,8 +54,12 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
         Selection::All => vec![Selection::Postgres, Selection::Redis, Selection::Mongo, Selection::Search],
         one => vec![one],
     };
+    if args.live_only {
+        return audit_live(config, &args, &store, &names).await;
+    }
     let started = Instant::now();
     let mut summaries = Vec::new();
+    let mut differing = Vec::new();
     for selection in names {
         let name = model_name(selection);
         let _lock = lock(config, name).await?;
@@ -62,6 +73,7 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
                 restart: args.restart,
                 keep_old: args.keep_old,
                 dry_run: args.dry_run,
+                verify: args.verify,
                 batch_size: args.batch_size,
                 runtime: RuntimeConfig {
                     batch_size: config.projector_batch_size,
@@ -76,13 +88,65 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
         if !args.json {
             print_summary(&summary);
         }
+        if let Some(verdict) = &summary.verdict {
+            if !args.json {
+                verdict.lines("rebuild", "live").iter().for_each(|line| println!("{name}: {line}"));
+            }
+            if !verdict.differences.is_empty() {
+                differing.push(name);
+            }
+        }
         summaries.push(summary);
     }
     if args.json {
         let json = serde_json::json!({ "models": summaries, "seconds": started.elapsed().as_secs_f64() });
         println!("{json}");
     }
-    Ok(())
+    match differing.as_slice() {
+        [] => Ok(()),
+        models => bail!("the live model differs from the rebuild: {}", models.join(", ")),
+    }
+}
+
+/// `--verify --live-only`: each live model against a fold of the store in memory.
+async fn audit_live(
+    config: &Config,
+    args: &ReplayArgs,
+    store: &Arc<dyn EventStore>,
+    names: &[Selection],
+) -> Result<()> {
+    let Some(_) = &config.kafka_brokers else {
+        bail!(
+            "the embedded models live in the memory of `quikapp dev`, which rebuilds them at each start: nothing to audit"
+        )
+    };
+    let mut verdicts = serde_json::Map::new();
+    let mut differing = Vec::new();
+    for selection in names {
+        let name = model_name(*selection);
+        let (versions, bus) = versions(config, *selection, store).await?;
+        let partitions = bus.expect("Kafka is configured").partitions();
+        let reference = models::open_embedded(*selection).await?;
+        let live = versions.live();
+        let verdict =
+            quikapp_projections::replay::audit_live(store.as_ref(), &partitions, &live, &reference, args.batch_size)
+                .await
+                .with_context(|| format!("auditing the {name} model"))?;
+        if !args.json {
+            verdict.lines("the event store", "live").iter().for_each(|line| println!("{name}: {line}"));
+        }
+        if !verdict.differences.is_empty() {
+            differing.push(name);
+        }
+        verdicts.insert(name.into(), quikapp_projections::audit::summary(&verdict));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(verdicts));
+    }
+    match differing.as_slice() {
+        [] => Ok(()),
+        models => bail!("the live model differs from the event store: {}", models.join(", ")),
+    }
 }
 
 fn model_name(selection: Selection) -> &'static str {
@@ -145,14 +209,14 @@ async fn versions(
 
 /// A model of the embedded default: rebuilt in memory, here only to be counted (`quikapp dev`
 /// rebuilds its own at each start).
-struct Embedded(Arc<dyn Projector>);
+struct Embedded(Model);
 
 #[async_trait::async_trait]
 impl Versions for Embedded {
-    fn live(&self) -> Arc<dyn Projector> {
+    fn live(&self) -> Model {
         self.0.clone()
     }
-    async fn rebuild(&self) -> Result<Arc<dyn Projector>, quikapp_projections::ProjectionError> {
+    async fn rebuild(&self) -> Result<Model, quikapp_projections::ProjectionError> {
         Ok(self.0.clone())
     }
     async fn discard(&self) -> Result<(), quikapp_projections::ProjectionError> {

@@ -17,6 +17,7 @@
 //! applied position P when every partition's watermark is at least P (API.md, Kafka), which is
 //! what [`applied_position`] computes and what the read API answers X-Min-Position with.
 
+pub mod audit;
 pub mod counters;
 pub mod directory;
 pub mod replay;

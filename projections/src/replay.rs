@@ -29,8 +29,9 @@ use quikapp_bus::{EventBus, Partition};
 use quikapp_commands::store::{EventStore, ReplayProgress};
 use serde::Serialize;
 
+use crate::audit::{History, Model, Verdict, compare};
 use crate::runtime::{Runtime, RuntimeConfig, unknown_schema};
-use crate::{Batch, Move, Progress, ProjectionError, Projector, Stored};
+use crate::{Batch, Move, Progress, ProjectionError, Projector, Stored, applied_position};
 
 /// The pseudo-partition a rebuild stores its place in the event store under: offset, the last
 /// position applied; watermark, the position its history ends at once it is done (else 0).
@@ -43,10 +44,10 @@ fn replay_partition() -> Partition {
 /// A model's versions: the live one and a rebuild beside it.
 #[async_trait]
 pub trait Versions: Send + Sync {
-    /// The live model's projector.
-    fn live(&self) -> Arc<dyn Projector>;
-    /// The rebuild's projector, its storage made (empty, at this build's schema) if missing.
-    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError>;
+    /// The live model.
+    fn live(&self) -> Model;
+    /// The rebuild, its storage made (empty, at this build's schema) if missing.
+    async fn rebuild(&self) -> Result<Model, ProjectionError>;
     /// Drops the rebuild, if there is one.
     async fn discard(&self) -> Result<(), ProjectionError>;
     /// Stops the live model's projectors from storing anything until the swap (or until the
@@ -92,6 +93,8 @@ pub struct ReplayOptions {
     pub keep_old: bool,
     /// Rebuild (and catch up) but leave the live model as it is.
     pub dry_run: bool,
+    /// Compare the rebuild with the live model once it has caught up, before the swap.
+    pub verify: bool,
     /// Events read from the store and applied per batch.
     pub batch_size: u32,
     /// The catch-up's runtime (its `group_prefix` and `skip_through` are set here).
@@ -112,6 +115,9 @@ pub struct Summary {
     pub events_per_second: f64,
     /// Whether the rebuild is now the live model.
     pub swapped: bool,
+    /// With `--verify`: how the rebuild compared with the live model before the swap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
 }
 
 /// What a replay shows while it runs.
@@ -165,25 +171,25 @@ impl Replay {
             self.versions.discard().await?;
         }
         let mut rebuild = self.versions.rebuild().await?;
-        let place = rebuild.stored().await?.partitions.get(&replay_partition()).copied();
+        let place = rebuild.projector.stored().await?.partitions.get(&replay_partition()).copied();
         if place.is_none() {
             // Not a rebuild begun by a replay (an old version kept, a start cut short): anew.
             self.versions.discard().await?;
             rebuild = self.versions.rebuild().await?;
-            self.start(rebuild.as_ref()).await?;
+            self.start(rebuild.projector.as_ref()).await?;
         }
         let place = place.unwrap_or_default();
         let (resumed_from, through) = if place.watermark > 0 {
             (place.offset, place.watermark)
         } else {
             let through = self.store.head().await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
-            self.history(rebuild.as_ref(), place.offset, through, report, progress).await?;
+            self.history(rebuild.projector.as_ref(), place.offset, through, report, progress).await?;
             (place.offset, through)
         };
         let events = through.saturating_sub(resumed_from);
-        let swapped = match &self.bus {
-            Some(bus) => self.catch_up_and_swap(rebuild.clone(), bus.clone(), through, report).await?,
-            None => false,
+        let (swapped, verdict) = match &self.bus {
+            Some(bus) => self.catch_up_and_swap(&rebuild, bus.clone(), through, report).await?,
+            None => (false, None),
         };
         let seconds = started.elapsed().as_secs_f64();
         Ok(Summary {
@@ -194,13 +200,14 @@ impl Replay {
             seconds,
             events_per_second: events as f64 / seconds.max(1e-9),
             swapped,
+            verdict,
         })
     }
 
     /// Copies the live model's offsets into a new rebuild, with its place in the store at 0.
     async fn start(&self, rebuild: &dyn Projector) -> Result<(), ReplayError> {
         let live = match &self.bus {
-            Some(_) => self.versions.live().stored().await?,
+            Some(_) => self.versions.live().projector.stored().await?,
             None => Stored::default(),
         };
         let mut moves: Vec<Move> = live
@@ -308,21 +315,31 @@ impl Replay {
     /// live model, lets the rebuild reach where it stopped, and swaps.
     async fn catch_up_and_swap(
         &self,
-        rebuild: Arc<dyn Projector>,
+        rebuild: &Model,
         bus: Arc<dyn EventBus>,
         through: u64,
         report: &dyn Report,
-    ) -> Result<bool, ReplayError> {
+    ) -> Result<(bool, Option<Verdict>), ReplayError> {
         let live = self.versions.live();
+        let partitions = bus.partitions();
         let config = RuntimeConfig { skip_through: through, ..self.options.runtime.clone() };
+        let projector = rebuild.projector.clone();
         let follow =
-            || Following::start(Runtime { projector: rebuild.clone(), bus: bus.clone(), config: config.clone() });
+            || Following::start(Runtime { projector: projector.clone(), bus: bus.clone(), config: config.clone() });
         report.step(self.model, "catching up with the live model");
         let following = follow();
-        let reached = self.reach(rebuild.as_ref(), &mut Live::Running(live.as_ref()), None).await;
+        let mut reached = self.reach(projector.as_ref(), &mut Live::Running(live.projector.as_ref()), None).await;
+        let mut verdict = None;
+        if reached.is_ok() && self.options.verify {
+            report.step(self.model, "comparing the rebuild with the live model");
+            match audit(self.store.as_ref(), &partitions, rebuild, &live).await {
+                Ok(found) => verdict = Some(found),
+                Err(error) => reached = Err(error),
+            }
+        }
         if reached.is_err() || self.options.dry_run {
             following.stop().await;
-            return reached.map(|()| false);
+            return reached.map(|()| (false, verdict));
         }
         report.step(self.model, "pausing the live model");
         let mut paused = match self.versions.pause().await {
@@ -337,14 +354,14 @@ impl Replay {
         let outcome = loop {
             // Batches in flight when the pause began may still land: reach them too.
             let current = following.take().unwrap_or_else(follow);
-            let reached = self.reach(rebuild.as_ref(), &mut Live::Paused(&mut paused), Some(limit)).await;
+            let reached = self.reach(projector.as_ref(), &mut Live::Paused(&mut paused), Some(limit)).await;
             current.stop().await;
             if let Err(error) = reached {
                 break Err(error);
             }
             report.step(self.model, "swapping");
             match paused.swap(self.options.keep_old).await {
-                Ok(()) => break Ok(true),
+                Ok(()) => break Ok((true, verdict.take())),
                 Err(SwapError::Behind(why)) if Instant::now() < limit => {
                     tracing::info!(model = self.model, why, "the paused live model moved on; catching up again");
                 }
@@ -428,3 +445,49 @@ enum Live<'a> {
 
 /// The longest the live model stays paused while the rebuild reaches it.
 const PAUSE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Compares `found` with `expected` (see [`crate::audit`]) on what both have applied of the
+/// store's history as it is now.
+pub async fn audit(
+    store: &dyn EventStore,
+    partitions: &[Partition],
+    expected: &Model,
+    found: &Model,
+) -> Result<Verdict, ReplayError> {
+    let failed = |e: String| ReplayError::EventStore(e);
+    let head = store.head().await.map_err(|e| failed(e.to_string()))?;
+    let history = History::read(store, head).await.map_err(failed)?;
+    let applied = |stored: &Stored| applied_position(stored, partitions);
+    let settled = applied(&expected.projector.stored().await?).min(applied(&found.projector.stored().await?)).min(head);
+    let verdict = compare(&history, settled, expected.contents.as_ref(), found.contents.as_ref()).await?;
+    let now = store.head().await.map_err(|e| failed(e.to_string()))?;
+    Ok(verdict.without(&history.touched_after(store, now).await.map_err(failed)?))
+}
+
+/// Checks the live model against `reference`, a fresh model (in memory) that this folds the
+/// store's history into first: `quikapp replay --verify --live-only`.
+pub async fn audit_live(
+    store: &dyn EventStore,
+    partitions: &[Partition],
+    live: &Model,
+    reference: &Model,
+    batch_size: u32,
+) -> Result<Verdict, ReplayError> {
+    let failed = |e: String| ReplayError::EventStore(e);
+    let head = store.head().await.map_err(|e| failed(e.to_string()))?;
+    let mut after = 0;
+    while after < head {
+        let events = store.read_all(after, batch_size).await.map_err(|e| failed(e.to_string()))?;
+        let Some(last) = events.last().map(|e| e.global_position) else { break };
+        let events: Vec<_> = events.into_iter().filter(|e| unknown_schema(e).is_none()).collect();
+        let to = Progress { offset: last, watermark: 0 };
+        let moves = vec![Move { partition: replay_partition(), from: (after > 0).then_some(after), to }];
+        reference.projector.apply(&Batch { events, moves, dead_lettered: 0 }).await?;
+        after = last;
+    }
+    let history = History::read(store, head).await.map_err(failed)?;
+    let settled = applied_position(&live.projector.stored().await?, partitions).min(head);
+    let verdict = compare(&history, settled, reference.contents.as_ref(), live.contents.as_ref()).await?;
+    let now = store.head().await.map_err(|e| failed(e.to_string()))?;
+    Ok(verdict.without(&history.touched_after(store, now).await.map_err(failed)?))
+}

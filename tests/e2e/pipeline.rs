@@ -81,7 +81,7 @@ type Posted = (Uuid, Uuid, u64, bool, String, bool);
 /// What the commands imply, kept as their answers come.
 #[derive(Default)]
 pub(crate) struct Expected {
-    messages: HashMap<Uuid, Posted>,
+    pub(crate) messages: HashMap<Uuid, Posted>,
     /// (user, channel) → (position of the mark command, position of the marked message)
     marks: HashMap<(Uuid, Uuid), (u64, u64)>,
     pub(crate) last_position: u64,

@@ -328,3 +328,91 @@ async fn a_replay_killed_midway_resumes_where_it_stopped_and_a_second_one_meanwh
     world.assert_directory_matches().await;
     assert_eq!(postgres_status().await["state"], "running");
 }
+
+#[tokio::test]
+async fn verify_finds_a_corrupted_row_document_index_entry_and_redis_key() {
+    let Some((world, _processes)) = World::new(&["postgres", "redis", "mongo", "search"], &[]).await else { return };
+    let owner = world.users[0];
+    let env = |name: &str| world.pipeline.env.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    let channels: Vec<Uuid> = world.channels.lock().unwrap().keys().copied().collect();
+    // Every model has every command before the audit.
+    for check in [MEMBER_COUNT, MESSAGE_COUNT, TIMELINE, SEARCH] {
+        world.client.read(owner, &path(&world, &check, channels[0])).await;
+    }
+    let clean = world.replay(&["all", "--verify", "--live-only", "--json"]).await;
+    let verdicts = summary(&clean);
+    for model in ["postgres", "redis", "mongo", "search"] {
+        assert_eq!(verdicts[model]["differing"], 0, "{model}: {verdicts}");
+        assert!(verdicts[model]["compared"].as_u64().unwrap() >= 10, "{model}: {verdicts}");
+    }
+
+    // One thing wrong in each store, each in another channel.
+    let message_of = |channel: Uuid| {
+        let expected = world.client.expected.lock().unwrap();
+        *expected.messages.iter().find(|(_, posted)| posted.0 == channel).unwrap().0
+    };
+    let name = world.client.read(owner, &format!("/channels/{}", channels[1])).await["name"].clone();
+    let pool = sqlx::PgPool::connect(&env("QUIKAPP_POSTGRES_URL")).await.unwrap();
+    sqlx::query("UPDATE directory.channels SET name = 'tampered' WHERE channel_id = $1")
+        .bind(channels[1])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let redis = redis::Client::open(env("QUIKAPP_REDIS_URL")).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{}ch:{}:all", env("QUIKAPP_REDIS_KEY_PREFIX"), channels[2]);
+    let removed: i64 = redis::cmd("ZREM")
+        .arg(&key)
+        .arg(message_of(channels[2]).to_string())
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let mongo = mongodb::Client::with_uri_str(env("QUIKAPP_MONGO_URL")).await.unwrap();
+    let messages = mongo.default_database().unwrap().collection::<mongodb::bson::Document>("messages");
+    let tampered = mongodb::bson::doc! { "$set": { "text": "tampered" } };
+    let id = message_of(channels[3]).to_string();
+    let updated = messages.update_one(mongodb::bson::doc! { "_id": &id }, tampered).await.unwrap();
+    assert_eq!(updated.matched_count, 1);
+    let (search, prefix) = (env("QUIKAPP_ELASTICSEARCH_URL"), env("QUIKAPP_SEARCH_INDEX_PREFIX"));
+    let entry = message_of(channels[4]);
+    let update = reqwest::Client::new()
+        .post(format!("{search}/{prefix}messages/_update/{entry}?refresh=true"))
+        .json(&json!({ "doc": { "text": "tampered" } }))
+        .send()
+        .await
+        .unwrap();
+    assert!(update.status().is_success(), "{}", update.text().await.unwrap());
+
+    let audit = world.replay(&["all", "--verify", "--live-only"]).await;
+    assert_eq!(audit.status.code(), Some(1), "{}", String::from_utf8_lossy(&audit.stderr));
+    let report = String::from_utf8_lossy(&audit.stdout);
+    for (model, channel, what) in [
+        ("postgres", channels[1], "tampered".to_owned()),
+        ("redis", channels[2], "message_count".to_owned()),
+        ("mongo", channels[3], id.clone()),
+        ("search", channels[4], entry.to_string()),
+    ] {
+        let line = format!("{model}: channel {channel}:");
+        assert!(report.contains(&line), "{line} in:\n{report}");
+        assert!(
+            report.lines().any(|l| l.starts_with(&format!("{model}:   ")) && l.contains(&what)),
+            "{what}:\n{report}"
+        );
+    }
+    assert!(String::from_utf8_lossy(&audit.stderr).contains("differs from the event store"));
+
+    // A rebuild compared with the live model finds the same, and --dry-run leaves it alone.
+    let dry = world.replay(&["postgres", "--verify", "--dry-run"]).await;
+    assert_eq!(dry.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dry.stdout).contains(&format!("postgres: channel {}:", channels[1])));
+    let channel = world.client.read(owner, &format!("/channels/{}", channels[1])).await;
+    assert_eq!(channel["name"], "tampered");
+    // Swapped in, the rebuild mends it.
+    let mended = world.replay(&["postgres", "--verify"]).await;
+    assert_eq!(mended.status.code(), Some(1));
+    let channel = world.client.read(owner, &format!("/channels/{}", channels[1])).await;
+    assert_eq!(channel["name"], name);
+    let audit = world.replay(&["postgres", "--verify", "--live-only"]).await;
+    assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
+}

@@ -12,6 +12,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, PubSub};
 
 use super::{Counters, Keys, Keyspace, Op};
+use crate::audit::{CountersContents, Model};
 use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partition_key};
 
 /// The pub/sub channel stored progress is announced on.
@@ -240,14 +241,14 @@ impl RedisVersions {
 
 #[async_trait]
 impl crate::replay::Versions for RedisVersions {
-    fn live(&self) -> Arc<dyn crate::Projector> {
-        self.live.clone()
+    fn live(&self) -> Model {
+        model((*self.live).clone())
     }
 
-    async fn rebuild(&self) -> Result<Arc<dyn crate::Projector>, ProjectionError> {
+    async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
         keyspace.check_schema().await?;
-        Ok(Arc::new(Counters::new(Arc::new(keyspace), self.keys.clone())))
+        Ok(model(Counters::new(Arc::new(keyspace), self.keys.clone())))
     }
 
     async fn discard(&self) -> Result<(), ProjectionError> {
@@ -326,6 +327,10 @@ impl crate::replay::Paused for PausedCounters {
 async fn flush(client: &redis::Client) -> Result<(), ProjectionError> {
     let mut connection = client.get_multiplexed_async_connection().await.map_err(unavailable)?;
     redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await.map_err(unavailable)
+}
+
+fn model(counters: Counters) -> Model {
+    Model { projector: Arc::new(counters.clone()), contents: Arc::new(CountersContents(counters)) }
 }
 
 async fn read_progress(

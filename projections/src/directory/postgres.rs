@@ -14,6 +14,7 @@ use sqlx::{Executor, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{Changes, ChannelView, Directory, MemberView, WorkspaceView, role_name, role_of};
+use crate::audit::{DirectoryContents, Model};
 use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
 /// The channel stored progress is announced on; the payload is the model's name.
@@ -189,14 +190,14 @@ impl PostgresVersions {
 
 #[async_trait]
 impl crate::replay::Versions for PostgresVersions {
-    fn live(&self) -> Arc<dyn Projector> {
-        self.live.clone()
+    fn live(&self) -> Model {
+        model(self.live.clone())
     }
 
-    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+    async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let rebuild = self.rebuilt().await?;
         rebuild.migrate().await?;
-        Ok(Arc::new(rebuild))
+        Ok(model(Arc::new(rebuild)))
     }
 
     async fn discard(&self) -> Result<(), ProjectionError> {
@@ -217,6 +218,10 @@ impl crate::replay::Versions for PostgresVersions {
         (&mut *tx).execute(pause.as_str()).await.map_err(classify)?;
         Ok(Box::new(PausedDirectory { tx: Some(tx), live, rebuild: self.rebuild_schema(), old: self.old_schema() }))
     }
+}
+
+fn model(directory: Arc<PostgresDirectory>) -> Model {
+    Model { projector: directory.clone(), contents: Arc::new(DirectoryContents(directory)) }
 }
 
 /// The live directory paused: a transaction holding its progress table.

@@ -205,6 +205,8 @@ pub fn highlight(marked: &str) -> String {
 #[async_trait]
 pub trait Search: Send + Sync {
     async fn search(&self, query: &Query) -> Result<Hits, ProjectionError>;
+    /// Every document of `channel`, deleted ones included, oldest first (for audits).
+    async fn documents(&self, channel: Uuid) -> Result<Vec<Document>, ProjectionError>;
 }
 
 #[cfg(test)]

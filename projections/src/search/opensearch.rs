@@ -41,6 +41,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{Document, Hit, Hits, Known, MARK_END, MARK_START, Query, Search, fold, highlight, to_read};
+use crate::audit::{Model, SearchContents};
 use crate::timelines::MessageView;
 use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
@@ -541,6 +542,34 @@ impl Search for OpenSearch {
         let total = answer["hits"]["total"]["value"].as_u64().unwrap_or(0);
         Ok(Hits { hits, total })
     }
+
+    async fn documents(&self, channel: Uuid) -> Result<Vec<Document>, ProjectionError> {
+        let target = self.target();
+        let indexes = [target.as_str()];
+        let mut documents = Vec::new();
+        let mut after: Option<u64> = None;
+        loop {
+            let mut body = json!({
+                "query": { "term": { "channel_id": channel.to_string() } },
+                "sort": [{ "position": "asc" }],
+                "size": 1000,
+            });
+            if let Some(after) = after {
+                body["search_after"] = json!([after]);
+            }
+            let search = self.client.search(SearchParts::Index(&indexes)).body(body);
+            let answer = expect_success(search.send().await, &[]).await?;
+            let hits = answer["hits"]["hits"].as_array().cloned().unwrap_or_default();
+            for hit in &hits {
+                let unreadable = || unavailable(format!("unreadable: {hit}"));
+                documents.push(document_of(&hit["_source"]).ok_or_else(unreadable)?);
+            }
+            match documents.last() {
+                Some(last) if hits.len() == 1000 => after = Some(last.message.position),
+                _ => return Ok(documents),
+            }
+        }
+    }
 }
 
 /// The live search model (the index behind the alias `{prefix}messages`) and a rebuild in the
@@ -572,15 +601,15 @@ impl OpenSearchVersions {
 
 #[async_trait]
 impl crate::replay::Versions for OpenSearchVersions {
-    fn live(&self) -> Arc<dyn Projector> {
-        self.live.clone()
+    fn live(&self) -> Model {
+        model(self.live.clone())
     }
 
-    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+    async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let (_, rebuild) = self.indexes().await?;
         let rebuild = self.live.in_index(rebuild);
         rebuild.migrate().await?;
-        Ok(Arc::new(rebuild))
+        Ok(model(Arc::new(rebuild)))
     }
 
     async fn discard(&self) -> Result<(), ProjectionError> {
@@ -595,6 +624,10 @@ impl crate::replay::Versions for OpenSearchVersions {
         self.live.set_pause(Some(until)).await?;
         Ok(Box::new(PausedSearch { versions: OpenSearchVersions { live: self.live.clone() }, live, rebuild }))
     }
+}
+
+fn model(search: Arc<OpenSearch>) -> Model {
+    Model { projector: search.clone(), contents: Arc::new(SearchContents(search)) }
 }
 
 struct PausedSearch {

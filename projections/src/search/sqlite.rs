@@ -244,4 +244,18 @@ impl Search for SqliteSearch {
             .collect();
         Ok(Hits { hits, total: total as u64 })
     }
+    async fn documents(&self, channel: Uuid) -> Result<Vec<Document>, ProjectionError> {
+        let bodies: Vec<String> = sqlx::query_scalar(
+            "SELECT body FROM documents WHERE json_extract(body, '$.message.channel_id') = ?1
+             ORDER BY json_extract(body, '$.message.position')",
+        )
+        .bind(channel.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        bodies
+            .iter()
+            .map(|body| serde_json::from_str(body).map_err(|e| ProjectionError::Unavailable(e.to_string())))
+            .collect()
+    }
 }

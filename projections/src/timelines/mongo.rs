@@ -20,6 +20,7 @@ use mongodb::{Collection, IndexModel};
 use uuid::Uuid;
 
 use super::{Change, Message, MessageView, Op, Timelines, ops_of};
+use crate::audit::{Model, TimelinesContents};
 use crate::{Batch, Progress, ProjectionError, Projector, Stored, check_moves, parse_partition_key, partition_key};
 
 const PROGRESS: &str = "progress";
@@ -441,15 +442,15 @@ async fn drop_version(collections: &Collections) -> Result<(), ProjectionError> 
 
 #[async_trait]
 impl crate::replay::Versions for MongoVersions {
-    fn live(&self) -> Arc<dyn Projector> {
-        self.live.clone()
+    fn live(&self) -> Model {
+        model(self.live.clone())
     }
 
-    async fn rebuild(&self) -> Result<Arc<dyn Projector>, ProjectionError> {
+    async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let (_, rebuild) = self.suffixes().await?;
         let rebuild = self.rebuilt(rebuild);
         rebuild.migrate().await?;
-        Ok(Arc::new(rebuild))
+        Ok(model(Arc::new(rebuild)))
     }
 
     async fn discard(&self) -> Result<(), ProjectionError> {
@@ -464,6 +465,10 @@ impl crate::replay::Versions for MongoVersions {
         self.live.set_pause(Some(chrono::Utc::now().timestamp_millis() + 60_000)).await?;
         Ok(Box::new(PausedTimelines { model: self.live.clone(), live, rebuild: self.live.collections_of(&rebuild) }))
     }
+}
+
+fn model(timelines: Arc<MongoTimelines>) -> Model {
+    Model { projector: timelines.clone(), contents: Arc::new(TimelinesContents(timelines)) }
 }
 
 struct PausedTimelines {

@@ -178,31 +178,37 @@ async fn versions(
         Some(_) => Some(models::open_bus(config, store.clone()).await?),
         None => None,
     };
-    let versions: Arc<dyn Versions> = match (selection, &config.postgres_url) {
-        (Selection::Postgres, Some(url)) => {
+    if bus.is_none() {
+        return Ok((Arc::new(Embedded(models::open_embedded(selection).await?)), None));
+    }
+    let missing = |variable: &str| {
+        anyhow::anyhow!("`quikapp replay {}` needs {variable} (the model's store)", model_name(selection))
+    };
+    let versions: Arc<dyn Versions> = match selection {
+        Selection::Postgres => {
+            let url = config.postgres_url.as_deref().ok_or_else(|| missing("QUIKAPP_POSTGRES_URL"))?;
             // Not migrated: a model of an older schema version is what a replay is for.
             let live = PostgresDirectory::connect(url).await.context("connecting to the PostgreSQL read model")?;
             Arc::new(PostgresVersions::new(Arc::new(live)))
         }
-        (Selection::Redis, _) if config.redis_url.is_some() => {
-            let url = config.redis_url.as_deref().expect("checked");
+        Selection::Redis => {
+            let url = config.redis_url.as_deref().ok_or_else(|| missing("QUIKAPP_REDIS_URL"))?;
             let keys = Keys { prefix: config.redis_key_prefix.clone() };
             let keyspace = RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?;
             let live = Arc::new(Counters::new(Arc::new(keyspace), keys.clone()));
             Arc::new(RedisVersions::new(live, url, keys, config.redis_rebuild_db)?)
         }
-        (Selection::Search, _) if config.elasticsearch_url.is_some() => {
-            let url = config.elasticsearch_url.as_deref().expect("checked");
+        Selection::Search => {
+            let url = config.elasticsearch_url.as_deref().ok_or_else(|| missing("QUIKAPP_ELASTICSEARCH_URL"))?;
             let live = OpenSearch::connect(url, &config.search_index_prefix).context("the search read model")?;
             Arc::new(OpenSearchVersions::new(Arc::new(live)))
         }
-        (Selection::Mongo, _) if config.mongo_url.is_some() => {
-            let url = config.mongo_url.as_deref().expect("checked");
+        Selection::Mongo => {
+            let url = config.mongo_url.as_deref().ok_or_else(|| missing("QUIKAPP_MONGO_URL"))?;
             let live = MongoTimelines::connect(url).await.context("connecting to MongoDB")?;
             Arc::new(MongoVersions::new(Arc::new(live)))
         }
-        _ if config.kafka_brokers.is_none() => Arc::new(Embedded(models::open_embedded(selection).await?)),
-        _ => bail!("`quikapp replay {}` needs the model's store configured", model_name(selection)),
+        Selection::All => unreachable!("`all` is taken apart first"),
     };
     Ok((versions, bus))
 }

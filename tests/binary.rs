@@ -359,3 +359,41 @@ async fn a_standby_relay_process_takes_over_when_the_active_one_is_killed() {
     drop(standby);
     fixture.check(killed_at).await;
 }
+
+#[tokio::test]
+async fn replay_rebuilds_the_embedded_models_from_the_data_dir_and_refuses_bad_arguments_in_one_line() {
+    let data_dir = scratch_dir();
+    let server = dev(&data_dir);
+    let (alice, client) = (Uuid::now_v7(), reqwest::Client::new());
+    let alice_token = token(&data_dir, alice);
+    let body = Some(json!({"name": "Acme"}));
+    let (status, _) =
+        send(&client, reqwest::Method::POST, format!("{}/v1/workspaces", server.url), &alice_token, body).await;
+    assert_eq!(status, 201);
+    drop(server);
+
+    let replay =
+        |args: &[&str]| quikapp(&[&["replay"], args].concat()).env("QUIKAPP_DATA_DIR", &data_dir).output().unwrap();
+    let output = replay(&["all", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let summary: Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
+    let models = summary["models"].as_array().unwrap();
+    assert_eq!(models.len(), 4);
+    for model in models {
+        assert_eq!(model["events"], 1, "{model}"); // the workspace's creation
+        assert_eq!(model["through"], 1, "{model}");
+        assert_eq!(model["swapped"], false);
+    }
+
+    let unknown = replay(&["mysql"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("invalid value 'mysql'"));
+    let down = quikapp(&["replay", "postgres"])
+        .env("QUIKAPP_POSTGRES_URL", "postgres://quikapp@127.0.0.1:1/quikapp")
+        .env("QUIKAPP_KAFKA_BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(stderr.contains("Error:") && stderr.contains("PostgreSQL"), "{stderr}");
+}

@@ -416,3 +416,26 @@ async fn verify_finds_a_corrupted_row_document_index_entry_and_redis_key() {
     let audit = world.replay(&["postgres", "--verify", "--live-only"]).await;
     assert!(audit.status.success(), "{}", String::from_utf8_lossy(&audit.stdout));
 }
+
+#[tokio::test]
+async fn a_projector_refuses_a_model_of_an_older_schema_version_until_a_replay_rebuilds_it() {
+    let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
+    let url = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_POSTGRES_URL").unwrap().1;
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query("UPDATE directory.model SET schema_version = 0").execute(&pool).await.unwrap();
+
+    let mut refused = world.pipeline.command(&["project", "postgres"]);
+    let refused = tokio::task::spawn_blocking(move || refused.output().unwrap());
+    let refused = deadline(Duration::from_secs(60), refused).await.expect("the projector exits").unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("schema version 0") && stderr.contains("run `quikapp replay postgres`"), "{stderr}");
+
+    summary(&world.replay(&["postgres", "--json"]).await);
+    let version: i32 = sqlx::query_scalar("SELECT schema_version FROM directory.model").fetch_one(&pool).await.unwrap();
+    assert!(version > 0);
+    let projector = world.pipeline.start(&["project", "postgres"], "projector");
+    world.channel_with_traffic(500).await;
+    world.assert_directory_matches().await;
+    drop(projector);
+}

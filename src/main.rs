@@ -65,9 +65,16 @@ enum Role {
     },
 }
 
+/// Errors end the process with one line, its causes joined by colons.
 #[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+async fn main() {
+    if let Err(error) = run(Cli::parse()).await {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let config = Config::load(cli.config.as_deref()).context("reading the configuration")?;
     match cli.role {
         Role::Token { user_id } => {
@@ -129,7 +136,13 @@ async fn main() -> Result<()> {
         }
         Role::Replay(args) => {
             init_tracing();
-            replay::run(&config, args).await
+            tokio::select! {
+                outcome = replay::run(&config, args) => outcome,
+                () = shutdown_signal() => {
+                    // A paused live model resumes by itself within a minute (see each model's pause).
+                    bail!("interrupted: run the same command again to resume the rebuild, or with --restart to start over")
+                }
+            }
         }
         Role::Project { model } => {
             init_tracing();
@@ -247,6 +260,7 @@ async fn run_dev(config: &Config, secret: &str) -> Result<()> {
         let until = stopped(&stop);
         background.spawn(async move { relay.run(until).await });
     }
+    models.check_schemas().await?;
     for projector in models.projectors() {
         let runtime = models::runtime(config, projector, bus.clone());
         let until = stopped(&stop);
@@ -293,6 +307,7 @@ async fn run_projectors(config: &Config, selection: models::Selection) -> Result
         topics: topics(config),
         partitions: config.kafka_partitions,
     });
+    models.check_schemas().await?;
     let projectors = models.projectors();
     let check = projectors.clone();
     let readiness = move || {

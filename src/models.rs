@@ -81,6 +81,15 @@ impl ReadModels {
         directory.chain(counters).chain(timelines).chain(search).collect()
     }
 
+    /// Refuses to project into a model of an older schema version (the read API serves it
+    /// meanwhile; `quikapp replay` rebuilds it).
+    pub async fn check_schemas(&self) -> Result<()> {
+        for projector in self.projectors() {
+            projector.check_schema().await?;
+        }
+        Ok(())
+    }
+
     /// What the read API serves (every model is open when it runs).
     pub fn served(&self) -> quikapp_read_api::Models {
         let (directory, _) = self.directory.clone().expect("the read API opens every model");
@@ -165,7 +174,7 @@ pub async fn open_counters(config: &Config) -> Result<Counters> {
     Ok(match &config.redis_url {
         Some(url) => {
             let keyspace = RedisKeyspace::connect(url, keys.clone()).await.context("connecting to Redis")?;
-            keyspace.check_schema().await.context("checking the Redis read model")?;
+            keyspace.migrate().await.context("preparing the Redis read model")?;
             Counters::new(Arc::new(keyspace), keys)
         }
         None => Counters::new(Arc::new(MemoryKeyspace::new()), keys),

@@ -30,7 +30,7 @@ pub struct ReplayArgs {
     /// Keep the old version after the swap (the next replay drops it).
     #[arg(long)]
     keep_old: bool,
-    /// Rebuild and catch up, but leave the live model in place.
+    /// Rebuild, catch up and compare (as --verify), but leave the live model in place.
     #[arg(long)]
     dry_run: bool,
     /// Compare the rebuild with the live model before the swap: per channel, workspace and
@@ -57,13 +57,26 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
     if args.live_only {
         return audit_live(config, &args, &store, &names).await;
     }
+    let verify = args.verify || args.dry_run;
+    if verify && config.kafka_brokers.is_none() {
+        bail!("the embedded models live in the memory of `quikapp dev`: there is no live model to compare with");
+    }
+    // Every model's store answers before the first rebuild starts: `all` stops before doing
+    // anything rather than after some models were swapped.
+    let mut selected = Vec::new();
+    for selection in names {
+        let name = model_name(selection);
+        let (versions, bus) = versions(config, selection, &store).await?;
+        if bus.is_some() {
+            versions.live().projector.stored().await.with_context(|| format!("reading the live {name} model"))?;
+        }
+        selected.push((name, versions, bus));
+    }
     let started = Instant::now();
     let mut summaries = Vec::new();
     let mut differing = Vec::new();
-    for selection in names {
-        let name = model_name(selection);
+    for (name, versions, bus) in selected {
         let _lock = lock(config, name).await?;
-        let (versions, bus) = versions(config, selection, &store).await?;
         let replay = Replay {
             model: name,
             store: store.clone(),
@@ -73,7 +86,7 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
                 restart: args.restart,
                 keep_old: args.keep_old,
                 dry_run: args.dry_run,
-                verify: args.verify,
+                verify,
                 batch_size: args.batch_size,
                 runtime: RuntimeConfig {
                     batch_size: config.projector_batch_size,
@@ -229,7 +242,7 @@ impl Versions for Embedded {
         Ok(())
     }
     async fn pause(&self) -> Result<Box<dyn Paused>, quikapp_projections::ProjectionError> {
-        Err(quikapp_projections::ProjectionError::Rejected("an embedded model has nothing to swap with".into()))
+        Err(quikapp_projections::ProjectionError::Unfit("an embedded model has nothing to swap with".into()))
     }
 }
 

@@ -395,5 +395,8 @@ async fn replay_rebuilds_the_embedded_models_from_the_data_dir_and_refuses_bad_a
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&down.stderr);
-    assert!(stderr.contains("Error:") && stderr.contains("PostgreSQL"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1 && stderr.contains("PostgreSQL"),
+        "{stderr}"
+    );
 }

@@ -185,7 +185,7 @@ start_kafka() {
       -c "$dir/server.properties" > "$DATA/kafka.log" 2>&1 || die_with_log kafka "storage format failed"
   fi
   if ! pid_alive kafka; then
-    KAFKA_LOG=$DATA/kafka.log nohup java -Xms512m -Xmx512m -XX:+UseG1GC -cp "$KAFKA_HOME/libs/*" \
+    KAFKA_LOG=$DATA/kafka.log nohup java -Xms1g -Xmx1g -XX:+UseG1GC -cp "$KAFKA_HOME/libs/*" \
       -Dlog4j2.configurationFile="$KAFKA_HOME/log4j2.properties" -Dkafka.log.file="$DATA/kafka.log" \
       kafka.Kafka "$dir/server.properties" >> "$DATA/kafka.log" 2>&1 &
     echo $! > "$DATA/kafka.pid"

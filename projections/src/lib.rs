@@ -94,6 +94,10 @@ pub enum ProjectionError {
     /// Nothing was written. Applying the events one at a time finds the one at fault.
     #[error("the batch cannot be applied: {0}")]
     Rejected(String),
+    /// The store is not fit for the model: a schema version older than this build's, a Redis
+    /// database shared with other data. An operator has to act (the message says how).
+    #[error("{0}")]
+    Unfit(String),
 }
 
 /// A read model's writer.
@@ -130,6 +134,21 @@ pub trait Projector: Send + Sync {
     /// Resolves when the stored progress may have changed (a notification from the store), or
     /// after a while at the latest.
     async fn changed(&self);
+
+    /// Refuses a stored model whose schema version is older than this build's (its shape
+    /// changed: `quikapp replay` rebuilds it). Projectors check before they run; readers read
+    /// what is there. A model kept in memory has nothing stored to refuse.
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
+}
+
+/// The refusal of a model of schema version `found` where this build needs `needed`.
+pub fn older_schema(model: &str, found: impl std::fmt::Display, needed: impl std::fmt::Display) -> ProjectionError {
+    ProjectionError::Unfit(format!(
+        "the {model} read model has schema version {found}, this build needs {needed}: \
+         run `quikapp replay {model}` to rebuild it"
+    ))
 }
 
 /// How an in-memory model tells the read API's tracker that its progress changed.

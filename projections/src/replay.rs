@@ -12,11 +12,11 @@
 //! 2. **History.** The store's events up to `G`, in pages of [`ReplayOptions::batch_size`],
 //!    each applied as one batch whose only move is the [`REPLAY`] partition's offset: the last
 //!    position applied. That move is stored with the effects, so an interrupted rebuild resumes
-//!    where it stopped. The last batch sets the REPLAY watermark to `G` (history done) and
-//!    every partition's watermark to `G`.
+//!    where it stopped. The last batch sets the REPLAY watermark to `G`: history done.
 //! 3. **Catch-up and swap.** A projector runtime of its own reads the bus from `S0` on,
 //!    passing over events at or below `G` (they came from the store), until the rebuild has
-//!    applied every partition at least as far as the live model. Then the live model is
+//!    applied every partition at least as far as the live model and past a watermark of `G`
+//!    (so past every record of an event up to `G`). Then the live model is
 //!    paused ([`Versions::pause`]), the rebuild reaches where it stopped, and [`Paused::swap`]
 //!    makes the rebuild live in one step. The live projectors, whose stored offsets are now the
 //!    rebuild's, learn them on their next batch ([`ProjectionError::Moved`]) and go on.
@@ -259,16 +259,6 @@ impl Replay {
                 from: Some(place),
                 to: Progress { offset: last, watermark },
             });
-            if done {
-                // The history is in: every partition of the bus has it all up to `through`.
-                let stored = rebuild.stored().await?;
-                for (partition, progress) in stored.partitions {
-                    if partition.topic != REPLAY_TOPIC {
-                        let to = Progress { offset: progress.offset, watermark: progress.watermark.max(through) };
-                        batch.moves.push(Move { partition, from: Some(progress.offset), to });
-                    }
-                }
-            }
             let next = async { if done { Ok(vec![]) } else { self.page(last, through).await } };
             let (applied, next) = tokio::join!(self.apply(rebuild, &batch), next);
             applied?;
@@ -328,7 +318,9 @@ impl Replay {
             || Following::start(Runtime { projector: projector.clone(), bus: bus.clone(), config: config.clone() });
         report.step(self.model, "catching up with the live model");
         let following = follow();
-        let mut reached = self.reach(projector.as_ref(), &mut Live::Running(live.projector.as_ref()), None).await;
+        let mut reached = self
+            .reach(projector.as_ref(), &mut Live::Running(live.projector.as_ref()), &partitions, through, None)
+            .await;
         let mut verdict = None;
         if reached.is_ok() && self.options.verify {
             report.step(self.model, "comparing the rebuild with the live model");
@@ -354,7 +346,8 @@ impl Replay {
         let outcome = loop {
             // Batches in flight when the pause began may still land: reach them too.
             let current = following.take().unwrap_or_else(follow);
-            let reached = self.reach(projector.as_ref(), &mut Live::Paused(&mut paused), Some(limit)).await;
+            let reached =
+                self.reach(projector.as_ref(), &mut Live::Paused(&mut paused), &partitions, through, Some(limit)).await;
             current.stop().await;
             if let Err(error) = reached {
                 break Err(error);
@@ -380,19 +373,35 @@ impl Replay {
         &self,
         rebuild: &dyn Projector,
         live: &mut Live<'_>,
+        partitions: &[Partition],
+        through: u64,
         limit: Option<Instant>,
     ) -> Result<(), ReplayError> {
+        // The rebuild's offsets, and when they last moved.
+        let mut moving = (0, Instant::now());
         loop {
             let live_now = match live {
                 Live::Running(projector) => projector.stored().await?,
                 Live::Paused(paused) => paused.live().await?,
             };
             let own = rebuild.stored().await?;
-            let Some(partition) = behind(&live_now, &own) else { return Ok(()) };
+            // Past a watermark of `through` on every partition, the rebuild is past every record
+            // of the history (the relay publishes in commit order): the live projectors, once
+            // they follow its offsets, never meet one of them again.
+            let short = partitions.iter().find(|p| own.partitions.get(*p).is_none_or(|at| at.watermark < through));
+            let Some(partition) = behind(&live_now, &own).or_else(|| short.cloned()) else { return Ok(()) };
+            let at = format!("{}/{}", partition.topic, partition.index);
             if limit.is_some_and(|limit| Instant::now() > limit) {
                 return Err(ReplayError::NoSwap(format!(
-                    "the rebuild did not reach the paused live model on {}/{} within {PAUSE_LIMIT:?}",
-                    partition.topic, partition.index
+                    "the rebuild did not reach the paused live model on {at} within {PAUSE_LIMIT:?}"
+                )));
+            }
+            let offsets: u64 = own.partitions.values().map(|p| p.offset).sum();
+            if offsets != moving.0 {
+                moving = (offsets, Instant::now());
+            } else if moving.1.elapsed() > STALLED {
+                return Err(ReplayError::NoSwap(format!(
+                    "the rebuild has not moved for {STALLED:?} and is behind the live model on {at}: is Kafka reachable?"
                 )));
             }
             tokio::select! {
@@ -442,6 +451,9 @@ enum Live<'a> {
     Running(&'a dyn Projector),
     Paused(&'a mut Box<dyn Paused>),
 }
+
+/// The longest the rebuild following the bus may stand still while behind the live model.
+const STALLED: Duration = Duration::from_secs(60);
 
 /// The longest the live model stays paused while the rebuild reaches it.
 const PAUSE_LIMIT: Duration = Duration::from_secs(30);

@@ -330,7 +330,7 @@ impl Runtime {
                     }
                     return None;
                 }
-                Err(ProjectionError::Rejected(error)) => return Some(error),
+                Err(ProjectionError::Rejected(error) | ProjectionError::Unfit(error)) => return Some(error),
                 Err(ProjectionError::Unavailable(error)) => {
                     metrics::counter!("quikapp_projector_errors_total", "model" => model, "kind" => "store")
                         .increment(1);

@@ -139,7 +139,7 @@ pub(crate) fn store_error(error: ProjectionError) -> ApiError {
     tracing::error!(%error, "read model failure");
     match error {
         ProjectionError::Unavailable(_) => ApiError::Unavailable,
-        ProjectionError::Moved(_) | ProjectionError::Rejected(_) => ApiError::Internal,
+        ProjectionError::Moved(_) | ProjectionError::Rejected(_) | ProjectionError::Unfit(_) => ApiError::Internal,
     }
 }
 

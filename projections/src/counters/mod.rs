@@ -51,6 +51,10 @@ pub trait Keyspace: Send + Sync {
     async fn commit(&self, moves: &[Move], dead_lettered: u64, ops: &[Op]) -> Result<(), ProjectionError>;
     /// Resolves when the progress may have changed, or after a second.
     async fn changed(&self);
+    /// See [`Projector::check_schema`]; a keyspace in memory has nothing stored to refuse.
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 
     async fn zcard(&self, key: &str) -> Result<u64, ProjectionError>;
     /// The member with the highest score.
@@ -272,5 +276,9 @@ impl Projector for Counters {
 
     async fn changed(&self) {
         self.keyspace.changed().await
+    }
+
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        self.keyspace.check_schema().await
     }
 }

@@ -92,19 +92,10 @@ impl RedisKeyspace {
         Ok(RedisKeyspace { client, connection, keys, script: redis::Script::new(COMMIT), pubsub: Default::default() })
     }
 
-    /// Records this build's schema version in a keyspace that has none, and refuses one of an
-    /// older version (rebuilt by `quikapp replay redis`).
-    pub async fn check_schema(&self) -> Result<(), ProjectionError> {
-        let key = self.keys.schema_version();
-        let mut connection = self.connection.clone();
-        let _: bool = connection.set_nx(&key, SCHEMA_VERSION).await.map_err(unavailable)?;
-        let version: u32 = connection.get(&key).await.map_err(unavailable)?;
-        if version < SCHEMA_VERSION {
-            return Err(ProjectionError::Rejected(format!(
-                "the Redis read model has schema version {version}, this build needs {SCHEMA_VERSION}: \
-                 run `quikapp replay redis` to rebuild it"
-            )));
-        }
+    /// Records this build's schema version in a keyspace that has none.
+    pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        let _: bool =
+            self.connection.clone().set_nx(self.keys.schema_version(), SCHEMA_VERSION).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -154,6 +145,15 @@ impl Keyspace for RedisKeyspace {
             push_op(&mut invocation, op);
         }
         invocation.invoke_async::<i64>(&mut self.connection.clone()).await.map(|_| ()).map_err(unavailable)
+    }
+
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        let version: Option<u32> =
+            self.connection.clone().get(self.keys.schema_version()).await.map_err(unavailable)?;
+        match version.unwrap_or(1) {
+            version if version < SCHEMA_VERSION => Err(crate::older_schema("redis", version, SCHEMA_VERSION)),
+            _ => Ok(()),
+        }
     }
 
     async fn changed(&self) {
@@ -219,7 +219,7 @@ impl RedisVersions {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let live_db = client.get_connection_info().redis_settings().db();
         if live_db == rebuild_db {
-            return Err(ProjectionError::Rejected(format!(
+            return Err(ProjectionError::Unfit(format!(
                 "the rebuild's logical database ({rebuild_db}) is the live one: choose another (redis_rebuild_db)"
             )));
         }
@@ -246,8 +246,23 @@ impl crate::replay::Versions for RedisVersions {
     }
 
     async fn rebuild(&self) -> Result<Model, ProjectionError> {
+        // A swap moves whole databases and the old one is emptied: nothing else may be there.
+        for (db, client) in [(self.live_db, self.client.clone()), (self.rebuild_db, self.rebuild_client()?)] {
+            if let Some(key) = foreign_key(&client, &self.keys.prefix).await? {
+                return Err(ProjectionError::Unfit(format!(
+                    "the Redis logical database {db} holds `{key}`, outside the prefix `{}`: a replay swaps and \
+                     empties whole databases, so the counters need two of their own (redis_url's and redis_rebuild_db)",
+                    self.keys.prefix
+                )));
+            }
+        }
         let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
-        keyspace.check_schema().await?;
+        keyspace.migrate().await?;
+        if keyspace.check_schema().await.is_err() {
+            // Begun by an older build: of no use to this one.
+            self.discard().await?;
+            keyspace.migrate().await?;
+        }
         Ok(model(Counters::new(Arc::new(keyspace), self.keys.clone())))
     }
 
@@ -313,14 +328,36 @@ impl crate::replay::Paused for PausedCounters {
         if swapped.is_none() {
             return Err(crate::replay::SwapError::Behind("the live progress moved during the swap".into()));
         }
-        if !keep_old {
-            flush(&self.rebuild).await?;
+        if !keep_old && let Err(error) = flush(&self.rebuild).await {
+            tracing::warn!(%error, db = self.rebuild_db, "swapped; the old version is left to empty by hand");
         }
         Ok(())
     }
 
     async fn resume(mut self: Box<Self>) {
         let _: Result<(), _> = self.connection.del(self.keys.paused()).await;
+    }
+}
+
+/// A key of the database `client` names that is not under `prefix`, if there is one.
+async fn foreign_key(client: &redis::Client, prefix: &str) -> Result<Option<String>, ProjectionError> {
+    let mut connection = client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut connection)
+            .await
+            .map_err(unavailable)?;
+        if let Some(key) = keys.into_iter().find(|key| !key.starts_with(prefix)) {
+            return Ok(Some(key));
+        }
+        if next == 0 {
+            return Ok(None);
+        }
+        cursor = next;
     }
 }
 

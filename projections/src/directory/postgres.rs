@@ -134,32 +134,26 @@ impl PostgresDirectory {
         );
         (&mut *tx).execute(prepare.as_str()).await.map_err(classify)?;
         (&mut *tx).execute(SCHEMA).await.map_err(classify)?;
-        let version: i32 = sqlx::query_scalar(
-            "WITH made AS (INSERT INTO model (schema_version) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM model)
-                           RETURNING schema_version)
-             SELECT schema_version FROM made UNION ALL SELECT schema_version FROM model",
-        )
-        .bind(SCHEMA_VERSION)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(classify)?;
-        if version < SCHEMA_VERSION {
-            return Err(ProjectionError::Rejected(format!(
-                "the PostgreSQL read model (schema {schema}) has schema version {version}, this build needs \
-                 {SCHEMA_VERSION}: run `quikapp replay postgres` to rebuild it"
-            )));
-        }
+        sqlx::query("INSERT INTO model (schema_version) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM model)")
+            .bind(SCHEMA_VERSION)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
         tx.commit().await.map_err(classify)
+    }
+
+    async fn schema_version(&self) -> Result<i32, ProjectionError> {
+        let version: Option<i32> = sqlx::query_scalar("SELECT schema_version FROM model")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(version.unwrap_or(1))
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ()).map_err(classify)
     }
 }
-
-/// The tables of the model, as a swap moves them between schemas.
-const TABLES: [&str; 8] =
-    ["users", "workspaces", "workspace_members", "channels", "channel_members", "progress", "totals", "model"];
 
 /// The live directory and a rebuild of it in schema `{live}_rebuild`; a swap moves the live
 /// tables to `{live}_old` and the rebuild's into the live schema, in one transaction.
@@ -197,6 +191,11 @@ impl crate::replay::Versions for PostgresVersions {
     async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let rebuild = self.rebuilt().await?;
         rebuild.migrate().await?;
+        if rebuild.check_schema().await.is_err() {
+            // Begun by an older build: of no use to this one.
+            self.discard().await?;
+            rebuild.migrate().await?;
+        }
         Ok(model(Arc::new(rebuild)))
     }
 
@@ -248,11 +247,26 @@ impl crate::replay::Paused for PausedDirectory {
         if let Some(partition) = crate::replay::behind(&live_now, &rebuilt) {
             return Err(crate::replay::SwapError::Behind(partition_key(&partition)));
         }
+        let tables = |schema: String| {
+            sqlx::query_scalar::<_, String>("SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1")
+                .bind(schema)
+        };
+        let live_tables = tables(live.clone()).fetch_all(&mut **tx).await.map_err(classify)?;
+        let rebuild_tables = tables(rebuild.clone()).fetch_all(&mut **tx).await.map_err(classify)?;
+        lock_all(
+            tx,
+            live_tables
+                .iter()
+                .map(|t| format!("{live}.{t}"))
+                .chain(rebuild_tables.iter().map(|t| format!("{rebuild}.{t}"))),
+        )
+        .await?;
         let mut moves = format!("DROP SCHEMA IF EXISTS {old} CASCADE; CREATE SCHEMA {old};");
-        for table in TABLES {
-            moves.push_str(&format!(
-                "ALTER TABLE {live}.{table} SET SCHEMA {old}; ALTER TABLE {rebuild}.{table} SET SCHEMA {live};"
-            ));
+        for table in &live_tables {
+            moves.push_str(&format!("ALTER TABLE {live}.{table} SET SCHEMA {old};"));
+        }
+        for table in &rebuild_tables {
+            moves.push_str(&format!("ALTER TABLE {rebuild}.{table} SET SCHEMA {live};"));
         }
         moves.push_str(&format!("DROP SCHEMA {rebuild};"));
         if !keep_old {
@@ -483,6 +497,13 @@ impl Projector for PostgresDirectory {
     async fn changed(&self) {
         wait_for_notification(&self.pool, &self.listener, self.name()).await
     }
+
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        match self.schema_version().await? {
+            version if version < SCHEMA_VERSION => Err(crate::older_schema("postgres", version, SCHEMA_VERSION)),
+            _ => Ok(()),
+        }
+    }
 }
 
 pub(crate) async fn add_dead_letters(
@@ -499,6 +520,30 @@ pub(crate) async fn add_dead_letters(
     .execute(&mut **tx)
     .await
     .map(|_| ())
+}
+
+/// Takes every one of `tables` for a swap. Readers take the tables of a query in their own
+/// order, so waiting for one table while holding another could deadlock with them: each
+/// attempt waits a moment at most, then lets go of all and tries again, for ten seconds.
+async fn lock_all(
+    tx: &mut Transaction<'_, Postgres>,
+    tables: impl Iterator<Item = String>,
+) -> Result<(), ProjectionError> {
+    let lock = format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", tables.collect::<Vec<_>>().join(", "));
+    for _attempt in 0..50 {
+        (&mut **tx).execute("SAVEPOINT locking; SET LOCAL lock_timeout = '200ms'").await.map_err(classify)?;
+        match (&mut **tx).execute(lock.as_str()).await {
+            Ok(_) => return Ok(()),
+            Err(error) => {
+                let code = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+                if !matches!(code.as_deref(), Some("55P03" | "40P01")) {
+                    return Err(classify(error));
+                }
+                (&mut **tx).execute("ROLLBACK TO SAVEPOINT locking").await.map_err(classify)?;
+            }
+        }
+    }
+    Err(ProjectionError::Unavailable("the tables stayed busy for ten seconds".into()))
 }
 
 /// The progress stored in `schema`, read on `connection` (in a swap's transaction).

@@ -32,8 +32,8 @@ use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::{StatusCode, Url};
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesGetAliasParts,
-    IndicesGetMappingParts, IndicesPutIndexTemplateParts,
+    IndicesCreateParts, IndicesDeleteIndexTemplateParts, IndicesDeleteParts, IndicesExistsAliasParts,
+    IndicesGetAliasParts, IndicesGetMappingParts, IndicesPutIndexTemplateParts,
 };
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch, GetParts, IndexParts, MgetParts, SearchParts};
@@ -102,9 +102,10 @@ impl Versioned {
     }
 }
 
-/// The version of the index's mappings this build writes and reads; an index of an older one
-/// (without `private`, before version 2) is rebuilt by `quikapp replay search`.
-pub const SCHEMA_VERSION: u64 = 2;
+/// The version of the index's mappings this build writes and reads, in the mappings' `_meta`
+/// (an index without one is of version 1); an index of an older one is rebuilt by
+/// `quikapp replay search`.
+pub const SCHEMA_VERSION: u64 = 1;
 
 impl OpenSearch {
     /// A client of the server at `url`; its indexes are named from `prefix` (`quikapp-`).
@@ -179,31 +180,35 @@ impl OpenSearch {
         let template = json!({ "index_patterns": [format!("{messages}-*")], "template": index });
         let put = indices.put_index_template(IndicesPutIndexTemplateParts::Name(&messages)).body(template);
         expect_success(put.send().await, &[]).await?;
+        // The first index, unless the alias is already on one (a replay moves it on).
+        let aliases = [messages.as_str()];
+        let alias_exists = indices.exists_alias(IndicesExistsAliasParts::Name(&aliases)).send().await;
+        let alias_exists = alias_exists.map_err(unavailable)?.status_code().is_success();
         let (name, mut create) = match &self.rebuild {
-            Some(rebuild) => (rebuild.clone(), index),
-            None => (format!("{messages}-1"), index),
+            Some(rebuild) => (Some(rebuild.clone()), index),
+            None => ((!alias_exists).then(|| format!("{messages}-1")), index),
         };
-        if self.rebuild.is_none() {
-            create["aliases"] = json!({ &messages: {} });
+        if let Some(name) = name {
+            if self.rebuild.is_none() {
+                create["aliases"] = json!({ &messages: { "is_write_index": true } });
+            }
+            let create = indices.create(IndicesCreateParts::Index(&name)).body(create);
+            expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
         }
-        let create = indices.create(IndicesCreateParts::Index(&name)).body(create);
-        expect_success(create.send().await, &["resource_already_exists_exception"]).await?;
         let target = self.target();
         let empty = json!({ "partitions": [], "dead_lettered": 0 });
         let initial = self.client.create(elasticsearch::CreateParts::IndexId(&target, PROGRESS)).body(empty);
         expect_success(initial.send().await, &["version_conflict_engine_exception"]).await?;
+        Ok(())
+    }
+
+    async fn schema_version(&self) -> Result<u64, ProjectionError> {
+        let (indices, target) = (self.client.indices(), self.target());
         let names = [target.as_str()];
         let answer =
             expect_success(indices.get_mapping(IndicesGetMappingParts::Index(&names)).send().await, &[]).await?;
         let versions = answer.as_object().into_iter().flat_map(|indexes| indexes.values());
-        let version = versions.map(|i| i["mappings"]["_meta"]["schema_version"].as_u64().unwrap_or(1)).min();
-        if let Some(version) = version.filter(|v| *v < SCHEMA_VERSION) {
-            return Err(ProjectionError::Rejected(format!(
-                "the search read model ({target}) has schema version {version}, this build needs \
-                 {SCHEMA_VERSION}: run `quikapp replay search` to rebuild it"
-            )));
-        }
-        Ok(())
+        Ok(versions.map(|i| i["mappings"]["_meta"]["schema_version"].as_u64().unwrap_or(1)).min().unwrap_or(1))
     }
 
     /// Deletes this model's indexes and template: for tests.
@@ -516,6 +521,13 @@ impl Projector for OpenSearch {
     async fn changed(&self) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        match self.schema_version().await? {
+            version if version < SCHEMA_VERSION => Err(crate::older_schema("search", version, SCHEMA_VERSION)),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
@@ -609,6 +621,11 @@ impl crate::replay::Versions for OpenSearchVersions {
         let (_, rebuild) = self.indexes().await?;
         let rebuild = self.live.in_index(rebuild);
         rebuild.migrate().await?;
+        if rebuild.check_schema().await.is_err() {
+            // Begun by an older build: of no use to this one.
+            self.discard().await?;
+            rebuild.migrate().await?;
+        }
         Ok(model(Arc::new(rebuild)))
     }
 
@@ -655,8 +672,8 @@ impl crate::replay::Paused for PausedSearch {
         ] });
         let indices = live.client.indices();
         expect_success(indices.update_aliases().body(actions).send().await, &[]).await?;
-        if !keep_old {
-            self.versions.delete_index(&self.live).await?;
+        if !keep_old && let Err(error) = self.versions.delete_index(&self.live).await {
+            tracing::warn!(%error, index = self.live, "swapped; the old index is left to delete by hand");
         }
         Ok(())
     }

@@ -180,15 +180,13 @@ impl MongoTimelines {
             .upsert(true)
             .await
             .map_err(unavailable)?;
-        let progress = c.progress.find_one(doc! { "_id": PROGRESS }).await.map_err(unavailable)?;
-        let version = progress.and_then(|p| p.get_i32("schema_version").ok()).unwrap_or(1);
-        if version < SCHEMA_VERSION {
-            return Err(ProjectionError::Rejected(format!(
-                "the MongoDB read model has schema version {version}, this build needs {SCHEMA_VERSION}: \
-                 run `quikapp replay mongo` to rebuild it"
-            )));
-        }
         Ok(())
+    }
+
+    async fn schema_version(&self) -> Result<i32, ProjectionError> {
+        let c = self.collections().await?;
+        let progress = c.progress.find_one(doc! { "_id": PROGRESS }).await.map_err(unavailable)?;
+        Ok(progress.and_then(|p| p.get_i32("schema_version").ok()).unwrap_or(1))
     }
 
     pub async fn ping(&self) -> Result<(), ProjectionError> {
@@ -364,6 +362,13 @@ impl Projector for MongoTimelines {
     async fn changed(&self) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    async fn check_schema(&self) -> Result<(), ProjectionError> {
+        match self.schema_version().await? {
+            version if version < SCHEMA_VERSION => Err(crate::older_schema("mongo", version, SCHEMA_VERSION)),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl MongoTimelines {
@@ -450,6 +455,11 @@ impl crate::replay::Versions for MongoVersions {
         let (_, rebuild) = self.suffixes().await?;
         let rebuild = self.rebuilt(rebuild);
         rebuild.migrate().await?;
+        if rebuild.check_schema().await.is_err() {
+            // Begun by an older build: of no use to this one.
+            drop_version(&rebuild.collections().await?).await?;
+            rebuild.migrate().await?;
+        }
         Ok(model(Arc::new(rebuild)))
     }
 
@@ -500,7 +510,9 @@ impl crate::replay::Paused for PausedTimelines {
             // Readers and projectors trust a pointer for POINTER_TTL: the old version is read
             // (paused, so as the rebuild had it) until then.
             tokio::time::sleep(POINTER_TTL * 2).await;
-            drop_version(&self.live).await?;
+            if let Err(error) = drop_version(&self.live).await {
+                tracing::warn!(%error, suffix = self.live.suffix, "swapped; the old collections are left to drop by hand");
+            }
         }
         Ok(())
     }

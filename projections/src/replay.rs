@@ -50,6 +50,11 @@ pub trait Versions: Send + Sync {
     async fn rebuild(&self) -> Result<Model, ProjectionError>;
     /// Drops the rebuild, if there is one.
     async fn discard(&self) -> Result<(), ProjectionError>;
+    /// Events of history per batch this model needs at least: a store that rewrites a whole
+    /// document on every update does better with the changes folded into fewer writes.
+    fn history_batch(&self) -> u32 {
+        0
+    }
     /// Stops the live model's projectors from storing anything until the swap (or until the
     /// pause is dropped or lapses): their batches wait or are refused as unavailable.
     async fn pause(&self) -> Result<Box<dyn Paused>, ProjectionError>;
@@ -225,8 +230,9 @@ impl Replay {
         Ok(())
     }
 
-    /// Applies the store's events after `from` up to `through`, the next page read while one
-    /// is applied.
+    /// Applies the store's events after `from` up to `through`, a batch per page; the next
+    /// pages are read while one is applied (positions have no gaps, so each page's range is
+    /// known before it is read).
     async fn history(
         &self,
         rebuild: &dyn Projector,
@@ -236,11 +242,32 @@ impl Replay {
         progress: &std::sync::Mutex<ReplayProgress>,
     ) -> Result<(), ReplayError> {
         let total = through.saturating_sub(from);
-        let mut place = from;
         report.progress(self.model, 0, total);
         *progress.lock().expect("not poisoned") = ReplayProgress { done: 0, total };
-        let mut page = self.page(place, through).await?;
+        let size = u64::from(self.options.batch_size.max(self.versions.history_batch()));
+        let ranges: Vec<(u64, u64)> =
+            (from..through).step_by(size as usize).map(|after| (after, (after + size).min(through))).collect();
+        // A reader of its own, so that reading goes on while a batch is applied; large pages
+        // (the timelines') are not read ahead further, for memory.
+        let (pages_out, mut pages) = tokio::sync::mpsc::channel(if size > 100_000 { 1 } else { READ_AHEAD });
+        let store = self.store.clone();
+        let reader = tokio::spawn(async move {
+            for (after, end) in ranges {
+                let page = read_page(store.as_ref(), after, end).await;
+                let failed = page.is_err();
+                if pages_out.send(page).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let _stop_reading = AbortOnDrop(reader);
+        let mut place = from;
         loop {
+            let page = match pages.recv().await {
+                Some(page) => page?,
+                None if place == from => vec![], // nothing to read: the history is still marked done
+                None => return Ok(()),
+            };
             let last = page.last().map_or(place, |event| event.global_position);
             let done = last >= through;
             let mut batch = Batch { events: Vec::with_capacity(page.len()), moves: vec![], dead_lettered: 0 };
@@ -259,30 +286,14 @@ impl Replay {
                 from: Some(place),
                 to: Progress { offset: last, watermark },
             });
-            let next = async { if done { Ok(vec![]) } else { self.page(last, through).await } };
-            let (applied, next) = tokio::join!(self.apply(rebuild, &batch), next);
-            applied?;
+            self.apply(rebuild, &batch).await?;
             place = last;
             report.progress(self.model, place - from, total);
             *progress.lock().expect("not poisoned") = ReplayProgress { done: place - from, total };
             if done {
                 return Ok(());
             }
-            page = next?;
         }
-    }
-
-    /// The store's events after `after`, up to `through`.
-    async fn page(&self, after: u64, through: u64) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
-        let limit = self.options.batch_size.min(u32::try_from(through - after).unwrap_or(u32::MAX));
-        if limit == 0 {
-            return Ok(vec![]);
-        }
-        let page = self.store.read_all(after, limit).await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
-        if page.is_empty() {
-            return Err(ReplayError::EventStore(format!("no events after position {after}, expected up to {through}")));
-        }
-        Ok(page)
     }
 
     /// Applies `batch`, waiting out a store unavailable for a while.
@@ -450,6 +461,28 @@ impl Following {
 enum Live<'a> {
     Running(&'a dyn Projector),
     Paused(&'a mut Box<dyn Paused>),
+}
+
+/// Pages of history read ahead of the one being applied.
+const READ_AHEAD: usize = 2;
+
+/// The store's events after `after`, up to `end`: all of them.
+async fn read_page(store: &dyn EventStore, after: u64, end: u64) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
+    let limit = u32::try_from(end - after).unwrap_or(u32::MAX);
+    let page = store.read_all(after, limit).await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
+    match page.last() {
+        Some(last) if last.global_position == end => Ok(page),
+        _ => Err(ReplayError::EventStore(format!("fewer events than positions between {after} and {end}"))),
+    }
+}
+
+/// Aborts a task when dropped (a replay that fails or is stopped leaves no reader behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The longest the rebuild following the bus may stand still while behind the live model.

@@ -378,7 +378,7 @@ async fn counters(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope])
     // Raw: the same writes as plain commands, pipelined a batch at a time.
     let client = redis::Client::open(raw_url)?;
     let mut connection = client.get_multiplexed_async_connection().await?;
-    redis::cmd("FLUSHDB").query_async::<()>(&mut connection).await?;
+    redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await?;
     let started = Instant::now();
     for chunk in events.chunks(args.batch as usize) {
         let mut pipeline = redis::pipe();

@@ -110,7 +110,8 @@ impl World {
     async fn replay(&self, args: &[&str]) -> std::process::Output {
         let mut command = self.pipeline.command(&[&["replay"], args].concat());
         let output = tokio::task::spawn_blocking(move || command.output().unwrap());
-        let output = deadline(Duration::from_secs(240), output).await.expect("the replay ends within 4 minutes").unwrap();
+        let output =
+            deadline(Duration::from_secs(240), output).await.expect("the replay ends within 4 minutes").unwrap();
         // Shown with --nocapture: what an operator sees.
         eprintln!("{}", String::from_utf8_lossy(&output.stdout));
         output

@@ -1,6 +1,9 @@
-//! The counters on Redis. A batch is one Lua script, which Redis runs atomically: it compares
-//! the stored offsets with the batch's moves, runs every write, stores the new progress and
-//! PUBLISHes it for the read APIs. One round trip per batch, whatever its size.
+//! The counters on Redis. A batch is one transaction on a connection of the committer's own:
+//! WATCH the progress and the pause flag, compare the stored offsets with the batch's moves,
+//! then MULTI, every write, the new progress, a PUBLISH for the read APIs, EXEC (which does
+//! nothing if a watched key changed meanwhile). One round trip for the writes, whatever their
+//! number, and no script: Redis runs commands of a transaction faster than the same commands
+//! called from Lua.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::{ConnectionManager, MultiplexedConnection, PubSub};
 
 use super::{Counters, Keys, Keyspace, Op};
 use crate::audit::{CountersContents, Model};
@@ -18,60 +21,20 @@ use crate::{Move, Progress, ProjectionError, Stored, parse_partition_key, partit
 /// The pub/sub channel stored progress is announced on.
 pub const PROGRESS_CHANNEL: &str = "quikapp:projection:redis";
 
-/// KEYS: progress hash, totals hash, pause flag (set by a replay about to swap). ARGV, flat (no JSON to build or decode): the channel to
-/// announce on, the dead letters to count, the number of moves, each move as (partition, the
-/// offset it starts after or "", "offset:watermark"), then the operations, each its name and
-/// its arguments (`hset` gives its field count first). Offsets travel as decimal strings: Lua
-/// numbers are doubles.
-const COMMIT: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  return redis.error_reply('QUIKPAUSED the model is paused for a replay to swap in its rebuild')
-end
-local moves = tonumber(ARGV[3])
-for i = 4, 3 + moves * 3, 3 do
-  local stored = redis.call('HGET', KEYS[1], ARGV[i])
-  local offset = stored and string.match(stored, '^(%d+)') or ''
-  if offset ~= ARGV[i + 1] then
-    return redis.error_reply('QUIKMOVED ' .. ARGV[i] .. ' is at "' .. offset .. '", not "' .. ARGV[i + 1] .. '"')
-  end
-end
-local i = 4 + moves * 3
-while i <= #ARGV do
-  local kind = ARGV[i]
-  if kind == 'zadd' then redis.call('ZADD', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]); i = i + 4
-  elseif kind == 'zrem' then redis.call('ZREM', ARGV[i + 1], ARGV[i + 2]); i = i + 3
-  elseif kind == 'hset' then
-    local fields = tonumber(ARGV[i + 2])
-    redis.call('HSET', ARGV[i + 1], unpack(ARGV, i + 3, i + 2 + fields * 2)); i = i + 3 + fields * 2
-  elseif kind == 'hdel' then redis.call('HDEL', ARGV[i + 1], ARGV[i + 2]); i = i + 3
-  elseif kind == 'del' then redis.call('DEL', ARGV[i + 1]); i = i + 2
-  elseif kind == 'sadd' then redis.call('SADD', ARGV[i + 1], ARGV[i + 2]); i = i + 3
-  elseif kind == 'srem' then redis.call('SREM', ARGV[i + 1], ARGV[i + 2]); i = i + 3
-  else return redis.error_reply('QUIKOP unknown operation ' .. tostring(kind)) end
-end
-for i = 4, 3 + moves * 3, 3 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-end
-if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], 'dead_lettered', ARGV[2]) end
-redis.call('PUBLISH', ARGV[1], 'redis')
-return 1
-"#;
-
 pub struct RedisKeyspace {
     client: redis::Client,
     connection: ConnectionManager,
+    /// The committer's connection (WATCH belongs to a connection), made again after a fault.
+    committer: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     keys: Keys,
-    script: redis::Script,
     pubsub: tokio::sync::Mutex<Option<PubSub>>,
 }
 
-/// The script's refusal on moved offsets; a key of the wrong type or an unknown operation is
-/// the batch's fault; anything else (connection, timeout, a server loading or out of memory)
-/// may pass.
+/// A key of the wrong type is the batch's fault; anything else (connection, timeout, a server
+/// loading or out of memory) may pass.
 fn unavailable(error: redis::RedisError) -> ProjectionError {
     match error.code() {
-        Some("QUIKMOVED") => ProjectionError::Moved(error.to_string()),
-        Some("WRONGTYPE" | "QUIKOP") => ProjectionError::Rejected(error.to_string()),
+        Some("WRONGTYPE") => ProjectionError::Rejected(error.to_string()),
         _ => ProjectionError::Unavailable(error.to_string()),
     }
 }
@@ -89,7 +52,7 @@ impl RedisKeyspace {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)));
         let connection = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
-        Ok(RedisKeyspace { client, connection, keys, script: redis::Script::new(COMMIT), pubsub: Default::default() })
+        Ok(RedisKeyspace { client, connection, committer: Default::default(), keys, pubsub: Default::default() })
     }
 
     /// Records this build's schema version in a keyspace that has none.
@@ -104,20 +67,73 @@ impl RedisKeyspace {
     }
 }
 
-/// Adds `op` to the script's arguments.
-fn push_op(invocation: &mut redis::ScriptInvocation<'_>, op: &Op) {
+/// Adds `op` to `pipeline`.
+fn push_op(pipeline: &mut redis::Pipeline, op: &Op) {
     match op {
-        Op::ZAdd { key, score, member } => invocation.arg("zadd").arg(key).arg(score).arg(member),
-        Op::ZRem { key, member } => invocation.arg("zrem").arg(key).arg(member),
-        Op::HSet { key, fields } => {
-            invocation.arg("hset").arg(key).arg(fields.len());
-            fields.iter().fold(invocation, |invocation, (field, value)| invocation.arg(field).arg(value))
+        Op::ZAdd { key, score, member } => pipeline.zadd(key, member, score),
+        Op::ZRem { key, member } => pipeline.zrem(key, member),
+        Op::HSet { key, fields } => pipeline.hset_multiple(key, fields),
+        Op::HDel { key, field } => pipeline.hdel(key, field),
+        Op::Del { key } => pipeline.del(key),
+        Op::SAdd { key, member } => pipeline.sadd(key, member),
+        Op::SRem { key, member } => pipeline.srem(key, member),
+    }
+    .ignore();
+}
+
+impl RedisKeyspace {
+    /// Runs the transaction of [`Keyspace::commit`] on `connection`.
+    async fn transaction(
+        &self,
+        connection: &mut MultiplexedConnection,
+        moves: &[Move],
+        dead_lettered: u64,
+        ops: &[Op],
+    ) -> Result<(), ProjectionError> {
+        let (progress, paused) = (self.keys.progress(), self.keys.paused());
+        redis::cmd("WATCH").arg(&progress).arg(&paused).query_async::<()>(connection).await.map_err(unavailable)?;
+        let fields: Vec<String> = moves.iter().map(|step| partition_key(&step.partition)).collect();
+        let (is_paused, stored): (bool, Vec<Option<String>>) = redis::pipe()
+            .exists(&paused)
+            .cmd("HMGET")
+            .arg(&progress)
+            .arg(&fields)
+            .query_async(connection)
+            .await
+            .map_err(unavailable)?;
+        let refusal = if is_paused {
+            Some(ProjectionError::Unavailable("paused for a replay to swap in its rebuild".into()))
+        } else {
+            moves.iter().zip(&stored).find_map(|(step, stored)| {
+                let offset = stored.as_deref().and_then(|s| s.split(':').next()).and_then(|o| o.parse().ok());
+                (offset != step.from).then(|| {
+                    let key = partition_key(&step.partition);
+                    ProjectionError::Moved(format!("{key} is at {offset:?}, not {:?}", step.from))
+                })
+            })
+        };
+        if let Some(refusal) = refusal {
+            let _: Result<(), _> = redis::cmd("UNWATCH").query_async(connection).await;
+            return Err(refusal);
         }
-        Op::HDel { key, field } => invocation.arg("hdel").arg(key).arg(field),
-        Op::Del { key } => invocation.arg("del").arg(key),
-        Op::SAdd { key, member } => invocation.arg("sadd").arg(key).arg(member),
-        Op::SRem { key, member } => invocation.arg("srem").arg(key).arg(member),
-    };
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for op in ops {
+            push_op(&mut pipeline, op);
+        }
+        for (field, step) in fields.iter().zip(moves) {
+            pipeline.hset(&progress, field, format!("{}:{}", step.to.offset, step.to.watermark)).ignore();
+        }
+        if dead_lettered > 0 {
+            pipeline.hincr(self.keys.totals(), "dead_lettered", dead_lettered).ignore();
+        }
+        pipeline.publish(PROGRESS_CHANNEL, "redis").ignore();
+        // EXEC answers nil when a watched key changed since the WATCH.
+        match pipeline.query_async::<Option<()>>(connection).await.map_err(unavailable)? {
+            Some(()) => Ok(()),
+            None => Err(ProjectionError::Moved("the progress or the pause changed during the commit".into())),
+        }
+    }
 }
 
 #[async_trait]
@@ -131,20 +147,20 @@ impl Keyspace for RedisKeyspace {
     }
 
     async fn commit(&self, moves: &[Move], dead_lettered: u64, ops: &[Op]) -> Result<(), ProjectionError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.key(self.keys.progress()).key(self.keys.totals()).key(self.keys.paused());
-        invocation.arg(PROGRESS_CHANNEL).arg(dead_lettered).arg(moves.len());
-        for step in moves {
-            let from = step.from.map_or(String::new(), |offset| offset.to_string());
-            invocation
-                .arg(partition_key(&step.partition))
-                .arg(from)
-                .arg(format!("{}:{}", step.to.offset, step.to.watermark));
+        let mut committer = self.committer.lock().await;
+        if committer.is_none() {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(30)));
+            let connection = self.client.get_multiplexed_async_connection_with_config(&config).await;
+            *committer = Some(connection.map_err(unavailable)?);
         }
-        for op in ops {
-            push_op(&mut invocation, op);
+        let connection = committer.as_mut().expect("connected");
+        let outcome = self.transaction(connection, moves, dead_lettered, ops).await;
+        if matches!(outcome, Err(ProjectionError::Unavailable(_))) {
+            *committer = None; // its WATCH or MULTI state is unknown: a fresh connection next time
         }
-        invocation.invoke_async::<i64>(&mut self.connection.clone()).await.map(|_| ()).map_err(unavailable)
+        outcome
     }
 
     async fn check_schema(&self) -> Result<(), ProjectionError> {

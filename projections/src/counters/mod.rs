@@ -11,7 +11,7 @@
 //!   set at the join, moved by each ChannelReadMarked, dropped at a leave).
 //!
 //! [`ops_of`] turns events into these writes, once for every store: [`redis::RedisKeyspace`]
-//! runs them with the batch's progress in one Lua script, [`memory::MemoryKeyspace`] (the
+//! runs them with the batch's progress in one transaction, [`memory::MemoryKeyspace`] (the
 //! embedded default) applies them to maps under one lock.
 
 pub mod memory;

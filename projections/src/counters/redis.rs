@@ -289,7 +289,7 @@ impl crate::replay::Versions for RedisVersions {
     async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
         // A connection of its own: WATCH and SELECT belong to it.
         let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
-        // The commit script refuses batches while this key lives; it lapses if the replay dies.
+        // Every commit watches this key and refuses while it lives; it lapses if the replay dies.
         let _: () = connection.set_ex(self.keys.paused(), "replay", 60).await.map_err(unavailable)?;
         Ok(Box::new(PausedCounters {
             connection,

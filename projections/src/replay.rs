@@ -176,7 +176,10 @@ impl Replay {
             self.versions.discard().await?;
         }
         let mut rebuild = self.versions.rebuild().await?;
-        let place = rebuild.projector.stored().await?.partitions.get(&replay_partition()).copied();
+        let mut place = rebuild.projector.stored().await?.partitions.get(&replay_partition()).copied();
+        if rebuild.projector.check_schema().await.is_err() {
+            place = None; // begun by an older build: of no use to this one
+        }
         if place.is_none() {
             // Not a rebuild begun by a replay (an old version kept, a start cut short): anew.
             self.versions.discard().await?;

@@ -274,11 +274,6 @@ impl crate::replay::Versions for RedisVersions {
         }
         let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
         keyspace.migrate().await?;
-        if keyspace.check_schema().await.is_err() {
-            // Begun by an older build: of no use to this one.
-            self.discard().await?;
-            keyspace.migrate().await?;
-        }
         Ok(model(Counters::new(Arc::new(keyspace), self.keys.clone())))
     }
 

@@ -191,11 +191,6 @@ impl crate::replay::Versions for PostgresVersions {
     async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let rebuild = self.rebuilt().await?;
         rebuild.migrate().await?;
-        if rebuild.check_schema().await.is_err() {
-            // Begun by an older build: of no use to this one.
-            self.discard().await?;
-            rebuild.migrate().await?;
-        }
         Ok(model(Arc::new(rebuild)))
     }
 

@@ -621,11 +621,6 @@ impl crate::replay::Versions for OpenSearchVersions {
         let (_, rebuild) = self.indexes().await?;
         let rebuild = self.live.in_index(rebuild);
         rebuild.migrate().await?;
-        if rebuild.check_schema().await.is_err() {
-            // Begun by an older build: of no use to this one.
-            self.discard().await?;
-            rebuild.migrate().await?;
-        }
         Ok(model(Arc::new(rebuild)))
     }
 

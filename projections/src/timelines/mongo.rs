@@ -475,11 +475,6 @@ impl crate::replay::Versions for MongoVersions {
         let (_, rebuild) = self.suffixes().await?;
         let rebuild = self.rebuilt(rebuild);
         rebuild.migrate().await?;
-        if rebuild.check_schema().await.is_err() {
-            // Begun by an older build: of no use to this one.
-            drop_version(&rebuild.collections().await?).await?;
-            rebuild.migrate().await?;
-        }
         Ok(model(Arc::new(rebuild)))
     }
 

@@ -136,13 +136,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Role::Replay(args) => {
             init_tracing();
-            tokio::select! {
-                outcome = replay::run(&config, args) => outcome,
-                () = shutdown_signal() => {
-                    // A paused live model resumes by itself within a minute (see each model's pause).
-                    bail!("interrupted: run the same command again to resume the rebuild, or with --restart to start over")
-                }
-            }
+            replay::run(&config, args).await
         }
         Role::Project { model } => {
             init_tracing();

@@ -96,7 +96,16 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
             },
         };
         let report = Terminal::new();
-        let summary = replay.run(&report).await.with_context(|| format!("replay of the {name} model"))?;
+        let summary = tokio::select! {
+            summary = replay.run(&report) => summary.with_context(|| format!("replay of the {name} model"))?,
+            () = crate::shutdown_signal() => {
+                report.finish();
+                if let Err(error) = replay.versions.unpause().await {
+                    eprintln!("the live {name} model stays paused until the pause lapses (a minute): {error}");
+                }
+                bail!("interrupted: run the same command again to resume the rebuild, or with --restart to start over")
+            }
+        };
         report.finish();
         if !args.json {
             print_summary(&summary);

@@ -58,6 +58,12 @@ pub trait Versions: Send + Sync {
     /// Stops the live model's projectors from storing anything until the swap (or until the
     /// pause is dropped or lapses): their batches wait or are refused as unavailable.
     async fn pause(&self) -> Result<Box<dyn Paused>, ProjectionError>;
+    /// Ends a pause this process can no longer end through its [`Paused`] (the replay was
+    /// interrupted): the live projectors go on at once instead of when the pause lapses. A pause
+    /// held by a transaction or connection ends with it, and needs nothing.
+    async fn unpause(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 }
 
 /// The live model, paused.

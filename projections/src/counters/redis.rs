@@ -281,6 +281,11 @@ impl crate::replay::Versions for RedisVersions {
         flush(&self.rebuild_client()?).await
     }
 
+    async fn unpause(&self) -> Result<(), ProjectionError> {
+        let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        connection.del(self.keys.paused()).await.map_err(unavailable)
+    }
+
     async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
         // A connection of its own: WATCH and SELECT belong to it.
         let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;

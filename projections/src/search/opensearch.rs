@@ -629,6 +629,10 @@ impl crate::replay::Versions for OpenSearchVersions {
         self.delete_index(&rebuild).await
     }
 
+    async fn unpause(&self) -> Result<(), ProjectionError> {
+        self.live.set_pause(None).await
+    }
+
     async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
         let (live, rebuild) = self.indexes().await?;
         // Lapses if the replay dies; batches in flight fail their progress compare-and-set.

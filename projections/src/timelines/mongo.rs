@@ -489,6 +489,10 @@ impl crate::replay::Versions for MongoVersions {
         drop_version(&self.live.collections_of(&rebuild)).await
     }
 
+    async fn unpause(&self) -> Result<(), ProjectionError> {
+        self.live.set_pause(None).await
+    }
+
     async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
         let (live, rebuild) = self.suffixes().await?;
         let live = self.live.collections_of(&live);

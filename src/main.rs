@@ -51,7 +51,7 @@ enum Role {
     Relay,
     /// Keep read models up to date from Kafka: one consumer group each.
     Project {
-        /// `postgres`, `redis`, `mongo`, or `all`.
+        /// `postgres`, `redis`, `mongo`, `search`, or `all`.
         model: models::Selection,
     },
     /// Rebuild read models from the event store beside the live ones, then swap them in.

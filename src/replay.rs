@@ -27,7 +27,8 @@ pub struct ReplayArgs {
     /// Drop what an interrupted replay of the model left and start over.
     #[arg(long)]
     restart: bool,
-    /// Keep the old version after the swap (the next replay drops it).
+    /// Keep the old version after the swap (PostgreSQL's and Redis's next replay drops it; an
+    /// old search index or pair of MongoDB collections stays until deleted by hand).
     #[arg(long)]
     keep_old: bool,
     /// Rebuild, catch up and compare (as --verify), but leave the live model in place.

@@ -6,18 +6,21 @@
 //!   multi-row INSERTs of the final users, channels and members.
 //! - **redis**, **search**, **mongo**: a history of messages in 1,000 channels (a tenth of them
 //!   thread replies, then edits and reactions); raw: pipelined ZADD/HSET of the same keys, `_bulk`
-//!   of the same folded documents, `insert_many` of the same folded messages.
+//!   of the same folded documents, `insert_many` of the same folded messages (two at a time,
+//!   as the model sends them).
 //!
 //! The rebuild is the whole history phase of a replay (store pages read ahead, one batch per
 //! page, progress stored with each); catch-up and swap follow the live head and take a moment.
 //! Run it with `bench/replay` (release build, starts the services).
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
+use futures::StreamExt;
 use mongodb::bson::{Document as Bson, doc};
 use quikapp_bench::{channel_created, envelope, posted};
 use quikapp_commands::store::{EventStore, PostgresStore, contract};
@@ -505,10 +508,12 @@ async fn timelines(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]
     let documents: Vec<Bson> = order.iter().map(|id| messages.remove(id).expect("folded")).collect();
     let written = documents.len() as u64;
     let started = Instant::now();
-    for chunk in documents.chunks(args.batch as usize) {
-        raw_collection.insert_many(chunk.to_vec()).ordered(false).await?;
-    }
-    let raw = timed(started, "mongo raw: insert_many of the same messages");
+    // Two inserts at once, as the model sends them.
+    let inserts =
+        documents.chunks(10_000).map(|chunk| raw_collection.insert_many(chunk.to_vec()).ordered(false).into_future());
+    let inserted: Vec<_> = futures::stream::iter(inserts).buffer_unordered(2).collect().await;
+    inserted.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let raw = timed(started, "mongo raw: insert_many of the same messages, two at a time");
     let rebuilt = client.database(&database).collection::<Bson>("messages_2").estimated_document_count().await?;
     ensure!(rebuilt == written, "{rebuilt} rebuilt, {written} raw");
     client.database(&database).drop().await?;

@@ -380,7 +380,8 @@ async fn counters(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope])
 
     // Raw: the same writes as plain commands, pipelined a batch at a time.
     let client = redis::Client::open(raw_url)?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(60)));
+    let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
     redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await?;
     let started = Instant::now();
     for chunk in events.chunks(args.batch as usize) {

@@ -149,11 +149,7 @@ impl Keyspace for RedisKeyspace {
     async fn commit(&self, moves: &[Move], dead_lettered: u64, ops: &[Op]) -> Result<(), ProjectionError> {
         let mut committer = self.committer.lock().await;
         if committer.is_none() {
-            let config = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(30)));
-            let connection = self.client.get_multiplexed_async_connection_with_config(&config).await;
-            *committer = Some(connection.map_err(unavailable)?);
+            *committer = Some(connection(&self.client).await?);
         }
         let connection = committer.as_mut().expect("connected");
         let outcome = self.transaction(connection, moves, dead_lettered, ops).await;
@@ -282,13 +278,13 @@ impl crate::replay::Versions for RedisVersions {
     }
 
     async fn unpause(&self) -> Result<(), ProjectionError> {
-        let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        let mut connection = connection(&self.client).await?;
         connection.del(self.keys.paused()).await.map_err(unavailable)
     }
 
     async fn pause(&self) -> Result<Box<dyn crate::replay::Paused>, ProjectionError> {
         // A connection of its own: WATCH and SELECT belong to it.
-        let mut connection = self.client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+        let mut connection = connection(&self.client).await?;
         // Every commit watches this key and refuses while it lives; it lapses if the replay dies.
         let _: () = connection.set_ex(self.keys.paused(), "replay", 60).await.map_err(unavailable)?;
         Ok(Box::new(PausedCounters {
@@ -357,7 +353,7 @@ impl crate::replay::Paused for PausedCounters {
 
 /// A key of the database `client` names that is not under `prefix`, if there is one.
 async fn foreign_key(client: &redis::Client, prefix: &str) -> Result<Option<String>, ProjectionError> {
-    let mut connection = client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+    let mut connection = connection(client).await?;
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -377,8 +373,17 @@ async fn foreign_key(client: &redis::Client, prefix: &str) -> Result<Option<Stri
     }
 }
 
+/// A connection of its own to `client`'s database, with the same bounds as the shared one
+/// (a batch's transaction may take a while to answer).
+async fn connection(client: &redis::Client) -> Result<MultiplexedConnection, ProjectionError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
+}
+
 async fn flush(client: &redis::Client) -> Result<(), ProjectionError> {
-    let mut connection = client.get_multiplexed_async_connection().await.map_err(unavailable)?;
+    let mut connection = connection(client).await?;
     redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await.map_err(unavailable)
 }
 

@@ -106,6 +106,11 @@ impl World {
         assert_eq!(listed["channels"].as_array().unwrap().len(), self.channels.lock().unwrap().len());
     }
 
+    /// The value of `name` in every process's environment.
+    fn env(&self, name: &str) -> String {
+        self.pipeline.env.iter().find(|(n, _)| *n == name).expect("set by the pipeline").1.clone()
+    }
+
     /// Runs `quikapp replay <args>` to its end (bounded).
     async fn replay(&self, args: &[&str]) -> std::process::Output {
         let mut command = self.pipeline.command(&[&["replay"], args].concat());
@@ -218,7 +223,7 @@ async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never
     world.assert_directory_matches().await;
 
     // The rebuild's schema became the live one; the old one is gone.
-    let url = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_POSTGRES_URL").unwrap().1;
+    let url = &world.env("QUIKAPP_POSTGRES_URL");
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     let schemas: Vec<String> =
         sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'directory%' ORDER BY 1")
@@ -270,8 +275,8 @@ async fn replay_swaps_in_a_rebuilt_search_index_while_commands_flow_and_searches
         assert_eq!(hits["total"], json!(members.len()), "{channel}");
     }
     // The alias is on the rebuilt index, the first one is gone.
-    let url = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_ELASTICSEARCH_URL").unwrap().1;
-    let prefix = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_SEARCH_INDEX_PREFIX").unwrap().1;
+    let url = &world.env("QUIKAPP_ELASTICSEARCH_URL");
+    let prefix = &world.env("QUIKAPP_SEARCH_INDEX_PREFIX");
     let aliases: Value = reqwest::get(format!("{url}/{prefix}messages/_alias")).await.unwrap().json().await.unwrap();
     let indexes: Vec<&String> = aliases.as_object().unwrap().keys().collect();
     assert_eq!(indexes, [&format!("{prefix}messages-2")]);
@@ -348,7 +353,7 @@ async fn a_replay_killed_midway_resumes_where_it_stopped_and_a_second_one_meanwh
 async fn verify_finds_a_corrupted_row_document_index_entry_and_redis_key() {
     let Some((world, _processes)) = World::new(&["postgres", "redis", "mongo", "search"], &[]).await else { return };
     let owner = world.users[0];
-    let env = |name: &str| world.pipeline.env.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    let env = |name: &str| world.env(name);
     let channels: Vec<Uuid> = world.channels.lock().unwrap().keys().copied().collect();
     // Every model has every command before the audit.
     for check in [MEMBER_COUNT, MESSAGE_COUNT, TIMELINE, SEARCH] {
@@ -435,7 +440,7 @@ async fn verify_finds_a_corrupted_row_document_index_entry_and_redis_key() {
 #[tokio::test]
 async fn a_projector_refuses_a_model_of_an_older_schema_version_until_a_replay_rebuilds_it() {
     let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
-    let url = &world.pipeline.env.iter().find(|(name, _)| *name == "QUIKAPP_POSTGRES_URL").unwrap().1;
+    let url = &world.env("QUIKAPP_POSTGRES_URL");
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     sqlx::query("UPDATE directory.model SET schema_version = 0").execute(&pool).await.unwrap();
 

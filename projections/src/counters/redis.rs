@@ -243,12 +243,6 @@ impl RedisVersions {
         let settings = info.redis_settings().clone().set_db(self.rebuild_db);
         redis::Client::open(info.set_redis_settings(settings)).map_err(unavailable)
     }
-
-    /// The counters of the rebuild's database.
-    pub async fn rebuilt(&self) -> Result<Counters, ProjectionError> {
-        let keyspace = RedisKeyspace::connect_to(self.rebuild_client()?, self.keys.clone()).await?;
-        Ok(Counters::new(Arc::new(keyspace), self.keys.clone()))
-    }
 }
 
 #[async_trait]

@@ -345,26 +345,25 @@ impl Projector for MongoTimelines {
         // A change to a message this batch inserts is made to it before the insert: one
         // document written instead of an insert and an update per change (each update scans the
         // table on FerretDB), which is what makes a replay's large batches fast.
-        let (mut inserts, mut at, mut folded, mut updates) = (Vec::new(), HashMap::new(), HashMap::new(), Vec::new());
+        let (mut inserts, mut at, mut updates) = (Vec::new(), HashMap::new(), Vec::new());
         for op in ops_of(&batch.events) {
-            match (op, &mut inserts) {
-                (Op::Insert(message), inserts) => {
+            match op {
+                Op::Insert(message) => {
                     at.insert(message.message_id, inserts.len());
                     inserts.push(message);
                 }
-                (op, inserts) => match at.get(&op.target()) {
-                    Some(&i) => {
-                        folded.entry(op.target()).or_insert_with(Vec::new).push(op.clone());
-                        inserts[i].apply(op);
-                    }
+                op => match at.get(&op.target()) {
+                    Some(&i) => drop(inserts[i].apply(op)),
                     None => updates.push(op),
                 },
             }
         }
         // A message already there (an earlier attempt at this batch, or an event delivered
-        // twice) gets its changes as updates, each conditional on its version.
-        for present in self.insert(&c, inserts).await? {
-            updates.extend(folded.remove(&present).unwrap_or_default());
+        // twice) gets the changes folded into it as updates, each conditional on its version.
+        let present: std::collections::HashSet<Uuid> = self.insert(&c, inserts).await?.into_iter().collect();
+        if !present.is_empty() {
+            let folded = ops_of(&batch.events).into_iter().filter(|op| !matches!(op, Op::Insert(_)));
+            updates.extend(folded.filter(|op| present.contains(&op.target())));
         }
         for op in updates {
             self.write(&c, op).await?;

@@ -39,12 +39,10 @@ impl fmt::Display for Group {
         match self {
             Group::Workspace(id) => write!(f, "workspace {id}"),
             Group::Channel(id) => write!(f, "channel {id}"),
-            User(id) => write!(f, "user {id}"),
+            Group::User(id) => write!(f, "user {id}"),
         }
     }
 }
-
-use Group::User;
 
 /// What a model holds about a group, by key, as its read side answers it.
 #[async_trait]
@@ -78,7 +76,7 @@ impl Contents for DirectoryContents {
                 contents.insert("channel".into(), value(self.0.channel(id).await?));
                 contents.insert("members".into(), value(self.0.members(id).await?));
             }
-            User(_) => {}
+            Group::User(_) => {}
         }
         Ok(contents)
     }
@@ -93,7 +91,7 @@ impl Contents for CountersContents {
         let mut contents = BTreeMap::new();
         match group {
             Group::Channel(id) => drop(contents.insert("stats".into(), value(self.0.stats(id).await?))),
-            User(id) => drop(contents.insert("unread".into(), value(self.0.unread(id).await?))),
+            Group::User(id) => drop(contents.insert("unread".into(), value(self.0.unread(id).await?))),
             Group::Workspace(_) => {}
         }
         Ok(contents)
@@ -178,7 +176,7 @@ impl History {
                 match (&event.event, event.channel_id, event.workspace_id) {
                     (Event::UserProfileUpdated(e), _, _) => {
                         profiles.insert(e.user_id, at);
-                        touch(User(e.user_id));
+                        touch(Group::User(e.user_id));
                     }
                     (_, Some(channel), _) => {
                         touch(Group::Channel(channel));
@@ -200,7 +198,7 @@ impl History {
         }
         for (user, channels) in &channels_of {
             let latest = channels.iter().map(|c| last(Group::Channel(*c), &history)).max().unwrap_or(0);
-            history.last.insert(User(*user), last(User(*user), &history).max(latest));
+            history.last.insert(Group::User(*user), last(Group::User(*user), &history).max(latest));
         }
         history.members = members;
         Ok(history)
@@ -219,15 +217,15 @@ impl History {
             for event in &page {
                 match (&event.event, event.channel_id, event.workspace_id) {
                     (Event::UserProfileUpdated(e), _, _) => {
-                        touched.insert(User(e.user_id));
+                        touched.insert(Group::User(e.user_id));
                         let theirs = self.members.iter().filter(|(_, users)| users.contains(&e.user_id));
                         touched.extend(theirs.map(|(channel, _)| Group::Channel(*channel)));
                     }
                     (_, Some(channel), _) => {
                         touched.insert(Group::Channel(channel));
-                        touched.extend(self.members.get(&channel).into_iter().flatten().map(|u| User(*u)));
+                        touched.extend(self.members.get(&channel).into_iter().flatten().map(|u| Group::User(*u)));
                         if let Event::ChannelMemberJoined(e) = &event.event {
-                            touched.insert(User(e.user_id));
+                            touched.insert(Group::User(e.user_id));
                         }
                     }
                     (_, None, Some(workspace)) => drop(touched.insert(Group::Workspace(workspace))),

@@ -12,7 +12,7 @@ use quikapp_projections::audit::Model;
 use quikapp_projections::counters::redis::{RedisKeyspace, RedisVersions};
 use quikapp_projections::counters::{Counters, Keys};
 use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
-use quikapp_projections::replay::{Paused, Replay, ReplayOptions, Report, Summary, Versions};
+use quikapp_projections::replay::{Paused, Replay, ReplayOptions, Report, Source, Summary, Versions};
 use quikapp_projections::runtime::RuntimeConfig;
 use quikapp_projections::search::opensearch::{OpenSearch, OpenSearchVersions};
 use quikapp_projections::timelines::mongo::{MongoTimelines, MongoVersions};
@@ -47,6 +47,16 @@ pub struct ReplayArgs {
     /// Events read from the store and written per batch.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch_size: u32,
+    /// Where the history comes from: the event store, or the Kafka topics from their earliest
+    /// offsets (refused if retention has dropped any).
+    #[arg(long, value_enum, default_value_t = HistorySource::Store, conflicts_with = "live_only")]
+    source: HistorySource,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HistorySource {
+    Store,
+    Kafka,
 }
 
 pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
@@ -62,6 +72,11 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
     if verify && config.kafka_brokers.is_none() {
         bail!("the embedded models live in the memory of `quikapp dev`: there is no live model to compare with");
     }
+    let source = match args.source {
+        HistorySource::Store => Source::Store,
+        HistorySource::Kafka if config.kafka_brokers.is_none() => bail!("--source kafka needs QUIKAPP_KAFKA_BROKERS"),
+        HistorySource::Kafka => Source::Bus,
+    };
     // Every model's store answers before the first rebuild starts: `all` stops before doing
     // anything rather than after some models were swapped.
     let mut selected = Vec::new();
@@ -84,6 +99,7 @@ pub async fn run(config: &Config, args: ReplayArgs) -> Result<()> {
             bus,
             versions,
             options: ReplayOptions {
+                source,
                 restart: args.restart,
                 keep_old: args.keep_old,
                 dry_run: args.dry_run,
@@ -184,8 +200,12 @@ fn model_name(selection: Selection) -> &'static str {
 
 fn print_summary(summary: &Summary) {
     let outcome = if summary.swapped { "swapped in" } else { "not swapped (dry run or embedded)" };
+    let source = match summary.source {
+        Source::Store => "the event store",
+        Source::Bus => "Kafka",
+    };
     println!(
-        "{}: {} events through position {} in {:.1} s ({:.0} events/s), {outcome}",
+        "{}: {} events from {source} through position {} in {:.1} s ({:.0} events/s), {outcome}",
         summary.model, summary.events, summary.through, summary.seconds, summary.events_per_second
     );
 }

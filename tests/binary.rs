@@ -388,6 +388,9 @@ async fn replay_rebuilds_the_embedded_models_from_the_data_dir_and_refuses_bad_a
     let unknown = replay(&["mysql"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("invalid value 'mysql'"));
+    let no_kafka = replay(&["all", "--source", "kafka"]);
+    assert_eq!(no_kafka.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&no_kafka.stderr), "error: --source kafka needs QUIKAPP_KAFKA_BROKERS\n");
     let down = quikapp(&["replay", "postgres"])
         .env("QUIKAPP_POSTGRES_URL", "postgres://quikapp@127.0.0.1:1/quikapp")
         .env("QUIKAPP_KAFKA_BROKERS", "127.0.0.1:1")

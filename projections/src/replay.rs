@@ -20,6 +20,12 @@
 //!    paused ([`Versions::pause`]), the rebuild reaches where it stopped, and [`Paused::swap`]
 //!    makes the rebuild live in one step. The live projectors, whose stored offsets are now the
 //!    rebuild's, learn them on their next batch ([`ProjectionError::Moved`]) and go on.
+//!
+//! With [`Source::Bus`] (`--source kafka`) there is no history step: the rebuild starts with no
+//! offsets, so its runtime reads every partition from its first record, as a new live projector
+//! would, and catches up as in step 3 (past a watermark of the store's head when it began).
+//! That needs the bus to still hold every record: [`Replay::run`] refuses a partition whose
+//! first record is gone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,10 +41,26 @@ use crate::{Batch, Move, Progress, ProjectionError, Projector, Stored, applied_p
 
 /// The pseudo-partition a rebuild stores its place in the event store under: offset, the last
 /// position applied; watermark, the position its history ends at once it is done (else 0).
+/// A rebuild from the bus has one too, of index 1 and always zero, to tell it apart.
 pub const REPLAY_TOPIC: &str = "replay";
 
-fn replay_partition() -> Partition {
-    Partition { topic: REPLAY_TOPIC.into(), index: 0 }
+fn replay_partition(source: Source) -> Partition {
+    let index = match source {
+        Source::Store => 0,
+        Source::Bus => 1,
+    };
+    Partition { topic: REPLAY_TOPIC.into(), index }
+}
+
+/// Where a rebuild reads the history from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Source {
+    /// The event store, the source of truth (the default).
+    #[serde(rename = "store")]
+    Store,
+    /// The event topics from their first records (`--source kafka`).
+    #[serde(rename = "kafka")]
+    Bus,
 }
 
 /// A model's versions: the live one and a rebuild beside it.
@@ -99,6 +121,7 @@ pub fn behind(live: &Stored, rebuild: &Stored) -> Option<Partition> {
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
+    pub source: Source,
     /// Drop what an earlier, interrupted rebuild left and start over.
     pub restart: bool,
     pub keep_old: bool,
@@ -116,11 +139,12 @@ pub struct ReplayOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub model: String,
-    /// Events applied from the store by this run.
+    pub source: Source,
+    /// Events of history applied by this run (from the bus: positions its watermarks passed).
     pub events: u64,
     /// Where this run started in the store's history (0: from the beginning).
     pub resumed_from: u64,
-    /// The end of the history taken from the store.
+    /// The end of the history: the store's head when the rebuild began or this run resumed it.
     pub through: u64,
     pub seconds: f64,
     pub events_per_second: f64,
@@ -147,6 +171,8 @@ pub enum ReplayError {
     Model(#[from] ProjectionError),
     #[error("no swap: {0}")]
     NoSwap(String),
+    #[error("the bus: {0}")]
+    Bus(String),
 }
 
 pub struct Replay {
@@ -163,7 +189,7 @@ impl Replay {
     pub async fn run(&self, report: &dyn Report) -> Result<Summary, ReplayError> {
         let progress = Arc::new(std::sync::Mutex::new(ReplayProgress::default()));
         let heartbeat = tokio::spawn(heartbeat(self.store.clone(), self.model, progress.clone()));
-        let outcome = self.steps(report, &progress).await;
+        let outcome = self.steps(&Shown { report, progress }).await;
         heartbeat.abort();
         let _ = heartbeat.await;
         if outcome.is_ok() {
@@ -172,42 +198,51 @@ impl Replay {
         outcome
     }
 
-    async fn steps(
-        &self,
-        report: &dyn Report,
-        progress: &std::sync::Mutex<ReplayProgress>,
-    ) -> Result<Summary, ReplayError> {
+    async fn steps(&self, shown: &Shown<'_>) -> Result<Summary, ReplayError> {
         let started = Instant::now();
+        let source = self.options.source;
+        if source == Source::Bus {
+            self.bus_holds_everything().await?;
+        }
         if self.options.restart {
             self.versions.discard().await?;
         }
         let mut rebuild = self.versions.rebuild().await?;
-        let mut place = rebuild.projector.stored().await?.partitions.get(&replay_partition()).copied();
+        let mark = replay_partition(source);
+        let mut place = rebuild.projector.stored().await?.partitions.get(&mark).copied();
         if rebuild.projector.check_schema().await.is_err() {
             place = None; // begun by an older build: of no use to this one
         }
         if place.is_none() {
-            // Not a rebuild begun by a replay (an old version kept, a start cut short): anew.
+            // Not a rebuild begun by a replay from this source (an old version kept, a start
+            // cut short, a rebuild from the other source): anew.
             self.versions.discard().await?;
             rebuild = self.versions.rebuild().await?;
             self.start(rebuild.projector.as_ref()).await?;
         }
         let place = place.unwrap_or_default();
-        let (resumed_from, through) = if place.watermark > 0 {
-            (place.offset, place.watermark)
-        } else {
-            let through = self.store.head().await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
-            self.history(rebuild.projector.as_ref(), place.offset, through, report, progress).await?;
-            (place.offset, through)
+        let head = || async { self.store.head().await.map_err(|e| ReplayError::EventStore(e.to_string())) };
+        let (resumed_from, through) = match source {
+            Source::Store if place.watermark > 0 => (place.offset, place.watermark),
+            Source::Store => {
+                let through = head().await?;
+                self.history(rebuild.projector.as_ref(), place.offset, through, shown).await?;
+                (place.offset, through)
+            }
+            Source::Bus => {
+                let partitions = self.bus.as_ref().map(|bus| bus.partitions()).unwrap_or_default();
+                (read_through(&rebuild.projector.stored().await?, &partitions), head().await?)
+            }
         };
         let events = through.saturating_sub(resumed_from);
         let (swapped, verdict) = match &self.bus {
-            Some(bus) => self.catch_up_and_swap(&rebuild, bus.clone(), through, report).await?,
+            Some(bus) => self.catch_up_and_swap(&rebuild, bus.clone(), through, shown).await?,
             None => (false, None),
         };
         let seconds = started.elapsed().as_secs_f64();
         Ok(Summary {
             model: self.model.into(),
+            source,
             events,
             resumed_from,
             through,
@@ -218,11 +253,12 @@ impl Replay {
         })
     }
 
-    /// Copies the live model's offsets into a new rebuild, with its place in the store at 0.
+    /// Copies the live model's offsets into a new rebuild, with its place in the store at 0;
+    /// from the bus, no offsets: it is read from the start.
     async fn start(&self, rebuild: &dyn Projector) -> Result<(), ReplayError> {
-        let live = match &self.bus {
-            Some(_) => self.versions.live().projector.stored().await?,
-            None => Stored::default(),
+        let live = match (&self.bus, self.options.source) {
+            (Some(_), Source::Store) => self.versions.live().projector.stored().await?,
+            _ => Stored::default(),
         };
         let mut moves: Vec<Move> = live
             .partitions
@@ -234,8 +270,32 @@ impl Replay {
                 to: Progress { offset: progress.offset, watermark: 0 },
             })
             .collect();
-        moves.push(Move { partition: replay_partition(), from: None, to: Progress::default() });
+        moves.push(Move { partition: replay_partition(self.options.source), from: None, to: Progress::default() });
         rebuild.apply(&Batch { events: vec![], moves, dead_lettered: 0 }).await?;
+        Ok(())
+    }
+
+    /// Refuses a bus that no longer holds the first record of every partition (retention
+    /// dropped it): a rebuild from it would miss those events.
+    async fn bus_holds_everything(&self) -> Result<(), ReplayError> {
+        let Some(bus) = &self.bus else {
+            return Err(ReplayError::Bus("there is no bus to read the history from".into()));
+        };
+        let partitions = bus.partitions();
+        let firsts = partitions.iter().map(|partition| bus.read(partition, None, 1, Duration::from_secs(5)));
+        let firsts = futures::future::try_join_all(firsts).await.map_err(|e| ReplayError::Bus(e.to_string()))?;
+        for (partition, first) in partitions.iter().zip(firsts) {
+            if let Some(record) = first.first()
+                && record.offset() > 0
+            {
+                return Err(ReplayError::Bus(format!(
+                    "{}/{} starts at offset {}, its earlier records dropped by retention: replay from the event store",
+                    partition.topic,
+                    partition.index,
+                    record.offset()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -247,12 +307,10 @@ impl Replay {
         rebuild: &dyn Projector,
         from: u64,
         through: u64,
-        report: &dyn Report,
-        progress: &std::sync::Mutex<ReplayProgress>,
+        shown: &Shown<'_>,
     ) -> Result<(), ReplayError> {
         let total = through.saturating_sub(from);
-        report.progress(self.model, 0, total);
-        *progress.lock().expect("not poisoned") = ReplayProgress { done: 0, total };
+        shown.progress(self.model, 0, total);
         let size = u64::from(self.options.batch_size.max(self.versions.history_batch()));
         let ranges: Vec<(u64, u64)> =
             (from..through).step_by(size as usize).map(|after| (after, (after + size).min(through))).collect();
@@ -291,14 +349,13 @@ impl Replay {
             }
             let watermark = if done { through } else { 0 };
             batch.moves.push(Move {
-                partition: replay_partition(),
+                partition: replay_partition(Source::Store),
                 from: Some(place),
                 to: Progress { offset: last, watermark },
             });
             self.apply(rebuild, &batch).await?;
             place = last;
-            report.progress(self.model, place - from, total);
-            *progress.lock().expect("not poisoned") = ReplayProgress { done: place - from, total };
+            shown.progress(self.model, place - from, total);
             if done {
                 return Ok(());
             }
@@ -328,22 +385,26 @@ impl Replay {
         rebuild: &Model,
         bus: Arc<dyn EventBus>,
         through: u64,
-        report: &dyn Report,
+        shown: &Shown<'_>,
     ) -> Result<(bool, Option<Verdict>), ReplayError> {
         let live = self.versions.live();
         let partitions = bus.partitions();
-        let config = RuntimeConfig { skip_through: through, ..self.options.runtime.clone() };
+        let skip_through = match self.options.source {
+            Source::Store => through,
+            Source::Bus => 0,
+        };
+        let config = RuntimeConfig { skip_through, ..self.options.runtime.clone() };
         let projector = rebuild.projector.clone();
         let follow =
             || Following::start(Runtime { projector: projector.clone(), bus: bus.clone(), config: config.clone() });
-        report.step(self.model, "catching up with the live model");
+        shown.step(self.model, "catching up with the live model");
         let following = follow();
         let mut reached = self
-            .reach(projector.as_ref(), &mut Live::Running(live.projector.as_ref()), &partitions, through, None)
+            .reach(projector.as_ref(), &mut Live::Running(live.projector.as_ref()), &partitions, through, None, shown)
             .await;
         let mut verdict = None;
         if reached.is_ok() && self.options.verify {
-            report.step(self.model, "comparing the rebuild with the live model");
+            shown.step(self.model, "comparing the rebuild with the live model");
             match audit(self.store.as_ref(), &partitions, rebuild, &live).await {
                 Ok(found) => verdict = Some(found),
                 Err(error) => reached = Err(error),
@@ -353,7 +414,7 @@ impl Replay {
             following.stop().await;
             return reached.map(|()| (false, verdict));
         }
-        report.step(self.model, "pausing the live model");
+        shown.step(self.model, "pausing the live model");
         let mut paused = match self.versions.pause().await {
             Ok(paused) => paused,
             Err(error) => {
@@ -366,13 +427,13 @@ impl Replay {
         let outcome = loop {
             // Batches in flight when the pause began may still land: reach them too.
             let current = following.take().unwrap_or_else(follow);
-            let reached =
-                self.reach(projector.as_ref(), &mut Live::Paused(&mut paused), &partitions, through, Some(limit)).await;
+            let paused_live = &mut Live::Paused(&mut paused);
+            let reached = self.reach(projector.as_ref(), paused_live, &partitions, through, Some(limit), shown).await;
             current.stop().await;
             if let Err(error) = reached {
                 break Err(error);
             }
-            report.step(self.model, "swapping");
+            shown.step(self.model, "swapping");
             match paused.swap(self.options.keep_old).await {
                 Ok(()) => break Ok((true, verdict.take())),
                 Err(SwapError::Behind(why)) if Instant::now() < limit => {
@@ -396,6 +457,7 @@ impl Replay {
         partitions: &[Partition],
         through: u64,
         limit: Option<Instant>,
+        shown: &Shown<'_>,
     ) -> Result<(), ReplayError> {
         // The rebuild's offsets, and when they last moved.
         let mut moving = (0, Instant::now());
@@ -405,6 +467,11 @@ impl Replay {
                 Live::Paused(paused) => paused.live().await?,
             };
             let own = rebuild.stored().await?;
+            if self.options.source == Source::Bus {
+                // The history is what the bus holds up to `through`.
+                let done = read_through(&own, partitions).min(through);
+                shown.progress(self.model, done, through);
+            }
             // Past a watermark of `through` on every partition, the rebuild is past every record
             // of the history (the relay publishes in commit order): the live projectors, once
             // they follow its offsets, never meet one of them again.
@@ -430,6 +497,30 @@ impl Replay {
             }
         }
     }
+}
+
+/// What a replay shows: on the terminal, and in the store for GET /projections.
+struct Shown<'a> {
+    report: &'a dyn Report,
+    /// What the heartbeat records.
+    progress: Arc<std::sync::Mutex<ReplayProgress>>,
+}
+
+impl Shown<'_> {
+    fn progress(&self, model: &str, done: u64, total: u64) {
+        self.report.progress(model, done, total);
+        *self.progress.lock().expect("not poisoned") = ReplayProgress { done, total };
+    }
+
+    fn step(&self, model: &str, step: &str) {
+        self.report.step(model, step);
+    }
+}
+
+/// How far a rebuild from the bus has read all of `partitions`: the lowest watermark it stored.
+fn read_through(stored: &Stored, partitions: &[Partition]) -> u64 {
+    let watermark = |partition| stored.partitions.get(partition).map_or(0, |progress| progress.watermark);
+    partitions.iter().map(watermark).min().unwrap_or(0)
 }
 
 /// Records `progress` in the store every second, for GET /projections, until aborted.
@@ -535,7 +626,7 @@ pub async fn audit_live(
         let Some(last) = events.last().map(|e| e.global_position) else { break };
         let events: Vec<_> = events.into_iter().filter(|e| unknown_schema(e).is_none()).collect();
         let to = Progress { offset: last, watermark: 0 };
-        let moves = vec![Move { partition: replay_partition(), from: (after > 0).then_some(after), to }];
+        let moves = vec![Move { partition: replay_partition(Source::Store), from: (after > 0).then_some(after), to }];
         reference.projector.apply(&Batch { events, moves, dead_lettered: 0 }).await?;
         after = last;
     }

@@ -201,10 +201,10 @@ fn summary(output: &std::process::Output) -> Value {
 
 /// Runs `quikapp replay <model>` while commands flow and reads are checked; answers its
 /// summary of the model.
-async fn replay_under_load(world: &Arc<World>, model: &str, checks: &'static [Check]) -> Value {
+async fn replay_under_load(world: &Arc<World>, model: &str, checks: &'static [Check], more: &[&str]) -> Value {
     let stop = Arc::new(AtomicBool::new(false));
     let busy = keep_busy(world, checks, &stop).await;
-    let output = world.replay(&[model, "--json", "--batch-size", "20"]).await;
+    let output = world.replay(&[&[model, "--json", "--batch-size", "20"], more].concat()).await;
     stop.store(true, Ordering::SeqCst);
     let reads = busy.await.unwrap();
     let summary = summary(&output);
@@ -219,7 +219,7 @@ async fn replay_under_load(world: &Arc<World>, model: &str, checks: &'static [Ch
 #[tokio::test]
 async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never_fail() {
     let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
-    replay_under_load(&world, "postgres", &[MEMBER_COUNT]).await;
+    replay_under_load(&world, "postgres", &[MEMBER_COUNT], &[]).await;
     world.assert_directory_matches().await;
 
     // The rebuild's schema became the live one; the old one is gone.
@@ -231,6 +231,16 @@ async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never
             .await
             .unwrap();
     assert_eq!(schemas, ["directory"]);
+}
+
+#[tokio::test]
+async fn replay_from_kafka_reads_the_topics_from_the_start_and_swaps_in_while_commands_flow() {
+    let Some((world, _processes)) = World::new(&["postgres"], &[]).await else { return };
+    // The rebuild has no offsets of the live model's: what it has of the history before the
+    // load began, it read from the topics.
+    let replayed = replay_under_load(&world, "postgres", &[MEMBER_COUNT], &["--source", "kafka"]).await;
+    assert_eq!(replayed["source"], "kafka");
+    world.assert_directory_matches().await;
 }
 
 #[tokio::test]
@@ -246,7 +256,7 @@ async fn replay_swaps_in_rebuilt_counters_while_commands_flow_and_reads_never_fa
     }
     let env = [("QUIKAPP_REDIS_URL", redis), ("QUIKAPP_REDIS_REBUILD_DB", "4".to_owned())];
     let Some((world, _processes)) = World::new(&["postgres", "redis"], &env).await else { return };
-    replay_under_load(&world, "redis", &[MEMBER_COUNT, MESSAGE_COUNT]).await;
+    replay_under_load(&world, "redis", &[MEMBER_COUNT, MESSAGE_COUNT], &[]).await;
     let owner = world.users[0];
     let channels = world.channels.lock().unwrap().clone();
     for (channel, members) in channels {
@@ -264,7 +274,7 @@ async fn replay_swaps_in_rebuilt_counters_while_commands_flow_and_reads_never_fa
 #[tokio::test]
 async fn replay_swaps_in_a_rebuilt_search_index_while_commands_flow_and_searches_never_fail() {
     let Some((world, _processes)) = World::new(&["postgres", "search"], &[]).await else { return };
-    replay_under_load(&world, "search", &[MEMBER_COUNT, SEARCH]).await;
+    replay_under_load(&world, "search", &[MEMBER_COUNT, SEARCH], &[]).await;
     let owner = world.users[0];
     let channels = world.channels.lock().unwrap().clone();
     for (channel, members) in channels {
@@ -292,7 +302,7 @@ async fn replay_swaps_in_a_rebuilt_search_index_while_commands_flow_and_searches
 #[tokio::test]
 async fn replay_swaps_in_rebuilt_timelines_while_commands_flow_and_reads_never_fail() {
     let Some((world, _processes)) = World::new(&["postgres", "mongo"], &[]).await else { return };
-    replay_under_load(&world, "mongo", &[MEMBER_COUNT, TIMELINE]).await;
+    replay_under_load(&world, "mongo", &[MEMBER_COUNT, TIMELINE], &[]).await;
     let owner = world.users[0];
     let channels = world.channels.lock().unwrap().clone();
     for (channel, members) in channels {

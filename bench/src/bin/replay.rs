@@ -32,7 +32,7 @@ use quikapp_domain::workspace::Role;
 use quikapp_projections::counters::redis::{RedisKeyspace, RedisVersions};
 use quikapp_projections::counters::{Counters, Keys, Op, ops_of};
 use quikapp_projections::directory::postgres::{PostgresDirectory, PostgresVersions};
-use quikapp_projections::replay::{Replay, ReplayOptions, Report, Summary, Versions};
+use quikapp_projections::replay::{Replay, ReplayOptions, Report, Source, Summary, Versions};
 use quikapp_projections::search::opensearch::{OpenSearch, OpenSearchVersions, source};
 use quikapp_projections::search::{Known, fold};
 use quikapp_projections::timelines::mongo::{MongoTimelines, MongoVersions};
@@ -161,6 +161,7 @@ async fn rebuild(
     batch: u32,
 ) -> Result<Summary> {
     let options = ReplayOptions {
+        source: Source::Store,
         restart: true,
         keep_old: false,
         dry_run: true,

@@ -68,6 +68,10 @@ impl EventStore for Observed {
         self.inner.head().await
     }
 
+    async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError> {
+        self.inner.memberships(user, through).await
+    }
+
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError> {
         let answer = self.inner.idempotent_reply(key).await?;
         if self.hold_second_lookup && self.lookups.fetch_add(1, Ordering::SeqCst) == 1 {

@@ -60,6 +60,7 @@ contract_suite!(
         a_keyed_no_op_is_remembered_on_the_versions_it_was_decided_on,
         a_claim_is_exclusive_until_released,
         reading_all_from_a_position_pages_in_order,
+        memberships_are_the_events_that_begin_or_end_a_users_membership,
         large_payloads_round_trip,
         a_failed_append_leaves_nothing_behind,
         a_refused_append_does_not_fail_the_appends_committed_with_it,

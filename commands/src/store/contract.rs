@@ -208,6 +208,36 @@ pub async fn reading_all_from_a_position_pages_in_order(store: Store) {
     assert!(store.read_all(12, 10).await.unwrap().is_empty());
 }
 
+/// Joins, leaves and workspace memberships of one user, up to a position, and nothing else.
+pub async fn memberships_are_the_events_that_begin_or_end_a_users_membership(store: Store) {
+    use quikapp_domain::Event;
+    use quikapp_domain::event::{ChannelMemberJoined, ChannelMemberLeft, WorkspaceCreated, WorkspaceMemberAdded};
+    use quikapp_domain::workspace::Role;
+    let (user, other, workspace, channel) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let events: Vec<Event> = vec![
+        WorkspaceCreated { workspace_id: workspace, name: "w".into(), owner_id: other }.into(),
+        WorkspaceMemberAdded { workspace_id: workspace, user_id: user, role: Role::Member, added_by: other }.into(),
+        ChannelMemberJoined { channel_id: channel, user_id: other, added_by: other }.into(),
+        ChannelMemberJoined { channel_id: channel, user_id: user, added_by: other }.into(),
+        new_event("a message").event,
+        ChannelMemberLeft { channel_id: channel, user_id: user, removed_by: user }.into(),
+        WorkspaceCreated { workspace_id: Uuid::now_v7(), name: "v".into(), owner_id: user }.into(),
+    ];
+    let request = AppendRequest {
+        stream_id: unique_stream(),
+        expected_version: 0,
+        events: events.into_iter().map(|event| NewEvent { event, ..new_event("") }).collect(),
+        ..Default::default()
+    };
+    let first = appended(store.append(request).await).first_position;
+    let positions =
+        |events: Vec<quikapp_domain::Envelope>| events.iter().map(|e| e.global_position - first).collect::<Vec<_>>();
+    assert_eq!(positions(store.memberships(user, first + 6).await.unwrap()), [1, 3, 5, 6]);
+    assert_eq!(positions(store.memberships(user, first + 5).await.unwrap()), [1, 3, 5]);
+    assert_eq!(positions(store.memberships(other, first + 6).await.unwrap()), [0, 2]);
+    assert!(store.memberships(Uuid::now_v7(), first + 6).await.unwrap().is_empty());
+}
+
 pub async fn large_payloads_round_trip(store: Store) {
     let stream = unique_stream();
     let text = "é🎉\"\\\n\t".repeat(40_000 / 6) + "end";

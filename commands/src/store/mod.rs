@@ -45,6 +45,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// The global position of the newest event, 0 for an empty store.
     async fn head(&self) -> Result<u64, StoreError>;
 
+    /// The events up to `through` that begin or end a membership of `user`, in position order:
+    /// WorkspaceCreated (as owner), WorkspaceMemberAdded, ChannelMemberJoined, ChannelMemberLeft.
+    async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError>;
+
     /// The stored reply of an idempotency key, if a command with that key succeeded within the
     /// retention of [`StoreOptions::idempotency_retention`].
     async fn idempotent_reply(&self, key: &str) -> Result<Option<StoredReply>, StoreError>;
@@ -66,6 +70,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// seconds was interrupted.
     async fn replays(&self) -> Result<Vec<(String, ReplayProgress, DateTime<Utc>)>, StoreError>;
 }
+
+/// The event types [`EventStore::memberships`] answers, as SQL.
+const MEMBERSHIP_TYPES: &str =
+    "('WorkspaceCreated', 'WorkspaceMemberAdded', 'ChannelMemberJoined', 'ChannelMemberLeft')";
 
 /// How far a replay has come: `done` of `total` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -14,8 +14,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, ReplayProgress, StoreError, StoreOptions,
-    StoredEvent, StoredReply, delete_in_chunks,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES, ReplayProgress,
+    StoreError, StoreOptions, StoredEvent, StoredReply, delete_in_chunks,
 };
 
 /// The advisory lock every writer of the event log holds while it appends.
@@ -83,6 +83,16 @@ impl EventStore for PostgresStore {
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
         let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
         let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError> {
+        // The expression and the types are the index `events_membership`'s.
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE event_type IN {MEMBERSHIP_TYPES} \
+             AND coalesce(data->>'user_id', data->>'owner_id') = $1 AND global_position <= $2 ORDER BY global_position"
+        );
+        let rows = sqlx::query(&sql).bind(user.to_string()).bind(through as i64).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 

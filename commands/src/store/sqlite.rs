@@ -19,8 +19,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, ReplayProgress, StoreError, StoreOptions,
-    StoredEvent, StoredReply, delete_in_chunks,
+    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES, ReplayProgress,
+    StoreError, StoreOptions, StoredEvent, StoredReply, delete_in_chunks,
 };
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
@@ -72,6 +72,16 @@ impl EventStore for SqliteStore {
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
         let sql = format!("{SELECT_EVENTS} WHERE global_position > ? ORDER BY global_position LIMIT ?");
         let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(decode_event).collect()
+    }
+
+    async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError> {
+        // The expression and the types are the index `events_membership`'s.
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE event_type IN {MEMBERSHIP_TYPES} \
+             AND coalesce(json_extract(data, '$.user_id'), json_extract(data, '$.owner_id')) = ? AND global_position <= ? ORDER BY global_position"
+        );
+        let rows = sqlx::query(&sql).bind(user.to_string()).bind(through as i64).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
     }
 

@@ -31,6 +31,9 @@ const KEYS: &[&str] = &[
     "idempotency_retention_hours",
     "projector_addr",
     "projector_batch_size",
+    "realtime_addr",
+    "realtime_group",
+    "realtime_send_buffer",
     "min_position_wait_seconds",
     "redis_key_prefix",
     "redis_rebuild_db",
@@ -121,6 +124,28 @@ pub struct Config {
     /// A projector's consumer group is this followed by its model's name.
     #[serde(default = "default_kafka_group_prefix")]
     pub kafka_group_prefix: String,
+    /// Listen address of the WebSocket gateway (`quikapp realtime`, and inside `quikapp dev`).
+    #[serde(default = "default_realtime_addr")]
+    pub realtime_addr: SocketAddr,
+    /// The consumer group that carries the event topics to Redis for every gateway.
+    #[serde(default = "default_realtime_group")]
+    pub realtime_group: String,
+    /// Frames waiting for one WebSocket client, at most; a client further behind is closed
+    /// with 1013.
+    #[serde(default = "default_realtime_send_buffer")]
+    pub realtime_send_buffer: usize,
+}
+
+fn default_realtime_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8082))
+}
+
+fn default_realtime_group() -> String {
+    "quikapp-realtime".into()
+}
+
+fn default_realtime_send_buffer() -> usize {
+    1_024
 }
 
 fn default_search_index_prefix() -> String {
@@ -228,6 +253,9 @@ impl Default for Config {
             redis_key_prefix: default_redis_key_prefix(),
             search_index_prefix: default_search_index_prefix(),
             kafka_group_prefix: default_kafka_group_prefix(),
+            realtime_addr: default_realtime_addr(),
+            realtime_group: default_realtime_group(),
+            realtime_send_buffer: default_realtime_send_buffer(),
         }
     }
 }

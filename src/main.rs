@@ -20,6 +20,10 @@ use quikapp_bus::relay::{Relay, RelayConfig};
 use quikapp_bus::{Publisher, Topics};
 use quikapp_commands::CommandService;
 use quikapp_commands::store::{EventStore, PostgresStore, SqliteStore, StoreOptions};
+use quikapp_realtime::dispatcher::Dispatcher;
+use quikapp_realtime::fanout::{Fanout, MemoryFanout, RedisFanout};
+use quikapp_realtime::forwarder::Forwarder;
+use quikapp_realtime::gateway::{Gateway, GatewayConfig};
 use quikapp_write_api::auth::Tokens;
 use quikapp_write_api::{Limits, RateLimit, WriteApi};
 use uuid::Uuid;
@@ -49,6 +53,9 @@ enum Role {
     ReadApi,
     /// Publish every stored event to Kafka in commit order (one active relay; others stand by).
     Relay,
+    /// The WebSocket gateway: every event a user may see, live (consumer group quikapp-realtime
+    /// to Redis, Redis to every gateway).
+    Realtime,
     /// Keep read models up to date from Kafka: one consumer group each.
     Project {
         /// `postgres`, `redis`, `mongo`, `search`, or `all`.
@@ -141,6 +148,23 @@ async fn run(cli: Cli) -> Result<()> {
         Role::Project { model } => {
             init_tracing();
             run_projectors(&config, model).await
+        }
+        Role::Realtime => {
+            init_tracing();
+            let (Some(_), Some(brokers), Some(redis)) =
+                (&config.postgres_url, &config.kafka_brokers, &config.redis_url)
+            else {
+                bail!("the realtime gateway needs QUIKAPP_POSTGRES_URL, QUIKAPP_KAFKA_BROKERS and QUIKAPP_REDIS_URL");
+            };
+            let secret = required_secret(&config)?;
+            let store = open_event_store(&config).await?;
+            let bus: Arc<dyn quikapp_bus::EventBus> = Arc::new(quikapp_bus::kafka::KafkaBus {
+                brokers: brokers.clone(),
+                topics: topics(&config),
+                partitions: config.kafka_partitions,
+            });
+            let fanout = redis_fanout(&config, redis).await?;
+            run_realtime(&config, &secret, store, bus, fanout, shutdown_signal()).await
         }
     }
 }
@@ -235,8 +259,65 @@ async fn run_read_api(
     Ok(())
 }
 
+/// The realtime fan-out over Redis: a stream under the key prefix.
+async fn redis_fanout(config: &Config, url: &str) -> Result<Arc<dyn Fanout>> {
+    let key = format!("{}realtime", config.redis_key_prefix);
+    let fanout = RedisFanout::connect(url, key, REALTIME_STREAM_LENGTH).await.context("connecting to Redis")?;
+    Ok(Arc::new(fanout))
+}
+
+/// Slices (one per poll of the bus) the realtime stream in Redis keeps, about.
+const REALTIME_STREAM_LENGTH: usize = 100_000;
+
+/// The realtime gateway: a member of the realtime consumer group publishing to `fanout`, and
+/// the WebSocket endpoint reading it, until `shutdown`; then every connection is closed with
+/// 1001.
+async fn run_realtime(
+    config: &Config,
+    secret: &str,
+    store: Arc<dyn EventStore>,
+    bus: Arc<dyn quikapp_bus::EventBus>,
+    fanout: Arc<dyn Fanout>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let forwarder = Forwarder {
+        bus: bus.clone(),
+        fanout: fanout.clone(),
+        group: config.realtime_group.clone(),
+        batch_size: config.projector_batch_size,
+    };
+    let dispatcher = Dispatcher::start(fanout, bus.partitions());
+    let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
+    let gateway_config = GatewayConfig { send_buffer: config.realtime_send_buffer, ..GatewayConfig::default() };
+    let gateway = Gateway::new(store, Tokens::new(secret)?, dispatcher, gateway_config, stopping_seen);
+    let ready = gateway.clone();
+    let router = quikapp_realtime::gateway::routes(gateway.clone()).merge(ops_router(move || {
+        let ready = ready.clone();
+        async move { ready.ready() }
+    }));
+    let listener = tokio::net::TcpListener::bind(config.realtime_addr)
+        .await
+        .with_context(|| format!("binding {}", config.realtime_addr))?;
+    println!("realtime gateway listening on http://{}", listener.local_addr()?);
+    let (stop_publishing, publishing_stopped) = tokio::sync::oneshot::channel::<()>();
+    let publishing = tokio::spawn(forwarder.run(async {
+        let _ = publishing_stopped.await;
+    }));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stopping.send(true);
+        })
+        .await?;
+    gateway.drained(Duration::from_secs(5)).await;
+    let _ = stop_publishing.send(());
+    let _ = publishing.await;
+    println!("realtime gateway stopped");
+    Ok(())
+}
+
 /// Every role in one process: the write API, the bus (the store's own log, or the relay and
-/// Kafka when configured), the projectors and the read API.
+/// Kafka when configured), the projectors, the read API and the realtime gateway.
 async fn run_dev(config: &Config, secret: &str) -> Result<()> {
     let store = open_event_store(config).await?;
     let models = models::ReadModels::open(config).await?;
@@ -260,10 +341,15 @@ async fn run_dev(config: &Config, secret: &str) -> Result<()> {
         let until = stopped(&stop);
         background.spawn(async move { runtime.run(until).await });
     }
+    let fanout: Arc<dyn Fanout> = match &config.redis_url {
+        Some(url) if config.kafka_brokers.is_some() => redis_fanout(config, url).await?,
+        _ => Arc::new(MemoryFanout::new(4_096)),
+    };
     let write = run_write_api(config, secret, store.clone(), stopped(&stop));
+    let realtime = run_realtime(config, secret, store.clone(), bus.clone(), fanout, stopped(&stop));
     let read = run_read_api(config, secret, store, &models, stopped(&stop));
-    // Both APIs until a signal; either failing (a port taken) stops everything.
-    let apis = async { tokio::try_join!(write, read).map(|_| ()) };
+    // The APIs until a signal; any failing (a port taken) stops everything.
+    let apis = async { tokio::try_join!(write, read, realtime).map(|_| ()) };
     tokio::pin!(apis);
     let result = tokio::select! {
         result = &mut apis => result,

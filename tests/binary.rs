@@ -3,6 +3,8 @@
 
 #[path = "e2e/pipeline.rs"]
 mod pipeline;
+#[path = "e2e/realtime.rs"]
+mod realtime;
 #[path = "e2e/replay.rs"]
 mod replay;
 mod support;
@@ -37,8 +39,9 @@ fn dev(data_dir: &std::path::Path) -> Running {
     command
         .env("QUIKAPP_DATA_DIR", data_dir)
         .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0")
-        .env("QUIKAPP_READ_ADDR", "127.0.0.1:0");
-    Running::start_all(command, &["write API", "read API"])
+        .env("QUIKAPP_READ_ADDR", "127.0.0.1:0")
+        .env("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0");
+    Running::start_all(command, &["write API", "read API", "realtime gateway"])
 }
 
 #[tokio::test]

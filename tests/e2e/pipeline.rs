@@ -48,6 +48,8 @@ impl Pipeline {
             ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
             ("QUIKAPP_RELAY_ADDR", "127.0.0.1:0".into()),
             ("QUIKAPP_PROJECTOR_ADDR", "127.0.0.1:0".into()),
+            ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
+            ("QUIKAPP_REALTIME_GROUP", format!("test-{run}-realtime")),
         ];
         let pipeline = Pipeline { env };
         let migrate = pipeline.command(&["migrate"]).output().unwrap();

@@ -1,0 +1,214 @@
+//! How the events the realtime group reads reach every gateway: a Redis stream, or in one
+//! process a broadcast channel.
+//!
+//! A Redis stream rather than pub/sub: a gateway reads it from the last entry it had, so a
+//! dropped connection to Redis loses nothing (pub/sub forgets what a subscriber missed). Each
+//! entry is a [`Slice`], what one poll of the bus read (events and watermarks), so a busy
+//! stream costs one entry per batch, not per event. The stream is capped (`MAXLEN ~`); a
+//! gateway that falls that far behind has lost entries and closes its connections
+//! ([`FanoutError::Lost`]) so that clients resume from the event store.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use quikapp_bus::Partition;
+use quikapp_domain::Envelope;
+use serde::{Deserialize, Serialize};
+
+/// What one poll of the bus read, in each partition's order.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Slice {
+    pub records: Vec<Item>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Item {
+    Event {
+        topic: String,
+        partition: i32,
+        event: Box<Envelope>,
+    },
+    /// Every event up to `position` of this partition came before.
+    Watermark {
+        topic: String,
+        partition: i32,
+        position: u64,
+    },
+}
+
+impl Item {
+    pub fn partition(&self) -> Partition {
+        match self {
+            Item::Event { topic, partition, .. } | Item::Watermark { topic, partition, .. } => {
+                Partition { topic: topic.clone(), index: *partition }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    #[error("the fan-out is unavailable: {0}")]
+    Unavailable(String),
+    /// Slices were dropped before this reader had them.
+    #[error("slices were lost: {0}")]
+    Lost(String),
+}
+
+#[async_trait]
+pub trait Fanout: Send + Sync {
+    async fn publish(&self, slice: &Slice) -> Result<(), FanoutError>;
+    /// A reader of the slices published from now on.
+    async fn subscribe(&self) -> Result<Box<dyn Slices>, FanoutError>;
+}
+
+#[async_trait]
+pub trait Slices: Send {
+    /// The next slices, waiting up to about a second for one (none: nothing came).
+    async fn next(&mut self) -> Result<Vec<Slice>, FanoutError>;
+}
+
+// ------------------------------------------------------------------ Redis
+
+pub struct RedisFanout {
+    client: redis::Client,
+    publisher: redis::aio::MultiplexedConnection,
+    key: String,
+    max_len: usize,
+}
+
+/// How long a Redis command may take, the blocking read's second included.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn unavailable(error: redis::RedisError) -> FanoutError {
+    FanoutError::Unavailable(error.to_string())
+}
+
+async fn connect(client: &redis::Client) -> Result<redis::aio::MultiplexedConnection, FanoutError> {
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(REDIS_TIMEOUT));
+    client.get_multiplexed_async_connection_with_config(&config).await.map_err(unavailable)
+}
+
+impl RedisFanout {
+    /// The stream `key`, capped at about `max_len` slices.
+    pub async fn connect(url: &str, key: String, max_len: usize) -> Result<Self, FanoutError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let publisher = connect(&client).await?;
+        Ok(RedisFanout { client, publisher, key, max_len })
+    }
+}
+
+#[async_trait]
+impl Fanout for RedisFanout {
+    async fn publish(&self, slice: &Slice) -> Result<(), FanoutError> {
+        let payload = serde_json::to_vec(slice).expect("slices serialize");
+        redis::cmd("XADD")
+            .arg(&self.key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.max_len)
+            .arg("*")
+            .arg("s")
+            .arg(payload)
+            .query_async::<String>(&mut self.publisher.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<Box<dyn Slices>, FanoutError> {
+        // Its own connection: a blocking read holds it.
+        let connection = connect(&self.client).await?;
+        Ok(Box::new(RedisSlices { client: self.client.clone(), connection, key: self.key.clone(), last: "$".into() }))
+    }
+}
+
+struct RedisSlices {
+    client: redis::Client,
+    connection: redis::aio::MultiplexedConnection,
+    key: String,
+    /// The id of the last entry read (`$` before the first: only what comes next).
+    last: String,
+}
+
+#[async_trait]
+impl Slices for RedisSlices {
+    async fn next(&mut self) -> Result<Vec<Slice>, FanoutError> {
+        use redis::streams::{StreamReadOptions, StreamReadReply};
+        let options = StreamReadOptions::default().block(1_000).count(512);
+        let read: Result<Option<StreamReadReply>, _> =
+            redis::AsyncCommands::xread_options(&mut self.connection, &[&self.key], &[&self.last], &options).await;
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(error) => {
+                // Reconnect for the next call; the place in the stream is kept.
+                if let Ok(connection) = connect(&self.client).await {
+                    self.connection = connection;
+                }
+                return Err(unavailable(error));
+            }
+        };
+        let mut slices = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let slice = entry.get::<Vec<u8>>("s").and_then(|bytes| serde_json::from_slice::<Slice>(&bytes).ok());
+                match slice {
+                    Some(slice) => slices.push(slice),
+                    None => tracing::warn!(id = entry.id, "passed over a stream entry that is not a slice"),
+                }
+                self.last = entry.id;
+            }
+        }
+        Ok(slices)
+    }
+}
+
+// ------------------------------------------------------------------ in process
+
+/// The fan-out of `quikapp dev`: one process, so a broadcast channel.
+pub struct MemoryFanout {
+    sender: tokio::sync::broadcast::Sender<std::sync::Arc<Slice>>,
+}
+
+impl MemoryFanout {
+    pub fn new(capacity: usize) -> Self {
+        MemoryFanout { sender: tokio::sync::broadcast::channel(capacity).0 }
+    }
+}
+
+#[async_trait]
+impl Fanout for MemoryFanout {
+    async fn publish(&self, slice: &Slice) -> Result<(), FanoutError> {
+        // No receiver yet is no error: nobody was listening.
+        let _ = self.sender.send(std::sync::Arc::new(slice.clone()));
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<Box<dyn Slices>, FanoutError> {
+        Ok(Box::new(MemorySlices(self.sender.subscribe())))
+    }
+}
+
+struct MemorySlices(tokio::sync::broadcast::Receiver<std::sync::Arc<Slice>>);
+
+#[async_trait]
+impl Slices for MemorySlices {
+    async fn next(&mut self) -> Result<Vec<Slice>, FanoutError> {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        let first = match tokio::time::timeout(Duration::from_secs(1), self.0.recv()).await {
+            Err(_) => return Ok(vec![]),
+            Ok(Ok(slice)) => slice,
+            Ok(Err(RecvError::Lagged(missed))) => return Err(FanoutError::Lost(format!("{missed} slices"))),
+            Ok(Err(RecvError::Closed)) => return Err(FanoutError::Unavailable("the fan-out stopped".into())),
+        };
+        let mut slices = vec![(*first).clone()];
+        loop {
+            match self.0.try_recv() {
+                Ok(slice) => slices.push((*slice).clone()),
+                Err(TryRecvError::Lagged(missed)) => return Err(FanoutError::Lost(format!("{missed} slices"))),
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return Ok(slices),
+            }
+        }
+    }
+}

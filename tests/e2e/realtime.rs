@@ -1,0 +1,374 @@
+//! The realtime gateway as an operator runs it: two `quikapp realtime` instances beside the
+//! relay and the write API, separate processes on the real services; clients on WebSockets.
+//! No fixed sleeps: a client proves it did not receive an event by receiving a later one (the
+//! stream is in position order).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use uuid::Uuid;
+
+use super::pipeline::{Client, Pipeline, id};
+use super::support::{Running, deadline, quikapp, scratch_dir};
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One client's stream.
+struct Stream {
+    socket: Socket,
+    hello: Value,
+}
+
+impl Stream {
+    /// Connects to `gateway` (its base URL) as the holder of `token`, resuming after `after`
+    /// (by a first `resume` frame) when given; reads the hello.
+    async fn connect(gateway: &str, token: &str, after: Option<u64>) -> Stream {
+        let url = format!("{}/v1/stream?access_token={token}", gateway.replace("http://", "ws://"));
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("the gateway accepts");
+        if let Some(after) = after {
+            let resume = json!({ "type": "resume", "after_position": after.to_string() });
+            socket.send(Message::text(resume.to_string())).await.unwrap();
+        }
+        let mut stream = Stream { socket, hello: Value::Null };
+        stream.hello = stream.frame().await.expect("a hello");
+        assert_eq!(stream.hello["type"], "hello", "{}", stream.hello);
+        stream
+    }
+
+    /// The next frame (bounded); what ended the stream, if it ended.
+    async fn frame(&mut self) -> Result<Value, String> {
+        loop {
+            let message = deadline(Duration::from_secs(90), self.socket.next()).await.expect("a frame within 90 s");
+            match message {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}")),
+                None => return Err("ended".into()),
+                Some(Err(error)) => return Err(error.to_string()),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The events received up to and including the first that `last` accepts.
+    async fn events_until(&mut self, last: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut events = Vec::new();
+        loop {
+            let frame = self.frame().await.unwrap_or_else(|end| panic!("the stream stays open: {end}"));
+            if frame["type"] != "event" {
+                continue;
+            }
+            let done = last(&frame["event"]);
+            events.push(frame["event"].clone());
+            if done {
+                return events;
+            }
+        }
+    }
+}
+
+fn message_id(event: &Value) -> Option<Uuid> {
+    (event["type"] == "MessagePosted").then(|| event["data"]["message_id"].as_str().unwrap().parse().unwrap())
+}
+
+fn is_message(message: Uuid) -> impl Fn(&Value) -> bool {
+    move |event| message_id(event) == Some(message)
+}
+
+/// Where the gateways run: two `quikapp realtime` instances beside the relay and the write
+/// API on the real services, or `quikapp dev` on the embedded default (one instance, serving
+/// as both).
+#[derive(Clone, Copy)]
+enum Setup {
+    Services,
+    Embedded,
+}
+
+/// The gateways, a workspace of three users (owner first), a public channel all three are in
+/// and a private one of the owner and the second user.
+struct World {
+    env: Vec<(&'static str, String)>,
+    client: Arc<Client>,
+    users: [Uuid; 3],
+    public: Uuid,
+    private: Uuid,
+    /// The gateways' base URLs.
+    gateways: Vec<String>,
+    /// Their processes, when each has its own.
+    gateway_processes: Vec<Running>,
+    _processes: Vec<Running>,
+}
+
+impl World {
+    async fn new(setup: Setup, env: &[(&'static str, &str)]) -> Option<World> {
+        let (env, gateway_processes, processes, write) = match setup {
+            Setup::Services => {
+                let mut pipeline = Pipeline::new().await?;
+                for (name, value) in env {
+                    pipeline.set(name, (*value).into());
+                }
+                let relay = pipeline.start(&["relay"], "relay");
+                let write = pipeline.start(&["write-api"], "write API");
+                let gateways = vec![
+                    pipeline.start(&["realtime"], "realtime gateway"),
+                    pipeline.start(&["realtime"], "realtime gateway"),
+                ];
+                let url = write.url.clone();
+                (pipeline.env, gateways, vec![relay, write], url)
+            }
+            Setup::Embedded => {
+                let mut all: Vec<(&'static str, String)> = vec![
+                    ("QUIKAPP_DATA_DIR", scratch_dir().display().to_string()),
+                    ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
+                    ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
+                    ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
+                    ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
+                    ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
+                    ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
+                ];
+                all.extend(env.iter().map(|(name, value)| (*name, (*value).to_owned())));
+                let mut command = quikapp(&["dev"]);
+                command.envs(all.iter().map(|(n, v)| (*n, v.as_str())));
+                let dev = Running::start_all(command, &["write API", "realtime gateway"]);
+                let write = dev.url.clone();
+                (all, vec![], vec![dev], write)
+            }
+        };
+        let gateways = match setup {
+            Setup::Services => gateway_processes.iter().map(|p| p.url.clone()).collect(),
+            Setup::Embedded => vec![processes[0].urls["realtime gateway"].clone(); 2],
+        };
+        let mut world = World {
+            env,
+            client: Arc::new(Client {
+                http: reqwest::Client::new(),
+                write,
+                read: String::new(),
+                tokens: HashMap::new(),
+                expected: Default::default(),
+            }),
+            users: [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()],
+            public: Uuid::nil(),
+            private: Uuid::nil(),
+            gateways,
+            gateway_processes,
+            _processes: processes,
+        };
+        let mut tokens = HashMap::new();
+        for user in world.users {
+            let mut command = quikapp(&["token", &user.to_string()]);
+            command.envs(world.env.iter().map(|(n, v)| (*n, v.as_str())));
+            let output = command.output().unwrap();
+            tokens.insert(user, String::from_utf8(output.stdout).unwrap().trim().to_owned());
+        }
+        Arc::get_mut(&mut world.client).unwrap().tokens = tokens;
+        let client = world.client.clone();
+        let [owner, second, third] = world.users;
+        let workspace =
+            id(&client.must(owner, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+        for user in [second, third] {
+            let body = json!({ "user_id": user, "role": "member" });
+            client.must(owner, Method::POST, &format!("/workspaces/{workspace}/members"), Some(body)).await;
+        }
+        let path = format!("/workspaces/{workspace}/channels");
+        let channel = |name: &str, private: bool| json!({ "name": name, "private": private });
+        world.public =
+            id(&client.must(owner, Method::POST, &path, Some(channel("general", false))).await, "channel_id");
+        world.private = id(&client.must(owner, Method::POST, &path, Some(channel("secret", true))).await, "channel_id");
+        for (channel, user) in [(world.public, second), (world.public, third), (world.private, second)] {
+            let path = format!("/channels/{channel}/members");
+            client.must(owner, Method::POST, &path, Some(json!({ "user_id": user }))).await;
+        }
+        Some(world)
+    }
+
+    async fn connect(&self, gateway: usize, user: Uuid, after: Option<u64>) -> Stream {
+        Stream::connect(&self.gateways[gateway], &self.client.tokens[&user], after).await
+    }
+
+    async fn post(&self, author: Uuid, channel: Uuid, text: &str) -> Uuid {
+        self.client.post(author, channel, text.into(), None).await
+    }
+}
+
+fn position(value: &Value) -> u64 {
+    value.as_str().expect("positions are strings").parse().unwrap()
+}
+
+/// What each of three clients sees: the private channel's members (one on each gateway) its
+/// message; the member who leaves, their leaving and nothing after; the outsider, nothing of
+/// it. Read again by resuming after each hello, on the other gateway: the same, from the store.
+async fn memberships_decide_what_each_client_sees(setup: Setup) {
+    let Some(world) = World::new(setup, &[]).await else { return };
+    let [owner, second, third] = world.users;
+    let mut owners = world.connect(0, owner, None).await;
+    let mut seconds = world.connect(1, second, None).await;
+    let mut thirds = world.connect(0, third, None).await;
+
+    let first = world.post(owner, world.private, "for the two of us").await;
+    let mut owner_saw = owners.events_until(is_message(first)).await;
+    let mut second_saw = seconds.events_until(is_message(first)).await;
+    world.client.must(second, Method::DELETE, &format!("/channels/{}/members/{second}", world.private), None).await;
+    let alone = world.post(owner, world.private, "now alone").await;
+    let everyone = world.post(owner, world.public, "everyone").await;
+    owner_saw.extend(owners.events_until(is_message(everyone)).await);
+    second_saw.extend(seconds.events_until(is_message(everyone)).await);
+    let third_saw = thirds.events_until(is_message(everyone)).await;
+
+    let kinds = |events: &[Value]| -> Vec<(String, Option<Uuid>)> {
+        events.iter().map(|e| (e["type"].as_str().unwrap().to_owned(), message_id(e))).collect()
+    };
+    let posted = |id: Uuid| ("MessagePosted".to_owned(), Some(id));
+    let left = ("ChannelMemberLeft".to_owned(), None);
+    assert_eq!(kinds(&owner_saw), [posted(first), left.clone(), posted(alone), posted(everyone)]);
+    assert_eq!(kinds(&second_saw), [posted(first), left, posted(everyone)]);
+    assert_eq!(kinds(&third_saw), [posted(everyone)]);
+    for events in [&owner_saw, &second_saw] {
+        let positions: Vec<u64> = events.iter().map(|e| e["global_position"].as_u64().unwrap()).collect();
+        assert!(positions.is_sorted(), "in position order: {positions:?}");
+    }
+
+    for (user, stream, saw) in
+        [(owner, &owners, &owner_saw), (second, &seconds, &second_saw), (third, &thirds, &third_saw)]
+    {
+        let mut again = world.connect(1, user, Some(position(&stream.hello["position"]))).await;
+        assert_eq!(again.hello["position"], stream.hello["position"]);
+        assert_eq!(&again.events_until(is_message(everyone)).await, saw, "{user} resumed");
+    }
+}
+
+#[tokio::test]
+async fn memberships_decide_what_each_client_sees_on_two_gateways() {
+    memberships_decide_what_each_client_sees(Setup::Services).await;
+}
+
+#[tokio::test]
+async fn memberships_decide_what_each_client_sees_on_the_embedded_default() {
+    memberships_decide_what_each_client_sees(Setup::Embedded).await;
+}
+
+/// A client whose gateway is SIGKILLed reconnects to the other one and resumes after the last
+/// event it had: it gets every message posted meanwhile, once each, in order.
+#[tokio::test]
+async fn a_client_resuming_on_another_gateway_after_a_sigkill_loses_nothing_and_gets_nothing_twice() {
+    let Some(mut world) = World::new(Setup::Services, &[]).await else { return };
+    let [owner, second, _] = world.users;
+    let mut stream = world.connect(0, second, None).await;
+    let (client, channel) = (world.client.clone(), world.public);
+    let writer = tokio::spawn(async move {
+        let mut posted = Vec::new();
+        for i in 0..300 {
+            posted.push(client.post(owner, channel, format!("message {i}"), None).await);
+        }
+        posted
+    });
+    let mut received = Vec::new();
+    while received.len() < 60 {
+        let event = stream.events_until(|_| true).await.remove(0);
+        received.push(event);
+    }
+    let last = received.last().unwrap()["global_position"].as_u64().unwrap();
+    world.gateway_processes[0].child.kill().unwrap(); // SIGKILL
+    world.gateway_processes[0].child.wait().unwrap();
+
+    let mut resumed = world.connect(1, second, Some(last)).await;
+    let posted = writer.await.unwrap();
+    received.extend(resumed.events_until(is_message(*posted.last().unwrap())).await);
+    let messages: Vec<Uuid> = received.iter().filter_map(message_id).collect();
+    assert_eq!(messages, posted, "every message once, in order");
+}
+
+/// Frames wait for a client in a bounded buffer: a client that reads nothing is closed with
+/// 1013, while another client of the same gateway gets every message.
+#[tokio::test]
+async fn a_client_that_cannot_keep_up_is_closed_with_1013_and_the_others_go_on() {
+    let Some(world) = World::new(Setup::Services, &[("QUIKAPP_REALTIME_SEND_BUFFER", "16")]).await else { return };
+    let [owner, second, third] = world.users;
+    let mut slow = world.connect(0, second, None).await;
+    let mut reader = world.connect(0, third, None).await;
+    // The other client reads all along.
+    let (read_out, mut read) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(async move {
+        loop {
+            let events = reader.events_until(|_| true).await;
+            if read_out.send(events[0].clone()).is_err() {
+                return;
+            }
+        }
+    });
+    let metrics = format!("{}/metrics", world.gateways[0]);
+    let slow_closes = || async {
+        let text = world.client.http.get(&metrics).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("quikapp_realtime_slow_closes_total "))
+            .map_or(0.0, |value| value.parse::<f64>().unwrap())
+    };
+    // Large messages until the slow client's socket and buffer are full (the kernel's socket
+    // buffers take a few megabytes first).
+    let text = "x".repeat(40_000);
+    let mut posted = Vec::new();
+    while slow_closes().await < 1.0 {
+        assert!(posted.len() < 2_000, "no slow close after {} messages of 40 kB", posted.len());
+        for _ in 0..20 {
+            posted.push(world.post(owner, world.public, &text).await);
+        }
+    }
+    let mut messages = Vec::new();
+    while messages.last() != posted.last() {
+        let event = deadline(Duration::from_secs(90), read.recv()).await.expect("read within 90 s").unwrap();
+        messages.extend(message_id(&event));
+    }
+    assert_eq!(messages, posted);
+    reading.abort();
+
+    let mut taken = 0;
+    let code = loop {
+        let message = deadline(Duration::from_secs(30), slow.socket.next()).await.expect("a frame within 30 s");
+        match message {
+            Some(Ok(Message::Text(_))) => taken += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            other => panic!("the stream ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Again), "1013");
+    assert!(taken < posted.len(), "closed before all {} messages ({taken} taken)", posted.len());
+}
+
+/// A bad or missing token is refused before the upgrade; a token in the Authorization header
+/// is as good as `?access_token=`; a gateway stopping closes its streams with 1001.
+#[tokio::test]
+async fn tokens_are_checked_before_the_upgrade_and_a_stopping_gateway_closes_with_1001() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let Some(mut world) = World::new(Setup::Services, &[]).await else { return };
+    let base = world.gateways[1].replace("http://", "ws://");
+    for url in [format!("{base}/v1/stream?access_token=not-a-token"), format!("{base}/v1/stream")] {
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 401),
+            other => panic!("expected 401, got {other:?}", other = other.map(|_| ())),
+        }
+    }
+    let [owner, ..] = world.users;
+    let mut request = format!("{base}/v1/stream").into_client_request().unwrap();
+    let bearer = format!("Bearer {}", world.client.tokens[&owner]);
+    request.headers_mut().insert("authorization", bearer.parse().unwrap());
+    let (socket, _) = tokio_tungstenite::connect_async(request).await.expect("a token in the header");
+    let mut stream = Stream { socket, hello: Value::Null };
+    let hello = stream.frame().await.unwrap();
+    assert_eq!((hello["type"].as_str(), hello["user_id"].as_str()), (Some("hello"), Some(&*owner.to_string())));
+
+    let status = world.gateway_processes.remove(1).stop();
+    assert!(status.success(), "{status}");
+    let close = loop {
+        match stream.socket.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+            Some(Ok(_)) => {}
+            other => panic!("the stream ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(CloseCode::Away), "1001");
+}

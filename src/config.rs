@@ -34,6 +34,7 @@ const KEYS: &[&str] = &[
     "realtime_addr",
     "realtime_group",
     "realtime_send_buffer",
+    "realtime_presence_ttl_seconds",
     "min_position_wait_seconds",
     "redis_key_prefix",
     "redis_rebuild_db",
@@ -134,6 +135,14 @@ pub struct Config {
     /// with 1013.
     #[serde(default = "default_realtime_send_buffer")]
     pub realtime_send_buffer: usize,
+    /// A user with a stream open is online; a gateway that dies stops renewing its users, who
+    /// go offline within this (renewed every third of it).
+    #[serde(default = "default_realtime_presence_ttl_seconds")]
+    pub realtime_presence_ttl_seconds: u64,
+}
+
+fn default_realtime_presence_ttl_seconds() -> u64 {
+    30
 }
 
 fn default_realtime_addr() -> SocketAddr {
@@ -256,6 +265,7 @@ impl Default for Config {
             realtime_addr: default_realtime_addr(),
             realtime_group: default_realtime_group(),
             realtime_send_buffer: default_realtime_send_buffer(),
+            realtime_presence_ttl_seconds: default_realtime_presence_ttl_seconds(),
         }
     }
 }
@@ -281,6 +291,9 @@ impl Config {
         }
         if !(1..=24 * 365 * 10).contains(&self.idempotency_retention_hours) {
             anyhow::bail!("idempotency_retention_hours must be from 1 to 87600 (ten years)");
+        }
+        if self.realtime_send_buffer == 0 || self.realtime_presence_ttl_seconds < 3 {
+            anyhow::bail!("realtime_send_buffer must be at least 1 and realtime_presence_ttl_seconds at least 3");
         }
         Ok(())
     }

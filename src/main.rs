@@ -24,6 +24,7 @@ use quikapp_realtime::dispatcher::Dispatcher;
 use quikapp_realtime::fanout::{Fanout, MemoryFanout, RedisFanout};
 use quikapp_realtime::forwarder::Forwarder;
 use quikapp_realtime::gateway::{Gateway, GatewayConfig};
+use quikapp_realtime::presence::{MemoryPresence, Presence, RedisPresence};
 use quikapp_write_api::auth::Tokens;
 use quikapp_write_api::{Limits, RateLimit, WriteApi};
 use uuid::Uuid;
@@ -139,7 +140,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let store = open_event_store(&config).await?;
             let models = models::ReadModels::open(&config).await?;
-            run_read_api(&config, &required_secret(&config)?, store, &models, shutdown_signal()).await
+            let redis = config.redis_url.as_deref().expect("checked above");
+            let presence = redis_presence(&config, redis, None).await?;
+            run_read_api(&config, &required_secret(&config)?, store, &models, presence, shutdown_signal()).await
         }
         Role::Replay(args) => {
             init_tracing();
@@ -164,7 +167,8 @@ async fn run(cli: Cli) -> Result<()> {
                 partitions: config.kafka_partitions,
             });
             let fanout = redis_fanout(&config, redis).await?;
-            run_realtime(&config, &secret, store, bus, fanout, shutdown_signal()).await
+            let presence = redis_presence(&config, redis, Some(fanout.clone())).await?;
+            run_realtime(&config, &secret, store, bus, (fanout, presence), shutdown_signal()).await
         }
     }
 }
@@ -242,6 +246,7 @@ async fn run_read_api(
     secret: &str,
     store: Arc<dyn EventStore>,
     models: &models::ReadModels,
+    presence: Arc<dyn Presence>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let read_config = quikapp_read_api::ReadConfig {
@@ -249,7 +254,7 @@ async fn run_read_api(
         min_position_wait: Duration::from_secs(config.min_position_wait_seconds),
         request_timeout: Duration::from_secs(config.request_timeout_seconds),
     };
-    let api = quikapp_read_api::ReadApi::new(models.served(), store, Tokens::new(secret)?, read_config);
+    let api = quikapp_read_api::ReadApi::new(models.served(presence), store, Tokens::new(secret)?, read_config);
     let listener = tokio::net::TcpListener::bind(config.read_addr)
         .await
         .with_context(|| format!("binding {}", config.read_addr))?;
@@ -266,6 +271,15 @@ async fn redis_fanout(config: &Config, url: &str) -> Result<Arc<dyn Fanout>> {
     Ok(Arc::new(fanout))
 }
 
+/// Presence in Redis; announced through `fanout` (none for a reader).
+async fn redis_presence(config: &Config, url: &str, fanout: Option<Arc<dyn Fanout>>) -> Result<Arc<dyn Presence>> {
+    let ttl = Duration::from_secs(config.realtime_presence_ttl_seconds);
+    let presence = RedisPresence::connect(url, config.redis_key_prefix.clone(), ttl, fanout)
+        .await
+        .context("connecting to Redis")?;
+    Ok(Arc::new(presence))
+}
+
 /// Slices (one per poll of the bus) the realtime stream in Redis keeps, about.
 const REALTIME_STREAM_LENGTH: usize = 100_000;
 
@@ -277,7 +291,7 @@ async fn run_realtime(
     secret: &str,
     store: Arc<dyn EventStore>,
     bus: Arc<dyn quikapp_bus::EventBus>,
-    fanout: Arc<dyn Fanout>,
+    (fanout, presence): (Arc<dyn Fanout>, Arc<dyn Presence>),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let forwarder = Forwarder {
@@ -286,10 +300,13 @@ async fn run_realtime(
         group: config.realtime_group.clone(),
         batch_size: config.projector_batch_size,
     };
-    let dispatcher = Dispatcher::start(fanout, bus.partitions());
+    let dispatcher = Dispatcher::start(fanout.clone(), bus.partitions());
     let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let gateway_config = GatewayConfig { send_buffer: config.realtime_send_buffer, ..GatewayConfig::default() };
-    let gateway = Gateway::new(store, Tokens::new(secret)?, dispatcher, gateway_config, stopping_seen);
+    let gateway =
+        Gateway::new(store, Tokens::new(secret)?, (dispatcher, fanout), presence, gateway_config, stopping_seen);
+    let presence_kept = gateway.clone();
+    let keeping_presence = tokio::spawn(async move { presence_kept.keep_presence().await });
     let ready = gateway.clone();
     let router = quikapp_realtime::gateway::routes(gateway.clone()).merge(ops_router(move || {
         let ready = ready.clone();
@@ -310,6 +327,7 @@ async fn run_realtime(
         })
         .await?;
     gateway.drained(Duration::from_secs(5)).await;
+    let _ = keeping_presence.await;
     let _ = stop_publishing.send(());
     let _ = publishing.await;
     println!("realtime gateway stopped");
@@ -341,13 +359,19 @@ async fn run_dev(config: &Config, secret: &str) -> Result<()> {
         let until = stopped(&stop);
         background.spawn(async move { runtime.run(until).await });
     }
-    let fanout: Arc<dyn Fanout> = match &config.redis_url {
-        Some(url) if config.kafka_brokers.is_some() => redis_fanout(config, url).await?,
-        _ => Arc::new(MemoryFanout::new(4_096)),
+    let (fanout, presence): (Arc<dyn Fanout>, Arc<dyn Presence>) = match &config.redis_url {
+        Some(url) if config.kafka_brokers.is_some() => {
+            let fanout = redis_fanout(config, url).await?;
+            (fanout.clone(), redis_presence(config, url, Some(fanout)).await?)
+        }
+        _ => {
+            let fanout: Arc<dyn Fanout> = Arc::new(MemoryFanout::new(4_096));
+            (fanout.clone(), Arc::new(MemoryPresence::new(Some(fanout))))
+        }
     };
     let write = run_write_api(config, secret, store.clone(), stopped(&stop));
-    let realtime = run_realtime(config, secret, store.clone(), bus.clone(), fanout, stopped(&stop));
-    let read = run_read_api(config, secret, store, &models, stopped(&stop));
+    let realtime = run_realtime(config, secret, store.clone(), bus.clone(), (fanout, presence.clone()), stopped(&stop));
+    let read = run_read_api(config, secret, store, &models, presence, stopped(&stop));
     // The APIs until a signal; any failing (a port taken) stops everything.
     let apis = async { tokio::try_join!(write, read, realtime).map(|_| ()) };
     tokio::pin!(apis);

@@ -91,12 +91,12 @@ impl ReadModels {
     }
 
     /// What the read API serves (every model is open when it runs).
-    pub fn served(&self) -> quikapp_read_api::Models {
+    pub fn served(&self, presence: Arc<dyn quikapp_realtime::presence::Presence>) -> quikapp_read_api::Models {
         let (directory, _) = self.directory.clone().expect("the read API opens every model");
         let counters = self.counters.clone().expect("the read API opens every model");
         let (timelines, _) = self.timelines.clone().expect("the read API opens every model");
         let (search, _) = self.search.clone().expect("the read API opens every model");
-        quikapp_read_api::Models { directory, counters, timelines, search, projectors: self.projectors() }
+        quikapp_read_api::Models { directory, counters, timelines, search, presence, projectors: self.projectors() }
     }
 }
 

@@ -206,7 +206,14 @@ pub async fn read_api(
     let tokens = quikapp_write_api::auth::Tokens::new("0123456789abcdef0123456789abcdef")?;
     let counters =
         Counters::new(Arc::new(quikapp_projections::counters::memory::MemoryKeyspace::new()), Keys::default());
-    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors: vec![] };
+    let models = quikapp_read_api::Models {
+        directory,
+        counters,
+        timelines,
+        search,
+        presence: Arc::new(quikapp_realtime::presence::MemoryPresence::new(None)),
+        projectors: vec![],
+    };
     let config = quikapp_read_api::ReadConfig {
         partitions: vec![],
         min_position_wait: Duration::from_secs(5),

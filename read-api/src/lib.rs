@@ -32,6 +32,7 @@ use quikapp_projections::directory::Directory;
 use quikapp_projections::search::Search;
 use quikapp_projections::timelines::Timelines;
 use quikapp_projections::{ProjectionError, Projector, applied_position};
+use quikapp_realtime::presence::Presence;
 use quikapp_write_api::BearerAuth;
 use quikapp_write_api::auth::{HasTokens, Tokens};
 use quikapp_write_api::ops;
@@ -45,6 +46,8 @@ pub struct Models {
     pub counters: Counters,
     pub timelines: Arc<dyn Timelines>,
     pub search: Arc<dyn Search>,
+    /// Who has a realtime stream open (Redis, shared with the gateways).
+    pub presence: Arc<dyn Presence>,
     /// The writer side of each model, for its stored progress: `postgres` (the directory),
     /// `redis` (the counters), `mongo` (the timelines) and `search`.
     pub projectors: Vec<Arc<dyn Projector>>,

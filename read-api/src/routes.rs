@@ -26,6 +26,7 @@ pub(crate) fn queries() -> OpenApiRouter<ReadApi> {
         .routes(routes!(members))
         .routes(routes!(unread))
         .routes(routes!(stats))
+        .routes(routes!(presence))
         .routes(routes!(messages))
         .routes(routes!(message))
         .routes(routes!(replies))
@@ -227,6 +228,32 @@ async fn stats(
     api.reached(COUNTERS_WITH_VISIBILITY, min).await?;
     api.visible_channel(actor.0, channel_id).await?;
     Ok(Json(api.inner.models.counters.stats(channel_id).await.map_err(store_error)?))
+}
+
+#[derive(Serialize, ToSchema)]
+struct Online {
+    /// Members of the workspace with an open realtime stream.
+    online: Vec<Uuid>,
+}
+
+#[utoipa::path(get, path = "/v1/workspaces/{workspace_id}/presence", tag = "workspaces",
+    params(("workspace_id" = Uuid, Path), MinPositionHeader, MinPositionQueryDocs),
+    responses((status = 200, body = Online, description = "members of the workspace with an open connection"),
+        (status = "4XX", body = Problem, content_type = "application/problem+json"),
+        (status = "5XX", body = Problem, content_type = "application/problem+json")), security(("bearer" = [])))]
+async fn presence(
+    State(api): State<ReadApi>,
+    actor: Actor,
+    MinPosition(min): MinPosition,
+    Ids(workspace_id): Ids<Uuid>,
+) -> Result<Json<Online>, ApiError> {
+    api.reached(DIRECTORY, min).await?;
+    api.visible_workspace(actor.0, workspace_id).await?;
+    let online = api.inner.models.presence.online(workspace_id).await.map_err(|error| {
+        tracing::error!(%error, "presence failure");
+        ApiError::Unavailable
+    })?;
+    Ok(Json(Online { online }))
 }
 
 /// A timeline page's size when none is asked for, and the most one may ask for.

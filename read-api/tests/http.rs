@@ -81,7 +81,14 @@ async fn app(min_position_wait: Duration) -> App {
         min_position_wait,
         request_timeout: Duration::from_secs(30),
     };
-    let models = Models { directory, counters, timelines, search, projectors };
+    let models = Models {
+        directory,
+        counters,
+        timelines,
+        search,
+        presence: Arc::new(quikapp_realtime::presence::MemoryPresence::new(None)),
+        projectors,
+    };
     let read = quikapp_read_api::router(ReadApi::new(models, store, tokens.clone(), config));
     App { write, read, tokens, _runtimes: runtimes }
 }

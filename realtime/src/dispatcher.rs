@@ -92,7 +92,11 @@ pub struct Behind;
 enum Command {
     Attach(Connection, oneshot::Sender<Result<u64, Behind>>),
     Detach(u64),
+    Typing(u64, Uuid, oneshot::Sender<bool>),
 }
+
+/// The shortest time between two typing frames of one connection in one channel.
+const TYPING_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A handle on the dispatcher task.
 #[derive(Clone)]
@@ -127,6 +131,14 @@ impl Dispatcher {
 
     pub fn detach(&self, id: u64) {
         let _ = self.commands.send(Command::Detach(id));
+    }
+
+    /// Whether connection `id` may announce typing in `channel` now: its user is a member, and
+    /// it has not announced it within [`TYPING_INTERVAL`].
+    pub async fn may_type(&self, id: u64, channel: Uuid) -> bool {
+        let (reply, replied) = oneshot::channel();
+        let _ = self.commands.send(Command::Typing(id, channel, reply));
+        replied.await.unwrap_or(false)
     }
 
     /// The position up to which every event was released; `None` until every partition has
@@ -184,6 +196,8 @@ struct Attached {
     after: u64,
     frames: mpsc::Sender<Frame>,
     closing: Arc<Closing>,
+    /// When it last announced typing, per channel.
+    typed: HashMap<Uuid, std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -224,6 +238,7 @@ impl State {
                 command = commands.recv() => match command {
                     Some(Command::Attach(connection, reply)) => self.attach(connection, reply),
                     Some(Command::Detach(id)) => self.remove(id),
+                    Some(Command::Typing(id, channel, reply)) => _ = reply.send(self.may_type(id, channel)),
                     None => return,
                 },
             }
@@ -232,22 +247,48 @@ impl State {
 
     fn take(&mut self, slice: Slice) {
         for item in slice.records {
-            let partition = item.partition();
-            let position = match item {
-                Item::Event { event, .. } => {
+            let (topic, partition, position) = match item {
+                Item::Event { topic, partition, event } => {
                     let position = event.global_position;
                     if position > self.released {
                         self.pending.entry(position).or_insert(*event);
                     }
-                    position
+                    (topic, partition, position)
                 }
-                Item::Watermark { position, .. } => position,
+                Item::Watermark { topic, partition, position } => (topic, partition, position),
+                Item::Presence { workspace_id, user_id, online } => {
+                    let status = if online { "online" } else { "offline" };
+                    let frame = serde_json::json!({
+                        "type": "presence", "workspace_id": workspace_id, "user_id": user_id, "status": status,
+                    });
+                    self.tell(self.by_workspace.get(&workspace_id), user_id, frame);
+                    continue;
+                }
+                Item::Typing { channel_id, user_id } => {
+                    let frame = serde_json::json!({ "type": "typing", "channel_id": channel_id, "user_id": user_id });
+                    self.tell(self.by_channel.get(&channel_id), user_id, frame);
+                    continue;
+                }
             };
-            if let Some(frontier) = self.frontier.get_mut(&partition) {
+            if let Some(frontier) = self.frontier.get_mut(&Partition { topic, index: partition }) {
                 *frontier = (*frontier).max(position);
             }
         }
         self.release();
+    }
+
+    /// Sends an ephemeral `frame` about `user` to `connections`, theirs excepted, at once (it
+    /// has no place in the order of events).
+    fn tell(&self, connections: Option<&HashSet<u64>>, user: Uuid, frame: serde_json::Value) {
+        let frame = Arc::new(Delivery { position: 0, occurred_at: Utc::now(), text: frame.to_string().into() });
+        for id in connections.into_iter().flatten() {
+            if let Some(connection) = self.connections.get(id)
+                && connection.membership.user != user
+            {
+                // A full buffer drops it: the next event's offer closes the connection.
+                let _ = connection.frames.try_send(frame.clone());
+            }
+        }
     }
 
     fn release(&mut self) {
@@ -374,6 +415,7 @@ impl State {
                 after,
                 frames: connection.frames,
                 closing: connection.closing,
+                typed: HashMap::new(),
             },
         );
         if reply.send(Ok(id)).is_err() {
@@ -385,6 +427,17 @@ impl State {
         for released in missed {
             self.offer(id, &released);
         }
+    }
+
+    fn may_type(&mut self, id: u64, channel: Uuid) -> bool {
+        let Some(connection) = self.connections.get_mut(&id) else { return false };
+        let now = std::time::Instant::now();
+        let due = connection.typed.get(&channel).is_none_or(|last| now.duration_since(*last) >= TYPING_INTERVAL);
+        let allowed = due && connection.membership.channels.contains(&channel);
+        if allowed {
+            connection.typed.insert(channel, now);
+        }
+        allowed
     }
 
     fn remove(&mut self, id: u64) {

@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use quikapp_bus::Partition;
 use quikapp_domain::Envelope;
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// What one poll of the bus read, in each partition's order.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -35,16 +35,17 @@ pub enum Item {
         partition: i32,
         position: u64,
     },
-}
-
-impl Item {
-    pub fn partition(&self) -> Partition {
-        match self {
-            Item::Event { topic, partition, .. } | Item::Watermark { topic, partition, .. } => {
-                Partition { topic: topic.clone(), index: *partition }
-            }
-        }
-    }
+    /// A user came online or went offline (ephemeral: not in the event store).
+    Presence {
+        workspace_id: Uuid,
+        user_id: Uuid,
+        online: bool,
+    },
+    /// A user is typing in a channel (ephemeral).
+    Typing {
+        channel_id: Uuid,
+        user_id: Uuid,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,9 @@ use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::dispatcher::{Closing, Connection, Dispatcher, Frame};
+use crate::fanout::{Fanout, Item, Slice};
 use crate::membership::Membership;
+use crate::presence::Presence;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -70,6 +72,9 @@ struct Inner {
     store: Arc<dyn EventStore>,
     tokens: Tokens,
     dispatcher: Dispatcher,
+    presence: Arc<dyn Presence>,
+    /// Where typing frames go to every instance.
+    fanout: Arc<dyn Fanout>,
     config: GatewayConfig,
     stopping: watch::Receiver<bool>,
     open: AtomicUsize,
@@ -80,11 +85,31 @@ impl Gateway {
     pub fn new(
         store: Arc<dyn EventStore>,
         tokens: Tokens,
-        dispatcher: Dispatcher,
+        (dispatcher, fanout): (Dispatcher, Arc<dyn Fanout>),
+        presence: Arc<dyn Presence>,
         config: GatewayConfig,
         stopping: watch::Receiver<bool>,
     ) -> Gateway {
-        Gateway(Arc::new(Inner { store, tokens, dispatcher, config, stopping, open: AtomicUsize::new(0) }))
+        let inner = Inner { store, tokens, dispatcher, presence, fanout, config, stopping, open: AtomicUsize::new(0) };
+        Gateway(Arc::new(inner))
+    }
+
+    /// Renews this instance's presence and sweeps lapsed users until `stopping` turns true.
+    pub async fn keep_presence(&self) {
+        let presence = &self.0.presence;
+        let mut every = tokio::time::interval(presence.every());
+        let stopping = stopped(self.0.stopping.clone());
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    if let Err(error) = presence.tick().await {
+                        tracing::warn!(%error, "cannot renew presence");
+                    }
+                }
+                () = &mut stopping => return,
+            }
+        }
     }
 
     /// Open connections.
@@ -153,7 +178,6 @@ enum ClientFrame {
         after_position: u64,
     },
     Typing {
-        #[allow(dead_code)]
         channel_id: Uuid,
     },
 }
@@ -191,9 +215,16 @@ async fn serve(gateway: &Gateway, user: Uuid, after_position: Option<u64>, socke
             Some(after) => Some(after),
             None => first_resume(&mut incoming, gateway.0.config.resume_grace).await?,
         };
-        let id = join(gateway, user, resume, &mut sink, frames_in, &closing).await?;
-        let live = live(gateway, &mut sink, &mut incoming, frames, &closing).await;
+        let (id, workspaces) = join(gateway, user, resume, &mut sink, frames_in, &closing).await?;
+        let presence = &gateway.0.presence;
+        if let Err(error) = presence.opened(id, user, &workspaces).await {
+            tracing::warn!(%error, %user, "cannot record a connection's presence");
+        }
+        let live = live(gateway, user, id, &mut sink, &mut incoming, frames, &closing).await;
         gateway.0.dispatcher.detach(id);
+        if let Err(error) = presence.closed(id, user).await {
+            tracing::warn!(%error, %user, "cannot record a connection's end");
+        }
         live
     }
     .await;
@@ -222,7 +253,7 @@ async fn first_resume(
 }
 
 /// Says hello, sends what the client missed after `resume` from the store, and attaches to
-/// the dispatcher; answers the attachment's id.
+/// the dispatcher; answers the attachment's id and the user's workspaces.
 async fn join(
     gateway: &Gateway,
     user: Uuid,
@@ -230,7 +261,7 @@ async fn join(
     sink: &mut Sink,
     frames: mpsc::Sender<Frame>,
     closing: &Arc<Closing>,
-) -> Result<u64, End> {
+) -> Result<(u64, Vec<Uuid>), End> {
     let store = gateway.0.store.as_ref();
     let unavailable = |error: quikapp_commands::store::StoreError| End::Close(UNAVAILABLE, error.to_string());
     let mut from = resume;
@@ -247,15 +278,12 @@ async fn join(
         if let Some(after) = from.filter(|after| *after < head) {
             backfill(store, sink, user, after, head, &memberships).await?;
         }
-        let connection = Connection {
-            membership: Membership::of(user, &memberships),
-            after: head,
-            frames: frames.clone(),
-            closing: closing.clone(),
-        };
+        let membership = Membership::of(user, &memberships);
+        let workspaces = membership.workspaces.iter().copied().collect();
+        let connection = Connection { membership, after: head, frames: frames.clone(), closing: closing.clone() };
         let attached = tokio::time::timeout(gateway.0.config.attach_timeout, gateway.0.dispatcher.attach(connection));
         match attached.await {
-            Ok(Ok(id)) => return Ok(id),
+            Ok(Ok(id)) => return Ok((id, workspaces)),
             // The dispatcher no longer holds what came after `head`: from the store again.
             Ok(Err(_)) => from = Some(head),
             Err(_) => return Err(End::Close(UNAVAILABLE, "the stream is not ready; try again".into())),
@@ -294,6 +322,8 @@ async fn backfill(
 /// Writes the dispatcher's frames until the client, the dispatcher or the gateway ends it.
 async fn live(
     gateway: &Gateway,
+    user: Uuid,
+    id: u64,
     sink: &mut Sink,
     incoming: &mut futures::stream::SplitStream<WebSocket>,
     mut frames: mpsc::Receiver<Frame>,
@@ -321,16 +351,29 @@ async fn live(
             code = closing.closed() => return Err(End::Close(code, reason(code).into())),
             message = incoming.next() => match message {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Gone),
-                Some(Ok(Message::Text(text))) => {
-                    if let Ok(ClientFrame::Resume { .. }) = serde_json::from_str::<ClientFrame>(&text) {
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                    Ok(ClientFrame::Typing { channel_id }) => typing(gateway, user, id, channel_id).await,
+                    Ok(ClientFrame::Resume { .. }) => {
                         return Err(End::Close(1008, "resume is the first frame of a connection".into()));
                     }
-                }
+                    Err(error) => return Err(End::Close(1008, format!("not a frame of this stream: {error}"))),
+                },
                 Some(Ok(_)) => {}
             },
             () = &mut stopping => {
                 return Err(End::Close(GOING_AWAY, reason(GOING_AWAY).into()));
             }
+        }
+    }
+}
+
+/// Announces that `user` is typing in `channel` to its other members, on every instance, if
+/// they are a member and within the rate (else nothing: typing is best effort).
+async fn typing(gateway: &Gateway, user: Uuid, id: u64, channel: Uuid) {
+    if gateway.0.dispatcher.may_type(id, channel).await {
+        let slice = Slice { records: vec![Item::Typing { channel_id: channel, user_id: user }] };
+        if let Err(error) = gateway.0.fanout.publish(&slice).await {
+            tracing::warn!(%error, "cannot announce typing");
         }
     }
 }

@@ -19,3 +19,4 @@ pub mod fanout;
 pub mod forwarder;
 pub mod gateway;
 pub mod membership;
+pub mod presence;

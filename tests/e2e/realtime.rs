@@ -41,6 +41,21 @@ impl Stream {
         stream
     }
 
+    /// As [`Stream::connect`], on a socket whose receive buffer is a few kilobytes: a client
+    /// that stops reading soon stops the gateway's writes to it.
+    async fn connect_small(gateway: &str, token: &str) -> Stream {
+        let url = format!("{}/v1/stream?access_token={token}", gateway.replace("http://", "ws://"));
+        let address: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4_096).unwrap();
+        let tcp = socket.connect(address).await.unwrap();
+        let plain = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+        let (socket, _) = tokio_tungstenite::client_async(url, plain).await.expect("the gateway accepts");
+        let mut stream = Stream { socket, hello: Value::Null };
+        stream.hello = stream.frame().await.expect("a hello");
+        stream
+    }
+
     /// The next frame (bounded); what ended the stream, if it ended.
     async fn frame(&mut self) -> Result<Value, String> {
         loop {
@@ -53,6 +68,20 @@ impl Stream {
                 Some(Ok(_)) => {}
             }
         }
+    }
+
+    /// The next frame of `kind` (`presence`, `typing`...), passing over the others.
+    async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.frame().await.unwrap_or_else(|end| panic!("the stream stays open: {end}"));
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.socket.send(Message::text(frame.to_string())).await.unwrap();
     }
 
     /// The events received up to and including the first that `last` accepts.
@@ -95,6 +124,7 @@ struct World {
     env: Vec<(&'static str, String)>,
     client: Arc<Client>,
     users: [Uuid; 3],
+    workspace: Uuid,
     public: Uuid,
     private: Uuid,
     /// The gateways' base URLs.
@@ -106,7 +136,7 @@ struct World {
 
 impl World {
     async fn new(setup: Setup, env: &[(&'static str, &str)]) -> Option<World> {
-        let (env, gateway_processes, processes, write) = match setup {
+        let (env, gateway_processes, processes, (write, read)) = match setup {
             Setup::Services => {
                 let mut pipeline = Pipeline::new().await?;
                 for (name, value) in env {
@@ -114,12 +144,15 @@ impl World {
                 }
                 let relay = pipeline.start(&["relay"], "relay");
                 let write = pipeline.start(&["write-api"], "write API");
+                let read = pipeline.start(&["read-api"], "read API");
+                // The read API checks workspace membership in the directory.
+                let directory = pipeline.start(&["project", "postgres"], "projector");
                 let gateways = vec![
                     pipeline.start(&["realtime"], "realtime gateway"),
                     pipeline.start(&["realtime"], "realtime gateway"),
                 ];
-                let url = write.url.clone();
-                (pipeline.env, gateways, vec![relay, write], url)
+                let urls = (write.url.clone(), read.url.clone());
+                (pipeline.env, gateways, vec![relay, write, read, directory], urls)
             }
             Setup::Embedded => {
                 let mut all: Vec<(&'static str, String)> = vec![
@@ -134,9 +167,9 @@ impl World {
                 all.extend(env.iter().map(|(name, value)| (*name, (*value).to_owned())));
                 let mut command = quikapp(&["dev"]);
                 command.envs(all.iter().map(|(n, v)| (*n, v.as_str())));
-                let dev = Running::start_all(command, &["write API", "realtime gateway"]);
-                let write = dev.url.clone();
-                (all, vec![], vec![dev], write)
+                let dev = Running::start_all(command, &["write API", "read API", "realtime gateway"]);
+                let urls = (dev.url.clone(), dev.urls["read API"].clone());
+                (all, vec![], vec![dev], urls)
             }
         };
         let gateways = match setup {
@@ -148,11 +181,12 @@ impl World {
             client: Arc::new(Client {
                 http: reqwest::Client::new(),
                 write,
-                read: String::new(),
+                read,
                 tokens: HashMap::new(),
                 expected: Default::default(),
             }),
             users: [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()],
+            workspace: Uuid::nil(),
             public: Uuid::nil(),
             private: Uuid::nil(),
             gateways,
@@ -171,6 +205,7 @@ impl World {
         let [owner, second, third] = world.users;
         let workspace =
             id(&client.must(owner, Method::POST, "/workspaces", Some(json!({ "name": "acme" }))).await, "workspace_id");
+        world.workspace = workspace;
         for user in [second, third] {
             let body = json!({ "user_id": user, "role": "member" });
             client.must(owner, Method::POST, &format!("/workspaces/{workspace}/members"), Some(body)).await;
@@ -287,9 +322,9 @@ async fn a_client_resuming_on_another_gateway_after_a_sigkill_loses_nothing_and_
 /// 1013, while another client of the same gateway gets every message.
 #[tokio::test]
 async fn a_client_that_cannot_keep_up_is_closed_with_1013_and_the_others_go_on() {
-    let Some(world) = World::new(Setup::Services, &[("QUIKAPP_REALTIME_SEND_BUFFER", "16")]).await else { return };
+    let Some(world) = World::new(Setup::Services, &[("QUIKAPP_REALTIME_SEND_BUFFER", "256")]).await else { return };
     let [owner, second, third] = world.users;
-    let mut slow = world.connect(0, second, None).await;
+    let mut slow = Stream::connect_small(&world.gateways[0], &world.client.tokens[&second]).await;
     let mut reader = world.connect(0, third, None).await;
     // The other client reads all along.
     let (read_out, mut read) = tokio::sync::mpsc::unbounded_channel();
@@ -308,13 +343,12 @@ async fn a_client_that_cannot_keep_up_is_closed_with_1013_and_the_others_go_on()
             .find_map(|line| line.strip_prefix("quikapp_realtime_slow_closes_total "))
             .map_or(0.0, |value| value.parse::<f64>().unwrap())
     };
-    // Large messages until the slow client's socket and buffer are full (the kernel's socket
-    // buffers take a few megabytes first).
-    let text = "x".repeat(40_000);
+    // Messages until the slow client's socket and buffer are full.
+    let text = "x".repeat(1_000);
     let mut posted = Vec::new();
     while slow_closes().await < 1.0 {
-        assert!(posted.len() < 2_000, "no slow close after {} messages of 40 kB", posted.len());
-        for _ in 0..20 {
+        assert!(posted.len() < 5_000, "no slow close after {} messages of 1 kB", posted.len());
+        for _ in 0..50 {
             posted.push(world.post(owner, world.public, &text).await);
         }
     }
@@ -371,4 +405,62 @@ async fn tokens_are_checked_before_the_upgrade_and_a_stopping_gateway_closes_wit
         }
     };
     assert_eq!(close, Some(CloseCode::Away), "1001");
+}
+
+/// Presence: a user's first stream announces them online to the others of their workspaces,
+/// whatever gateway each is on, and the read API lists them; the end of their last stream
+/// announces them offline, and so does the death of their gateway (within the presence TTL).
+/// Typing reaches the channel's other members, and nothing comes of it from a non-member.
+async fn presence_and_typing(setup: Setup) {
+    let Some(mut world) = World::new(setup, &[("QUIKAPP_REALTIME_PRESENCE_TTL_SECONDS", "3")]).await else { return };
+    let [owner, second, third] = world.users;
+    let mut owners = world.connect(0, owner, None).await;
+    let mut seconds = world.connect(1, second, None).await;
+    let said = |status: &str, user: Uuid| json!({ "type": "presence", "workspace_id": world.workspace, "user_id": user, "status": status });
+    assert_eq!(owners.next_of("presence").await, said("online", second));
+    let path = format!("/workspaces/{}/presence", world.workspace);
+    let online = deadline(Duration::from_secs(30), async {
+        loop {
+            let online = world.client.read(third, &path).await["online"].clone();
+            if online.as_array().unwrap().len() == 2 {
+                return online;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the read API lists both within 30 s");
+    let mut both = vec![owner.to_string(), second.to_string()];
+    both.sort();
+    assert_eq!(online, json!(both));
+
+    // Typing: the outsider's in the private channel comes to nothing (the next typing frame is
+    // the one after it).
+    let mut thirds = world.connect(0, third, None).await;
+    assert_eq!(owners.next_of("presence").await, said("online", third));
+    thirds.send(json!({ "type": "typing", "channel_id": world.private })).await;
+    thirds.send(json!({ "type": "typing", "channel_id": world.public })).await;
+    let typing = owners.next_of("typing").await;
+    assert_eq!(typing, json!({ "type": "typing", "channel_id": world.public, "user_id": third }));
+    assert_eq!(seconds.next_of("typing").await, typing);
+
+    drop(thirds);
+    assert_eq!(owners.next_of("presence").await, said("offline", third));
+    if let Setup::Services = setup {
+        world.gateway_processes[1].child.kill().unwrap(); // SIGKILL, with the second user's stream
+        world.gateway_processes[1].child.wait().unwrap();
+        assert_eq!(owners.next_of("presence").await, said("offline", second));
+        let online = world.client.read(owner, &path).await;
+        assert_eq!(online["online"], json!([owner.to_string()]));
+    }
+}
+
+#[tokio::test]
+async fn presence_and_typing_on_two_gateways() {
+    presence_and_typing(Setup::Services).await;
+}
+
+#[tokio::test]
+async fn presence_and_typing_on_the_embedded_default() {
+    presence_and_typing(Setup::Embedded).await;
 }

@@ -183,7 +183,14 @@ async fn start(args: &Args) -> Result<Platform> {
         min_position_wait: Duration::from_secs(60),
         request_timeout: Duration::from_secs(90),
     };
-    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors };
+    let models = quikapp_read_api::Models {
+        directory,
+        counters,
+        timelines,
+        search,
+        presence: Arc::new(quikapp_realtime::presence::MemoryPresence::new(None)),
+        projectors,
+    };
     let read = quikapp_read_api::ReadApi::new(models, store.clone(), tokens.clone(), read_config);
     let mut serve = async |router: axum::Router| {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -382,7 +382,14 @@ async fn live(args: &Args) -> Result<()> {
     };
     let timelines = Arc::new(quikapp_projections::timelines::memory::MemoryTimelines::new());
     let search = Arc::new(quikapp_projections::search::sqlite::SqliteSearch::in_memory().await?);
-    let models = quikapp_read_api::Models { directory, counters, timelines, search, projectors };
+    let models = quikapp_read_api::Models {
+        directory,
+        counters,
+        timelines,
+        search,
+        presence: Arc::new(quikapp_realtime::presence::MemoryPresence::new(None)),
+        projectors,
+    };
     let read = quikapp_read_api::ReadApi::new(models, store.clone(), tokens.clone(), read_config);
     let serve = |router: axum::Router| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -1,0 +1,287 @@
+//! Presence: a user is online while at least one of their streams is open, on any instance.
+//!
+//! Kept in Redis so that every gateway instance and the read API share it (in one process,
+//! [`MemoryPresence`]). Under the key prefix:
+//! - `presence:conns:{user}`: the user's open connections (`{instance}:{id}`), each scored by
+//!   when it lapses (ms); each instance renews its own every third of the TTL.
+//! - `presence:users`: the users announced online, scored by when their last connection lapses.
+//!   A user enters it with their first connection (announced online) and leaves it, by the
+//!   script [`CLAIM_OFFLINE`], once no connection of theirs is left (announced offline, once).
+//! - `presence:ws:{workspace}`: the workspace's users with a connection, scored the same way;
+//!   GET /v1/workspaces/{ws}/presence reads it.
+//! - `presence:of:{user}`: the workspaces the user was announced in.
+//!
+//! An instance that dies stops renewing: its connections lapse within the TTL, and the next
+//! sweep of any instance (every third of the TTL) announces their users offline.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::fanout::{Fanout, Item, Slice};
+
+#[derive(Debug, thiserror::Error)]
+#[error("presence is unavailable: {0}")]
+pub struct PresenceError(String);
+
+#[async_trait]
+pub trait Presence: Send + Sync {
+    /// Connection `id` of `user`, a member of `workspaces`, opened.
+    async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError>;
+    /// Connection `id` of `user` closed.
+    async fn closed(&self, id: u64, user: Uuid) -> Result<(), PresenceError>;
+    /// Renews this instance's connections and announces the users whose connections all lapsed
+    /// (their instance died); called every [`Presence::every`].
+    async fn tick(&self) -> Result<(), PresenceError>;
+    fn every(&self) -> Duration;
+    /// The users of `workspace` with an open connection.
+    async fn online(&self, workspace: Uuid) -> Result<Vec<Uuid>, PresenceError>;
+}
+
+/// Publishes that `user` came online or went offline in `workspaces`.
+async fn announce(fanout: &Option<Arc<dyn Fanout>>, user: Uuid, workspaces: &[Uuid], online: bool) {
+    let Some(fanout) = fanout else { return };
+    let records =
+        workspaces.iter().map(|workspace| Item::Presence { workspace_id: *workspace, user_id: user, online }).collect();
+    if let Err(error) = fanout.publish(&Slice { records }).await {
+        tracing::warn!(%error, %user, online, "cannot announce a presence");
+    }
+}
+
+// ------------------------------------------------------------------ Redis
+
+pub struct RedisPresence {
+    connection: redis::aio::MultiplexedConnection,
+    prefix: String,
+    instance: Uuid,
+    ttl: Duration,
+    /// Where announcements go; none for a reader (the read API).
+    fanout: Option<Arc<dyn Fanout>>,
+    /// This instance's open connections: id → (user, workspaces).
+    local: Mutex<HashMap<u64, (Uuid, Vec<Uuid>)>>,
+}
+
+/// Removes `user` from the users announced online if no connection of theirs is left; answers
+/// 1 when it did (the caller announces them offline), 0 otherwise.
+const CLAIM_OFFLINE: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[2])
+";
+
+fn failed(error: redis::RedisError) -> PresenceError {
+    PresenceError(error.to_string())
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl RedisPresence {
+    pub async fn connect(
+        url: &str,
+        prefix: String,
+        ttl: Duration,
+        fanout: Option<Arc<dyn Fanout>>,
+    ) -> Result<Self, PresenceError> {
+        let client = redis::Client::open(url).map_err(failed)?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+        let connection = client.get_multiplexed_async_connection_with_config(&config).await.map_err(failed)?;
+        Ok(RedisPresence { connection, prefix, instance: Uuid::now_v7(), ttl, fanout, local: Mutex::default() })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}presence:{rest}", self.prefix)
+    }
+
+    fn member(&self, id: u64) -> String {
+        format!("{}:{id}", self.instance)
+    }
+
+    /// Marks the connections alive for another TTL; answers the users who were not announced
+    /// online (a sweep took them meanwhile) with their workspaces.
+    async fn renew(&self, connections: &[(u64, Uuid, Vec<Uuid>)]) -> Result<Vec<(Uuid, Vec<Uuid>)>, PresenceError> {
+        let lapses = now_ms() + self.ttl.as_millis() as i64;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, user, workspaces) in connections {
+            pipe.zadd(self.key(&format!("conns:{user}")), self.member(*id), lapses).ignore();
+            pipe.cmd("ZADD").arg(self.key(&format!("users"))).arg("GT").arg(lapses).arg(user.to_string());
+            for workspace in workspaces {
+                let key = self.key(&format!("ws:{workspace}"));
+                pipe.cmd("ZADD").arg(key).arg("GT").arg(lapses).arg(user.to_string()).ignore();
+                pipe.sadd(self.key(&format!("of:{user}")), workspace.to_string()).ignore();
+            }
+        }
+        let added: Vec<i64> = pipe.query_async(&mut self.connection.clone()).await.map_err(failed)?;
+        let mut announced = HashSet::new();
+        Ok(connections
+            .iter()
+            .zip(added)
+            .filter(|((_, user, _), added)| *added == 1 && announced.insert(*user))
+            .map(|((_, user, workspaces), _)| (*user, workspaces.clone()))
+            .collect())
+    }
+
+    /// Takes `user` offline if no connection of theirs is left, and announces it.
+    async fn offline_if_gone(&self, user: Uuid) -> Result<(), PresenceError> {
+        let claimed: i64 = redis::Script::new(CLAIM_OFFLINE)
+            .key(self.key(&format!("conns:{user}")))
+            .key(self.key(&format!("users")))
+            .arg(now_ms())
+            .arg(user.to_string())
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        if claimed == 1 {
+            let of = self.key(&format!("of:{user}"));
+            let workspaces: Vec<String> =
+                redis::cmd("SMEMBERS").arg(&of).query_async(&mut self.connection.clone()).await.map_err(failed)?;
+            let workspaces: Vec<Uuid> = workspaces.iter().filter_map(|w| w.parse().ok()).collect();
+            let mut pipe = redis::pipe();
+            for workspace in &workspaces {
+                pipe.zrem(self.key(&format!("ws:{workspace}")), user.to_string()).ignore();
+            }
+            pipe.del(&of).ignore();
+            let () = pipe.query_async(&mut self.connection.clone()).await.map_err(failed)?;
+            announce(&self.fanout, user, &workspaces, false).await;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError> {
+        self.local.lock().expect("not poisoned").insert(id, (user, workspaces.to_vec()));
+        for (user, workspaces) in self.renew(&[(id, user, workspaces.to_vec())]).await? {
+            announce(&self.fanout, user, &workspaces, true).await;
+        }
+        Ok(())
+    }
+
+    async fn closed(&self, id: u64, user: Uuid) -> Result<(), PresenceError> {
+        self.local.lock().expect("not poisoned").remove(&id);
+        let conns = self.key(&format!("conns:{user}"));
+        let () = redis::cmd("ZREM")
+            .arg(conns)
+            .arg(self.member(id))
+            .query_async::<i64>(&mut self.connection.clone())
+            .await
+            .map(|_| ())
+            .map_err(failed)?;
+        self.offline_if_gone(user).await
+    }
+
+    async fn tick(&self) -> Result<(), PresenceError> {
+        let local: Vec<(u64, Uuid, Vec<Uuid>)> = self
+            .local
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|(id, (user, workspaces))| (*id, *user, workspaces.clone()))
+            .collect();
+        for chunk in local.chunks(1_000) {
+            for (user, workspaces) in self.renew(chunk).await? {
+                announce(&self.fanout, user, &workspaces, true).await;
+            }
+        }
+        let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(&format!("users")))
+            .arg("-inf")
+            .arg(now_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1_000)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        for user in lapsed.iter().filter_map(|user| user.parse().ok()) {
+            self.offline_if_gone(user).await?;
+        }
+        Ok(())
+    }
+
+    fn every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    async fn online(&self, workspace: Uuid) -> Result<Vec<Uuid>, PresenceError> {
+        let users: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(&format!("ws:{workspace}")))
+            .arg(now_ms())
+            .arg("+inf")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        let mut users: Vec<Uuid> = users.iter().filter_map(|user| user.parse().ok()).collect();
+        users.sort();
+        Ok(users)
+    }
+}
+
+// ------------------------------------------------------------------ in process
+
+/// Presence in one process (`quikapp dev`): nothing lapses, every close is seen.
+pub struct MemoryPresence {
+    fanout: Option<Arc<dyn Fanout>>,
+    /// user → (open connections, workspaces)
+    users: Mutex<HashMap<Uuid, (HashSet<u64>, Vec<Uuid>)>>,
+}
+
+impl MemoryPresence {
+    pub fn new(fanout: Option<Arc<dyn Fanout>>) -> Self {
+        MemoryPresence { fanout, users: Mutex::default() }
+    }
+}
+
+#[async_trait]
+impl Presence for MemoryPresence {
+    async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError> {
+        let first = {
+            let mut users = self.users.lock().expect("not poisoned");
+            let entry = users.entry(user).or_insert_with(|| (HashSet::new(), workspaces.to_vec()));
+            entry.0.insert(id);
+            entry.0.len() == 1
+        };
+        if first {
+            announce(&self.fanout, user, workspaces, true).await;
+        }
+        Ok(())
+    }
+
+    async fn closed(&self, id: u64, user: Uuid) -> Result<(), PresenceError> {
+        let gone = {
+            let mut users = self.users.lock().expect("not poisoned");
+            let Some((connections, _)) = users.get_mut(&user) else { return Ok(()) };
+            connections.remove(&id);
+            if connections.is_empty() { users.remove(&user).map(|(_, workspaces)| workspaces) } else { None }
+        };
+        if let Some(workspaces) = gone {
+            announce(&self.fanout, user, &workspaces, false).await;
+        }
+        Ok(())
+    }
+
+    async fn tick(&self) -> Result<(), PresenceError> {
+        Ok(())
+    }
+
+    fn every(&self) -> Duration {
+        Duration::from_secs(3600)
+    }
+
+    async fn online(&self, workspace: Uuid) -> Result<Vec<Uuid>, PresenceError> {
+        let users = self.users.lock().expect("not poisoned");
+        let mut online: Vec<Uuid> = users
+            .iter()
+            .filter(|(_, (_, workspaces))| workspaces.contains(&workspace))
+            .map(|(user, _)| *user)
+            .collect();
+        online.sort();
+        Ok(online)
+    }
+}

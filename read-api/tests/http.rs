@@ -311,6 +311,7 @@ async fn the_openapi_document_lists_every_query() {
             "/v1/users/me/unread",
             "/v1/workspaces/{workspace_id}",
             "/v1/workspaces/{workspace_id}/channels",
+            "/v1/workspaces/{workspace_id}/presence",
             "/v1/workspaces/{workspace_id}/search",
         ]
     );

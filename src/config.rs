@@ -35,6 +35,7 @@ const KEYS: &[&str] = &[
     "realtime_group",
     "realtime_send_buffer",
     "realtime_presence_ttl_seconds",
+    "realtime_redis_db",
     "min_position_wait_seconds",
     "redis_key_prefix",
     "redis_rebuild_db",
@@ -139,6 +140,14 @@ pub struct Config {
     /// go offline within this (renewed every third of it).
     #[serde(default = "default_realtime_presence_ttl_seconds")]
     pub realtime_presence_ttl_seconds: u64,
+    /// The Redis logical database of the realtime stream and presence: not the counters' (a
+    /// replay of the counters swaps and empties theirs) nor `redis_rebuild_db`.
+    #[serde(default = "default_realtime_redis_db")]
+    pub realtime_redis_db: i64,
+}
+
+fn default_realtime_redis_db() -> i64 {
+    2
 }
 
 fn default_realtime_presence_ttl_seconds() -> u64 {
@@ -266,6 +275,7 @@ impl Default for Config {
             realtime_group: default_realtime_group(),
             realtime_send_buffer: default_realtime_send_buffer(),
             realtime_presence_ttl_seconds: default_realtime_presence_ttl_seconds(),
+            realtime_redis_db: default_realtime_redis_db(),
         }
     }
 }
@@ -292,8 +302,9 @@ impl Config {
         if !(1..=24 * 365 * 10).contains(&self.idempotency_retention_hours) {
             anyhow::bail!("idempotency_retention_hours must be from 1 to 87600 (ten years)");
         }
-        if self.realtime_send_buffer == 0 || self.realtime_presence_ttl_seconds < 3 {
-            anyhow::bail!("realtime_send_buffer must be at least 1 and realtime_presence_ttl_seconds at least 3");
+        // A gateway's users go offline within the TTL and a third (the sweep): within 60 s.
+        if self.realtime_send_buffer == 0 || !(3..=45).contains(&self.realtime_presence_ttl_seconds) {
+            anyhow::bail!("realtime_send_buffer must be at least 1 and realtime_presence_ttl_seconds from 3 to 45");
         }
         Ok(())
     }

@@ -267,14 +267,16 @@ async fn run_read_api(
 /// The realtime fan-out over Redis: a stream under the key prefix.
 async fn redis_fanout(config: &Config, url: &str) -> Result<Arc<dyn Fanout>> {
     let key = format!("{}realtime", config.redis_key_prefix);
-    let fanout = RedisFanout::connect(url, key, REALTIME_STREAM_LENGTH).await.context("connecting to Redis")?;
+    let fanout = RedisFanout::connect(url, config.realtime_redis_db, key, REALTIME_STREAM_LENGTH)
+        .await
+        .context("connecting to Redis")?;
     Ok(Arc::new(fanout))
 }
 
 /// Presence in Redis; announced through `fanout` (none for a reader).
 async fn redis_presence(config: &Config, url: &str, fanout: Option<Arc<dyn Fanout>>) -> Result<Arc<dyn Presence>> {
     let ttl = Duration::from_secs(config.realtime_presence_ttl_seconds);
-    let presence = RedisPresence::connect(url, config.redis_key_prefix.clone(), ttl, fanout)
+    let presence = RedisPresence::connect(url, config.realtime_redis_db, config.redis_key_prefix.clone(), ttl, fanout)
         .await
         .context("connecting to Redis")?;
     Ok(Arc::new(presence))
@@ -300,7 +302,8 @@ async fn run_realtime(
         group: config.realtime_group.clone(),
         batch_size: config.projector_batch_size,
     };
-    let dispatcher = Dispatcher::start(fanout.clone(), bus.partitions());
+    // The partitions the topics have on the broker, which the relay writes to.
+    let dispatcher = Dispatcher::start(fanout.clone(), models::partitions(config).await);
     let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let gateway_config = GatewayConfig { send_buffer: config.realtime_send_buffer, ..GatewayConfig::default() };
     let gateway =
@@ -326,7 +329,7 @@ async fn run_realtime(
             let _ = stopping.send(true);
         })
         .await?;
-    gateway.drained(Duration::from_secs(5)).await;
+    gateway.drained(Duration::from_secs(12)).await;
     let _ = keeping_presence.await;
     let _ = stop_publishing.send(());
     let _ = publishing.await;

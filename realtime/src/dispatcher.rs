@@ -14,7 +14,7 @@
 //! to from the event store. If the dispatcher has not released that far, the connection waits
 //! until it has; if it has released further, the events in between are offered from a ring of
 //! the latest released events; if the ring no longer reaches back that far, the connection is
-//! told so ([`Behind`]) and catches up from the store again.
+//! told so ([`Refused::Behind`]) and catches up from the store again.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -84,13 +84,19 @@ pub struct Connection {
     pub closing: Arc<Closing>,
 }
 
-/// The dispatcher has released events past the connection's position and no longer holds
-/// them all: catch up from the store to a newer position and attach again.
+/// Why a connection could not attach.
 #[derive(Debug)]
-pub struct Behind;
+pub enum Refused {
+    /// The dispatcher has released events past the connection's position and no longer holds
+    /// them all (or more than its buffer takes at once): catch up from the store to a newer
+    /// position and attach again.
+    Behind,
+    /// The dispatcher is gone.
+    Gone,
+}
 
 enum Command {
-    Attach(Connection, oneshot::Sender<Result<u64, Behind>>),
+    Attach(Connection, oneshot::Sender<Result<u64, Refused>>),
     Detach(u64),
     Typing(u64, Uuid, oneshot::Sender<bool>),
 }
@@ -116,17 +122,17 @@ impl Dispatcher {
         let (slices_out, slices) = mpsc::channel(64);
         tokio::spawn(read(fanout, slices_out));
         let state =
-            State { frontier: partitions.into_iter().map(|p| (p, 0)).collect(), released_out, ..State::default() };
+            State { frontier: partitions.into_iter().map(|p| (p, None)).collect(), released_out, ..State::default() };
         tokio::spawn(state.run(slices, commands_in));
         Dispatcher { commands, released }
     }
 
     /// Attaches `connection` (waiting until the dispatcher has released its position); answers
     /// its id.
-    pub async fn attach(&self, connection: Connection) -> Result<u64, Behind> {
+    pub async fn attach(&self, connection: Connection) -> Result<u64, Refused> {
         let (reply, replied) = oneshot::channel();
         let _ = self.commands.send(Command::Attach(connection, reply));
-        replied.await.unwrap_or(Err(Behind))
+        replied.await.unwrap_or(Err(Refused::Gone))
     }
 
     pub fn detach(&self, id: u64) {
@@ -202,8 +208,9 @@ struct Attached {
 
 #[derive(Default)]
 struct State {
-    /// Per partition, the highest position it has shown (an event's or a watermark's).
-    frontier: HashMap<Partition, u64>,
+    /// Per partition, the highest position it has shown (an event's or a watermark's); `None`
+    /// until it was heard from.
+    frontier: HashMap<Partition, Option<u64>>,
     /// Events read but not yet released, by position.
     pending: BTreeMap<u64, Envelope>,
     /// Every event up to here was released (or came before the dispatcher started).
@@ -218,7 +225,7 @@ struct State {
     by_workspace: HashMap<Uuid, HashSet<u64>>,
     by_user: HashMap<Uuid, HashSet<u64>>,
     /// Connections waiting for the dispatcher to release their position.
-    parked: Vec<(Connection, oneshot::Sender<Result<u64, Behind>>)>,
+    parked: Vec<(Connection, oneshot::Sender<Result<u64, Refused>>)>,
     next_id: u64,
 }
 
@@ -270,8 +277,9 @@ impl State {
                     continue;
                 }
             };
-            if let Some(frontier) = self.frontier.get_mut(&Partition { topic, index: partition }) {
-                *frontier = (*frontier).max(position);
+            match self.frontier.get_mut(&Partition { topic, index: partition }) {
+                Some(frontier) => *frontier = Some(frontier.unwrap_or(0).max(position)),
+                None => tracing::error!(partition, "a record of a partition this gateway does not know: restart it"),
             }
         }
         self.release();
@@ -292,15 +300,16 @@ impl State {
     }
 
     fn release(&mut self) {
-        let floor = self.frontier.values().copied().min().unwrap_or(0);
-        if floor == 0 || (self.started && floor <= self.released) {
+        // Every partition heard from, or nothing to release yet.
+        let Some(floor) = self.frontier.values().copied().min().flatten() else { return };
+        if self.started && floor <= self.released {
             return;
         }
         if !self.started {
             // What came before the first slices read is not all here: start after it.
             self.started = true;
             self.pending = self.pending.split_off(&(floor + 1));
-            self.ring_from = floor;
+            self.ring_from = floor.max(self.released);
         }
         while self.pending.first_key_value().is_some_and(|(position, _)| *position <= floor) {
             let (_, event) = self.pending.pop_first().expect("there is a first");
@@ -331,6 +340,10 @@ impl State {
         let mut ids: Vec<u64> = Vec::new();
         if !subject_only(event) {
             let members = match (event.channel_id, event.workspace_id) {
+                // A new channel has no members yet: the workspace's see a public one.
+                (Some(_), Some(workspace)) if matches!(event.event, quikapp_domain::Event::ChannelCreated(_)) => {
+                    self.by_workspace.get(&workspace)
+                }
                 (Some(channel), _) => self.by_channel.get(&channel),
                 (None, Some(workspace)) => self.by_workspace.get(&workspace),
                 (None, None) => None,
@@ -385,7 +398,7 @@ impl State {
         }
     }
 
-    fn attach(&mut self, connection: Connection, reply: oneshot::Sender<Result<u64, Behind>>) {
+    fn attach(&mut self, connection: Connection, reply: oneshot::Sender<Result<u64, Refused>>) {
         if reply.is_closed() {
             return; // the connection gave up waiting
         }
@@ -393,8 +406,11 @@ impl State {
             self.parked.push((connection, reply));
             return;
         }
-        if connection.after < self.ring_from {
-            let _ = reply.send(Err(Behind));
+        let missed = self.ring.iter().filter(|released| released.envelope.global_position > connection.after).count();
+        // The missed events go into the buffer at once: more than it takes would close the
+        // connection as too slow before it read any.
+        if connection.after < self.ring_from || missed > connection.frames.capacity() {
+            let _ = reply.send(Err(Refused::Behind));
             return;
         }
         let id = self.next_id;
@@ -460,7 +476,7 @@ impl State {
         }
         let ids: Vec<u64> = self.connections.keys().copied().collect();
         ids.into_iter().for_each(|id| self.remove(id));
-        self.frontier.values_mut().for_each(|frontier| *frontier = 0);
+        self.frontier.values_mut().for_each(|frontier| *frontier = None);
         self.pending.clear();
         self.ring.clear();
         self.started = false;

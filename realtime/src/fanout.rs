@@ -82,6 +82,19 @@ pub struct RedisFanout {
 /// How long a Redis command may take, the blocking read's second included.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Entries per read: a reader this many entries behind checks that none it has not read was
+/// trimmed.
+const READ_COUNT: usize = 64;
+
+/// A client of logical database `db` of the Redis at `url`: realtime keeps to a database of its
+/// own, since a replay of the counters swaps and empties theirs.
+pub fn redis_client(url: &str, db: i64) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url.into_connection_info()?;
+    let settings = info.redis_settings().clone().set_db(db);
+    redis::Client::open(info.set_redis_settings(settings))
+}
+
 fn unavailable(error: redis::RedisError) -> FanoutError {
     FanoutError::Unavailable(error.to_string())
 }
@@ -92,9 +105,9 @@ async fn connect(client: &redis::Client) -> Result<redis::aio::MultiplexedConnec
 }
 
 impl RedisFanout {
-    /// The stream `key`, capped at about `max_len` slices.
-    pub async fn connect(url: &str, key: String, max_len: usize) -> Result<Self, FanoutError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+    /// The stream `key` in database `db`, capped at about `max_len` slices.
+    pub async fn connect(url: &str, db: i64, key: String, max_len: usize) -> Result<Self, FanoutError> {
+        let client = redis_client(url, db).map_err(unavailable)?;
         let publisher = connect(&client).await?;
         Ok(RedisFanout { client, publisher, key, max_len })
     }
@@ -121,7 +134,13 @@ impl Fanout for RedisFanout {
     async fn subscribe(&self) -> Result<Box<dyn Slices>, FanoutError> {
         // Its own connection: a blocking read holds it.
         let connection = connect(&self.client).await?;
-        Ok(Box::new(RedisSlices { client: self.client.clone(), connection, key: self.key.clone(), last: "$".into() }))
+        Ok(Box::new(RedisSlices {
+            client: self.client.clone(),
+            connection,
+            key: self.key.clone(),
+            last: "$".into(),
+            behind: false,
+        }))
     }
 }
 
@@ -131,13 +150,54 @@ struct RedisSlices {
     key: String,
     /// The id of the last entry read (`$` before the first: only what comes next).
     last: String,
+    /// Whether the last read may have left entries behind (it was full, or failed).
+    behind: bool,
+}
+
+/// A stream entry id's two numbers, for comparing.
+fn entry_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+impl RedisSlices {
+    /// Whether the stream dropped an entry after the last one read (trimmed by its cap while
+    /// this reader was behind): Redis 7 keeps the highest id it ever deleted.
+    async fn trimmed(&mut self) -> Result<bool, FanoutError> {
+        let info: redis::Value = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.key)
+            .query_async(&mut self.connection)
+            .await
+            .map_err(unavailable)?;
+        let fields: Vec<(String, redis::Value)> = match info {
+            redis::Value::Map(pairs) => pairs
+                .into_iter()
+                .filter_map(|(k, v)| redis::from_redis_value::<String>(k).ok().map(|k| (k, v)))
+                .collect(),
+            redis::Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|pair| redis::from_redis_value_ref::<String>(&pair[0]).ok().map(|k| (k, pair[1].clone())))
+                .collect(),
+            _ => vec![],
+        };
+        let deleted = fields.into_iter().find(|(k, _)| k == "max-deleted-entry-id");
+        let deleted = deleted.and_then(|(_, v)| redis::from_redis_value::<String>(v).ok()).unwrap_or_default();
+        Ok(entry_id(&deleted) > entry_id(&self.last))
+    }
 }
 
 #[async_trait]
 impl Slices for RedisSlices {
     async fn next(&mut self) -> Result<Vec<Slice>, FanoutError> {
         use redis::streams::{StreamReadOptions, StreamReadReply};
-        let options = StreamReadOptions::default().block(1_000).count(512);
+        if self.behind && self.last != "$" && self.trimmed().await? {
+            let lost = format!("entries after {} were trimmed before this gateway read them", self.last);
+            self.last = "$".into();
+            self.behind = false;
+            return Err(FanoutError::Lost(lost));
+        }
+        let options = StreamReadOptions::default().block(1_000).count(READ_COUNT);
         let read: Result<Option<StreamReadReply>, _> =
             redis::AsyncCommands::xread_options(&mut self.connection, &[&self.key], &[&self.last], &options).await;
         let reply = match read {
@@ -147,11 +207,14 @@ impl Slices for RedisSlices {
                 if let Ok(connection) = connect(&self.client).await {
                     self.connection = connection;
                 }
+                self.behind = true;
                 return Err(unavailable(error));
             }
         };
         let mut slices = Vec::new();
+        let mut entries = 0;
         for key in reply.map(|r| r.keys).unwrap_or_default() {
+            entries += key.ids.len();
             for entry in key.ids {
                 let slice = entry.get::<Vec<u8>>("s").and_then(|bytes| serde_json::from_slice::<Slice>(&bytes).ok());
                 match slice {
@@ -161,6 +224,7 @@ impl Slices for RedisSlices {
                 self.last = entry.id;
             }
         }
+        self.behind = entries >= READ_COUNT;
         Ok(slices)
     }
 }

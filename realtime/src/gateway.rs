@@ -2,7 +2,8 @@
 //!
 //! A connection authenticates before the upgrade (401 otherwise), then:
 //! 1. takes the client's resume position from `?after_position=` or from a first `resume`
-//!    frame sent within [`GatewayConfig::resume_grace`] of the upgrade;
+//!    frame sent within [`GatewayConfig::resume_grace`] of the upgrade (a `resume` that comes
+//!    later starts the stream over: a new hello, then the same steps);
 //! 2. reads the store's head `H` and the user's memberships up to `H`, says hello, and (when
 //!    resuming after `G`) sends every event in `(G, H]` the user may see, from the store;
 //! 3. attaches to the [`Dispatcher`] at `H`, which sends every later event the user may see
@@ -31,7 +32,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::dispatcher::{Closing, Connection, Dispatcher, Frame};
+use crate::dispatcher::{Closing, Connection, Dispatcher, Frame, Refused};
 use crate::fanout::{Fanout, Item, Slice};
 use crate::membership::Membership;
 use crate::presence::Presence;
@@ -64,6 +65,10 @@ pub const UNAVAILABLE: u16 = 1011;
 
 /// How long the close frame may wait for a client to read what is before it.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a quiet client is pinged; one that sends nothing (not even a pong) for two of
+/// these is gone.
+const PING_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct Gateway(Arc<Inner>);
@@ -160,6 +165,9 @@ async fn stream(
     let Some(user) = bearer.or(query.access_token).and_then(|token| gateway.0.tokens.verify(&token)) else {
         return ApiError::Unauthorized.into_response();
     };
+    // Small buffers: what a connection costs is mostly these (tungstenite's default reads into
+    // 128 kB), and each frame is flushed as it is written.
+    let upgrade = upgrade.read_buffer_size(4 * 1024).write_buffer_size(0);
     upgrade.on_upgrade(move |socket| async move {
         gateway.0.open.fetch_add(1, Ordering::SeqCst);
         metrics::gauge!("quikapp_realtime_connections").increment(1);
@@ -208,28 +216,53 @@ enum End {
 
 async fn serve(gateway: &Gateway, user: Uuid, after_position: Option<u64>, socket: WebSocket) {
     let (mut sink, mut incoming) = socket.split();
-    let (frames_in, frames) = mpsc::channel(gateway.0.config.send_buffer);
-    let closing = Arc::new(Closing::default());
-    let outcome = async {
-        let resume = match after_position {
-            Some(after) => Some(after),
-            None => first_resume(&mut incoming, gateway.0.config.resume_grace).await?,
+    let mut resume = match after_position {
+        Some(after) => Ok(Some(after)),
+        None => first_resume(&mut incoming, gateway.0.config.resume_grace).await,
+    };
+    let presence = &gateway.0.presence;
+    let end = loop {
+        let after = match resume {
+            Ok(after) => after,
+            Err(end) => break end,
         };
-        let (id, workspaces) = join(gateway, user, resume, &mut sink, frames_in, &closing).await?;
-        let presence = &gateway.0.presence;
+        let (frames_in, frames) = mpsc::channel(gateway.0.config.send_buffer);
+        let closing = Arc::new(Closing::default());
+        let joined = tokio::select! {
+            joined = join(gateway, user, after, &mut sink, frames_in, &closing) => joined,
+            () = stopped(gateway.0.stopping.clone()) => Err(End::Close(GOING_AWAY, reason(GOING_AWAY).into())),
+        };
+        let (id, workspaces) = match joined {
+            Ok(joined) => joined,
+            Err(end) => break end,
+        };
         if let Err(error) = presence.opened(id, user, &workspaces).await {
             tracing::warn!(%error, %user, "cannot record a connection's presence");
         }
-        let live = live(gateway, user, id, &mut sink, &mut incoming, frames, &closing).await;
+        let ended = live(gateway, user, id, &mut sink, &mut incoming, frames, &closing).await;
         gateway.0.dispatcher.detach(id);
+        match ended {
+            // A `resume` after live frames began: the stream starts over after it, with a
+            // hello of its own.
+            Ok(after) => resume = Ok(Some(after)),
+            Err(end) => {
+                send_close(&mut sink, &end).await;
+                if let Err(error) = presence.closed(id, user).await {
+                    tracing::warn!(%error, %user, "cannot record a connection's end");
+                }
+                return;
+            }
+        }
         if let Err(error) = presence.closed(id, user).await {
             tracing::warn!(%error, %user, "cannot record a connection's end");
         }
-        live
-    }
-    .await;
-    if let Err(End::Close(code, reason)) = outcome {
-        let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    };
+    send_close(&mut sink, &end).await;
+}
+
+async fn send_close(sink: &mut Sink, end: &End) {
+    if let End::Close(code, reason) = end {
+        let close = Message::Close(Some(CloseFrame { code: *code, reason: reason.as_str().into() }));
         // A client that reads nothing may never take the close frame: not waited on forever.
         let _ = tokio::time::timeout(CLOSE_WAIT, sink.send(close)).await;
     }
@@ -285,7 +318,8 @@ async fn join(
         match attached.await {
             Ok(Ok(id)) => return Ok((id, workspaces)),
             // The dispatcher no longer holds what came after `head`: from the store again.
-            Ok(Err(_)) => from = Some(head),
+            Ok(Err(Refused::Behind)) => from = Some(head),
+            Ok(Err(Refused::Gone)) => return Err(End::Close(UNAVAILABLE, "the gateway is failing".into())),
             Err(_) => return Err(End::Close(UNAVAILABLE, "the stream is not ready; try again".into())),
         }
     }
@@ -319,7 +353,8 @@ async fn backfill(
     Ok(())
 }
 
-/// Writes the dispatcher's frames until the client, the dispatcher or the gateway ends it.
+/// Writes the dispatcher's frames until the client, the dispatcher or the gateway ends it, or
+/// the client resumes after a position (answered).
 async fn live(
     gateway: &Gateway,
     user: Uuid,
@@ -328,9 +363,12 @@ async fn live(
     incoming: &mut futures::stream::SplitStream<WebSocket>,
     mut frames: mpsc::Receiver<Frame>,
     closing: &Closing,
-) -> Result<(), End> {
+) -> Result<u64, End> {
     let stopping = stopped(gateway.0.stopping.clone());
     tokio::pin!(stopping);
+    // A client that went away without closing (a phone off the network) answers no ping.
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             frame = frames.recv() => {
@@ -345,21 +383,30 @@ async fn live(
                     code = closing.closed() => return Err(End::Close(code, reason(code).into())),
                 }
                 metrics::counter!("quikapp_realtime_frames_sent_total").increment(1);
-                let delay = (chrono::Utc::now() - frame.occurred_at).to_std().unwrap_or_default();
-                metrics::histogram!("quikapp_realtime_delivery_seconds").record(delay.as_secs_f64());
+                if frame.position > 0 {
+                    let delay = (chrono::Utc::now() - frame.occurred_at).to_std().unwrap_or_default();
+                    metrics::histogram!("quikapp_realtime_delivery_seconds").record(delay.as_secs_f64());
+                }
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > 2 * PING_EVERY {
+                    return Err(End::Gone);
+                }
+                let _ = tokio::time::timeout(PING_EVERY, sink.send(Message::Ping(Default::default()))).await;
             }
             code = closing.closed() => return Err(End::Close(code, reason(code).into())),
-            message = incoming.next() => match message {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Gone),
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
-                    Ok(ClientFrame::Typing { channel_id }) => typing(gateway, user, id, channel_id).await,
-                    Ok(ClientFrame::Resume { .. }) => {
-                        return Err(End::Close(1008, "resume is the first frame of a connection".into()));
-                    }
-                    Err(error) => return Err(End::Close(1008, format!("not a frame of this stream: {error}"))),
-                },
-                Some(Ok(_)) => {}
-            },
+            message = incoming.next() => {
+                heard = tokio::time::Instant::now();
+                match message {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Err(End::Gone),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<ClientFrame>(&text) {
+                        Ok(ClientFrame::Typing { channel_id }) => typing(gateway, user, id, channel_id).await,
+                        Ok(ClientFrame::Resume { after_position }) => return Ok(after_position),
+                        Err(error) => return Err(End::Close(1008, format!("not a frame of this stream: {error}"))),
+                    },
+                    Some(Ok(_)) => {}
+                }
+            }
             () = &mut stopping => {
                 return Err(End::Close(GOING_AWAY, reason(GOING_AWAY).into()));
             }

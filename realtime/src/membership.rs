@@ -45,6 +45,11 @@ impl Membership {
             Event::ChannelMemberLeft(e) if e.user_id == self.user => {
                 return self.channels.remove(&e.channel_id);
             }
+            // A public channel is news to the whole workspace; a private one, to its creator
+            // (whose join follows).
+            Event::ChannelCreated(e) => {
+                return if e.private { e.created_by == self.user } else { self.workspaces.contains(&e.workspace_id) };
+            }
             // A read mark is its user's own business.
             Event::ChannelReadMarked(e) => return e.user_id == self.user && self.channels.contains(&e.channel_id),
             Event::UserProfileUpdated(e) => return e.user_id == self.user,
@@ -63,6 +68,7 @@ impl Membership {
 pub fn subject(event: &Envelope) -> Option<Uuid> {
     match &event.event {
         Event::WorkspaceCreated(e) => Some(e.owner_id),
+        Event::ChannelCreated(e) => Some(e.created_by),
         Event::WorkspaceMemberAdded(e) => Some(e.user_id),
         Event::ChannelMemberJoined(e) => Some(e.user_id),
         Event::ChannelMemberLeft(e) => Some(e.user_id),

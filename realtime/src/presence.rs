@@ -64,12 +64,20 @@ pub struct RedisPresence {
     local: Mutex<HashMap<u64, (Uuid, Vec<Uuid>)>>,
 }
 
-/// Removes `user` from the users announced online if no connection of theirs is left; answers
-/// 1 when it did (the caller announces them offline), 0 otherwise.
+/// Removes `user` from the users announced online if no connection of theirs is left, and from
+/// their workspaces' sets; answers those workspaces when it did (the caller announces them
+/// offline there), nothing otherwise. One script, so that a connection opening meanwhile
+/// either keeps the user online or comes after.
 const CLAIM_OFFLINE: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) > 0 then return 0 end
-return redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('ZCARD', KEYS[1]) > 0 then return {} end
+if redis.call('ZREM', KEYS[2], ARGV[2]) == 0 then return {} end
+local workspaces = redis.call('SMEMBERS', KEYS[3])
+for _, workspace in ipairs(workspaces) do
+    redis.call('ZREM', ARGV[3] .. workspace, ARGV[2])
+end
+redis.call('DEL', KEYS[3])
+return workspaces
 ";
 
 fn failed(error: redis::RedisError) -> PresenceError {
@@ -83,11 +91,12 @@ fn now_ms() -> i64 {
 impl RedisPresence {
     pub async fn connect(
         url: &str,
+        db: i64,
         prefix: String,
         ttl: Duration,
         fanout: Option<Arc<dyn Fanout>>,
     ) -> Result<Self, PresenceError> {
-        let client = redis::Client::open(url).map_err(failed)?;
+        let client = crate::fanout::redis_client(url, db).map_err(failed)?;
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
         let connection = client.get_multiplexed_async_connection_with_config(&config).await.map_err(failed)?;
         Ok(RedisPresence { connection, prefix, instance: Uuid::now_v7(), ttl, fanout, local: Mutex::default() })
@@ -102,14 +111,15 @@ impl RedisPresence {
     }
 
     /// Marks the connections alive for another TTL; answers the users who were not announced
-    /// online (a sweep took them meanwhile) with their workspaces.
+    /// online (new, or a sweep took them meanwhile) with their workspaces. A connection that
+    /// closed while this ran (renewed after its end) is taken out again.
     async fn renew(&self, connections: &[(u64, Uuid, Vec<Uuid>)]) -> Result<Vec<(Uuid, Vec<Uuid>)>, PresenceError> {
         let lapses = now_ms() + self.ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (id, user, workspaces) in connections {
             pipe.zadd(self.key(&format!("conns:{user}")), self.member(*id), lapses).ignore();
-            pipe.cmd("ZADD").arg(self.key(&format!("users"))).arg("GT").arg(lapses).arg(user.to_string());
+            pipe.cmd("ZADD").arg(self.key("users")).arg("GT").arg(lapses).arg(user.to_string());
             for workspace in workspaces {
                 let key = self.key(&format!("ws:{workspace}"));
                 pipe.cmd("ZADD").arg(key).arg("GT").arg(lapses).arg(user.to_string()).ignore();
@@ -118,35 +128,47 @@ impl RedisPresence {
         }
         let added: Vec<i64> = pipe.query_async(&mut self.connection.clone()).await.map_err(failed)?;
         let mut announced = HashSet::new();
-        Ok(connections
-            .iter()
-            .zip(added)
-            .filter(|((_, user, _), added)| *added == 1 && announced.insert(*user))
-            .map(|((_, user, workspaces), _)| (*user, workspaces.clone()))
-            .collect())
+        let mut online = Vec::new();
+        for ((id, user, workspaces), added) in connections.iter().zip(added) {
+            let open = self.local.lock().expect("not poisoned").contains_key(id);
+            if !open {
+                let conns = self.key(&format!("conns:{user}"));
+                let _: i64 = redis::cmd("ZREM")
+                    .arg(conns)
+                    .arg(self.member(*id))
+                    .query_async(&mut self.connection.clone())
+                    .await
+                    .map_err(failed)?;
+                if added == 1 {
+                    self.claim_offline(*user).await?; // announced offline by its close already
+                }
+            } else if added == 1 && announced.insert(*user) {
+                online.push((*user, workspaces.clone()));
+            }
+        }
+        Ok(online)
+    }
+
+    /// Takes `user` offline if no connection of theirs is left; answers the workspaces to
+    /// announce it in.
+    async fn claim_offline(&self, user: Uuid) -> Result<Vec<Uuid>, PresenceError> {
+        let workspaces: Vec<String> = redis::Script::new(CLAIM_OFFLINE)
+            .key(self.key(&format!("conns:{user}")))
+            .key(self.key("users"))
+            .key(self.key(&format!("of:{user}")))
+            .arg(now_ms())
+            .arg(user.to_string())
+            .arg(self.key("ws:"))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(failed)?;
+        Ok(workspaces.iter().filter_map(|w| w.parse().ok()).collect())
     }
 
     /// Takes `user` offline if no connection of theirs is left, and announces it.
     async fn offline_if_gone(&self, user: Uuid) -> Result<(), PresenceError> {
-        let claimed: i64 = redis::Script::new(CLAIM_OFFLINE)
-            .key(self.key(&format!("conns:{user}")))
-            .key(self.key(&format!("users")))
-            .arg(now_ms())
-            .arg(user.to_string())
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)?;
-        if claimed == 1 {
-            let of = self.key(&format!("of:{user}"));
-            let workspaces: Vec<String> =
-                redis::cmd("SMEMBERS").arg(&of).query_async(&mut self.connection.clone()).await.map_err(failed)?;
-            let workspaces: Vec<Uuid> = workspaces.iter().filter_map(|w| w.parse().ok()).collect();
-            let mut pipe = redis::pipe();
-            for workspace in &workspaces {
-                pipe.zrem(self.key(&format!("ws:{workspace}")), user.to_string()).ignore();
-            }
-            pipe.del(&of).ignore();
-            let () = pipe.query_async(&mut self.connection.clone()).await.map_err(failed)?;
+        let workspaces = self.claim_offline(user).await?;
+        if !workspaces.is_empty() {
             announce(&self.fanout, user, &workspaces, false).await;
         }
         Ok(())
@@ -189,18 +211,25 @@ impl Presence for RedisPresence {
                 announce(&self.fanout, user, &workspaces, true).await;
             }
         }
-        let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.key(&format!("users")))
-            .arg("-inf")
-            .arg(now_ms())
-            .arg("LIMIT")
-            .arg(0)
-            .arg(1_000)
-            .query_async(&mut self.connection.clone())
-            .await
-            .map_err(failed)?;
-        for user in lapsed.iter().filter_map(|user| user.parse().ok()) {
-            self.offline_if_gone(user).await?;
+        // Users of instances that died, a thousand at a time, for at most a third of the TTL.
+        let until = std::time::Instant::now() + self.ttl / 3;
+        while std::time::Instant::now() < until {
+            let lapsed: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(self.key("users"))
+                .arg("-inf")
+                .arg(now_ms())
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1_000)
+                .query_async(&mut self.connection.clone())
+                .await
+                .map_err(failed)?;
+            if lapsed.is_empty() {
+                break;
+            }
+            for user in lapsed.iter().filter_map(|user| user.parse().ok()) {
+                self.offline_if_gone(user).await?;
+            }
         }
         Ok(())
     }
@@ -225,11 +254,13 @@ impl Presence for RedisPresence {
 
 // ------------------------------------------------------------------ in process
 
+/// A user's open connections and workspaces.
+type Online = (HashSet<u64>, Vec<Uuid>);
+
 /// Presence in one process (`quikapp dev`): nothing lapses, every close is seen.
 pub struct MemoryPresence {
     fanout: Option<Arc<dyn Fanout>>,
-    /// user → (open connections, workspaces)
-    users: Mutex<HashMap<Uuid, (HashSet<u64>, Vec<Uuid>)>>,
+    users: Mutex<HashMap<Uuid, Online>>,
 }
 
 impl MemoryPresence {

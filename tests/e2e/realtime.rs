@@ -365,6 +365,7 @@ async fn a_client_that_cannot_keep_up_is_closed_with_1013_and_the_others_go_on()
         let message = deadline(Duration::from_secs(30), slow.socket.next()).await.expect("a frame within 30 s");
         match message {
             Some(Ok(Message::Text(_))) => taken += 1,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
             other => panic!("the stream ended without a close frame: {other:?}"),
         }
@@ -463,4 +464,42 @@ async fn presence_and_typing_on_two_gateways() {
 #[tokio::test]
 async fn presence_and_typing_on_the_embedded_default() {
     presence_and_typing(Setup::Embedded).await;
+}
+
+/// On a store with no event yet, a stream opens (hello at position 0) and gets the first events
+/// live; a `resume` sent after live frames began starts the stream over, with a hello of its
+/// own, from the store.
+#[tokio::test]
+async fn a_stream_opens_on_an_empty_store_and_a_late_resume_starts_it_over() {
+    let mut command = quikapp(&["dev"]);
+    command.envs([
+        ("QUIKAPP_DATA_DIR", scratch_dir().display().to_string()),
+        ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
+    ]);
+    let dev = Running::start_all(command, &["write API", "realtime gateway"]);
+    let user = Uuid::now_v7();
+    let output = quikapp(&["token", &user.to_string()]).env("QUIKAPP_JWT_SECRET", super::pipeline::SECRET).output();
+    let token = String::from_utf8(output.unwrap().stdout).unwrap().trim().to_owned();
+    let mut stream = Stream::connect(&dev.urls["realtime gateway"], &token, None).await;
+    assert_eq!(stream.hello["position"], "0");
+
+    let http = reqwest::Client::new();
+    let create = |name: &str| {
+        http.post(format!("{}/v1/workspaces", dev.url)).bearer_auth(&token).json(&json!({ "name": name })).send()
+    };
+    assert_eq!(create("first").await.unwrap().status(), 201);
+    let first = stream.events_until(|_| true).await;
+    assert_eq!(first[0]["type"], "WorkspaceCreated");
+    assert_eq!(first[0]["global_position"], 1);
+
+    stream.send(json!({ "type": "resume", "after_position": "0" })).await;
+    let hello = stream.next_of("hello").await;
+    assert_eq!(hello["position"], "0");
+    assert_eq!(create("second").await.unwrap().status(), 201);
+    let again = stream.events_until(|event| event["global_position"] == 2).await;
+    let positions: Vec<&Value> = again.iter().map(|event| &event["global_position"]).collect();
+    assert_eq!(positions, [1, 2], "the first again, from the store, then the second");
 }

@@ -116,12 +116,19 @@ struct Team {
     members: Vec<Uuid>,
 }
 
-async fn team(http: reqwest::Client, write: String, tokens: quikapp_write_api::auth::Tokens, members: usize) -> Result<Team> {
+async fn team(
+    http: reqwest::Client,
+    write: String,
+    tokens: quikapp_write_api::auth::Tokens,
+    members: usize,
+) -> Result<Team> {
     let owner = Uuid::now_v7();
     let token = tokens.mint(owner);
-    let workspace = id(&command(&http, &write, &token, "/workspaces", json!({ "name": "bench" })).await?, "workspace_id");
+    let workspace =
+        id(&command(&http, &write, &token, "/workspaces", json!({ "name": "bench" })).await?, "workspace_id");
     let path = format!("/workspaces/{workspace}/channels");
-    let channel = id(&command(&http, &write, &token, &path, json!({ "name": "room", "private": true })).await?, "channel_id");
+    let channel =
+        id(&command(&http, &write, &token, &path, json!({ "name": "room", "private": true })).await?, "channel_id");
     let members: Vec<Uuid> = (0..members).map(|_| Uuid::now_v7()).collect();
     for member in &members {
         let body = json!({ "user_id": member, "role": "member" });
@@ -286,9 +293,16 @@ async fn main() -> Result<()> {
         teams.len()
     );
     drop(accepted);
+    // The gateway's own view: from each event's occurred_at (set by the write API) to its frame
+    // written, as its /metrics summary has it.
+    let metrics = http.get(format!("{}/metrics", gateway.url)).send().await?.text().await?;
+    for line in metrics.lines().filter(|l| l.starts_with("quikapp_realtime_delivery_seconds{quantile")) {
+        println!("  gateway: {line}");
+    }
 
     // ------------------------------------------------------------ 3. fan-out
-    let client = redis::Client::open(args.redis_url.as_str())?;
+    // The gateway's stream is in the realtime database (QUIKAPP_REALTIME_REDIS_DB, 2 by default).
+    let client = quikapp_realtime::fanout::redis_client(&args.redis_url, 2)?;
     let mut redis = client.get_multiplexed_async_connection().await?;
     // Positions far above the store's: the gateway releases them at once, and the run's real
     // events (below them) no longer reach its clients afterwards: this comes last.

@@ -177,6 +177,13 @@ pub trait EventBus: Send + Sync {
     /// Joins the consumer group `group` (one per read model), which shares the partitions of
     /// both topics among its members.
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, BusError>;
+
+    /// As [`EventBus::subscribe`], for a group with no use for what was published before it
+    /// first joined (the realtime group: its clients catch up from the store): a partition the
+    /// group has no offset for is read from its end, not its start.
+    async fn subscribe_from_now(&self, group: &str) -> Result<Box<dyn Subscription>, BusError> {
+        self.subscribe(group).await
+    }
 }
 
 /// One member of a consumer group: reads the partitions the group assigns it.

@@ -201,6 +201,42 @@ pub async fn reading_after_an_offset_delivers_what_follows(
     }
 }
 
+/// A group subscribed from now reads nothing stored before it joined, and what is stored after:
+/// `append` stores one more event (published by the relay, if there is one) and answers it.
+pub async fn a_group_from_now_reads_only_what_follows<F: std::future::Future<Output = quikapp_domain::Envelope>>(
+    bus: &dyn crate::EventBus,
+    stored: &[quikapp_domain::Envelope],
+    append: F,
+) {
+    let head = stored.last().expect("events").global_position;
+    let mut subscription = bus.subscribe_from_now(&format!("test-{}", Uuid::now_v7())).await.unwrap();
+    let mut heard = std::collections::HashSet::new();
+    let mut next = async |subscription: &mut Box<dyn crate::Subscription>| {
+        let polled = tokio::time::timeout(Duration::from_secs(60), subscription.poll(100, Duration::from_secs(1)));
+        let records = polled.await.expect("a poll within a minute").unwrap();
+        for (_, record) in &records {
+            if let crate::Record::Event { event, .. } = record {
+                assert!(event.global_position > head, "{} was stored before the group joined", event.global_position);
+            }
+        }
+        records
+    };
+    // Every partition placed at its end (a watermark read on each) before the next event.
+    while heard.len() < bus.partitions().len() {
+        heard.extend(next(&mut subscription).await.into_iter().map(|(partition, _)| partition));
+    }
+    let appended = append.await;
+    loop {
+        let records = next(&mut subscription).await;
+        if records
+            .iter()
+            .any(|(_, r)| matches!(r, crate::Record::Event { event, .. } if event.event_id == appended.event_id))
+        {
+            return;
+        }
+    }
+}
+
 // ------------------------------------------------------------------ an in-process relay
 
 /// Topics of a name no other test uses.

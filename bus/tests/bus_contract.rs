@@ -31,9 +31,16 @@ async fn fill(store: &dyn EventStore) -> Vec<Envelope> {
     store.read_all(0, 1_000).await.unwrap()
 }
 
-async fn check(bus: &dyn EventBus, stored: &[Envelope], topics: &Topics) {
+async fn check(bus: &dyn EventBus, store: &dyn EventStore, stored: &[Envelope], topics: &Topics) {
     testing::every_partition_delivers_its_events_in_order_then_a_watermark(bus, stored, topics, PARTITIONS).await;
     testing::reading_after_an_offset_delivers_what_follows(bus, stored).await;
+    let append = async {
+        let mut request = append_to(&format!("test-{}", Uuid::now_v7()), 0, &["later"]);
+        request.events[0].channel_id = Some(Uuid::now_v7());
+        store.append(request).await.unwrap();
+        store.read_all(stored.last().unwrap().global_position, 1).await.unwrap().remove(0)
+    };
+    testing::a_group_from_now_reads_only_what_follows(bus, stored, append).await;
 }
 
 #[tokio::test]
@@ -41,8 +48,8 @@ async fn the_embedded_bus_keeps_the_contract() {
     let store = contract::fresh_sqlite().await;
     let stored = fill(store.as_ref()).await;
     let topics = testing::fresh_topics();
-    let bus = EmbeddedBus::new(store, topics.clone(), PARTITIONS).scanning(5);
-    check(&bus, &stored, &topics).await;
+    let bus = EmbeddedBus::new(store.clone(), topics.clone(), PARTITIONS).scanning(5);
+    check(&bus, store.as_ref(), &stored, &topics).await;
 }
 
 #[tokio::test]
@@ -62,5 +69,5 @@ async fn kafka_fed_by_the_relay_keeps_the_contract() {
     let _relay = testing::spawn_relay(store.clone(), publisher);
     testing::checkpoint_reaches(store.pool(), stored.last().unwrap().global_position).await;
     let bus = KafkaBus { brokers, topics: topics.clone(), partitions: PARTITIONS };
-    check(&bus, &stored, &topics).await;
+    check(&bus, store.as_ref(), &stored, &topics).await;
 }

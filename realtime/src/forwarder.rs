@@ -30,7 +30,8 @@ impl Forwarder {
     async fn forever(&self) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            match self.bus.subscribe(&self.group).await {
+            // A new group starts at the end: what came before is the store's to replay.
+            match self.bus.subscribe_from_now(&self.group).await {
                 Ok(subscription) => {
                     let error = self.member(subscription).await;
                     tracing::warn!(group = self.group, %error, "the event bus failed; joining the group again");

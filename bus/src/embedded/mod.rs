@@ -91,13 +91,26 @@ impl EventBus for EmbeddedBus {
 
     /// The one member of every group: all partitions, read in one pass over the log.
     async fn subscribe(&self, _group: &str) -> Result<Box<dyn Subscription>, BusError> {
-        Ok(Box::new(EmbeddedSubscription {
+        Ok(Box::new(self.subscription(HashMap::new())))
+    }
+
+    /// From the log's head, its events delivered as if to a reader already there.
+    async fn subscribe_from_now(&self, _group: &str) -> Result<Box<dyn Subscription>, BusError> {
+        let head = self.store.head().await.map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let delivered = self.partitions().into_iter().map(|partition| (partition, event_offset(head))).collect();
+        Ok(Box::new(self.subscription(delivered)))
+    }
+}
+
+impl EmbeddedBus {
+    fn subscription(&self, delivered: HashMap<Partition, u64>) -> EmbeddedSubscription {
+        EmbeddedSubscription {
             store: self.store.clone(),
             partitions: self.partitions(),
             topics: self.topics.clone(),
             count: self.partitions,
-            delivered: HashMap::new(),
-        }))
+            delivered,
+        }
     }
 }
 

@@ -78,7 +78,9 @@ impl ConsumerContext for Rebalances {
 const LINGER: Duration = Duration::from_millis(5);
 
 impl KafkaSubscription {
-    pub(super) async fn join(bus: &KafkaBus, group: &str) -> Result<Self, BusError> {
+    /// Joins `group`; a partition the group has no offset for starts at `reset` (`earliest`
+    /// or `latest`).
+    pub(super) async fn join(bus: &KafkaBus, group: &str, reset: &str) -> Result<Self, BusError> {
         let dead_letter_topic = bus.topics.dead_letters();
         create_topics(
             &bus.brokers,
@@ -90,8 +92,8 @@ impl KafkaSubscription {
             .set("bootstrap.servers", &bus.brokers)
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            // Where reading starts when the group has no offset; the reader seeks to its own.
-            .set("auto.offset.reset", "earliest")
+            // Where reading starts when the group has no offset; a projector seeks to its own.
+            .set("auto.offset.reset", reset)
             .set("partition.assignment.strategy", "cooperative-sticky")
             // A dead member's partitions move to the others within this.
             .set("session.timeout.ms", "10000")

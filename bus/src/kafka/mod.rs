@@ -287,6 +287,10 @@ impl crate::EventBus for KafkaBus {
     }
 
     async fn subscribe(&self, group: &str) -> Result<Box<dyn crate::Subscription>, BusError> {
-        Ok(Box::new(consumer::KafkaSubscription::join(self, group).await?))
+        Ok(Box::new(consumer::KafkaSubscription::join(self, group, "earliest").await?))
+    }
+
+    async fn subscribe_from_now(&self, group: &str) -> Result<Box<dyn crate::Subscription>, BusError> {
+        Ok(Box::new(consumer::KafkaSubscription::join(self, group, "latest").await?))
     }
 }

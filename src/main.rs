@@ -300,7 +300,8 @@ async fn run_realtime(
         bus: bus.clone(),
         fanout: fanout.clone(),
         group: config.realtime_group.clone(),
-        batch_size: config.projector_batch_size,
+        // A poll is a burst for the clients it concerns, all offered at once to their buffers.
+        batch_size: config.projector_batch_size.min(500),
     };
     // The partitions the topics have on the broker, which the relay writes to.
     let dispatcher = Dispatcher::start(fanout.clone(), models::partitions(config).await);

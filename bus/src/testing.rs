@@ -211,7 +211,7 @@ pub async fn a_group_from_now_reads_only_what_follows<F: std::future::Future<Out
     let head = stored.last().expect("events").global_position;
     let mut subscription = bus.subscribe_from_now(&format!("test-{}", Uuid::now_v7())).await.unwrap();
     let mut heard = std::collections::HashSet::new();
-    let mut next = async |subscription: &mut Box<dyn crate::Subscription>| {
+    let next = async |subscription: &mut Box<dyn crate::Subscription>| {
         let polled = tokio::time::timeout(Duration::from_secs(60), subscription.poll(100, Duration::from_secs(1)));
         let records = polled.await.expect("a poll within a minute").unwrap();
         for (_, record) in &records {

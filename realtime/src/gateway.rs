@@ -20,13 +20,12 @@ use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{SinkExt, StreamExt};
 use quikapp_commands::store::EventStore;
 use quikapp_domain::Envelope;
-use quikapp_write_api::auth::Tokens;
+use quikapp_write_api::auth::{Tokens, bearer};
 use quikapp_write_api::problem::ApiError;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
@@ -156,13 +155,8 @@ async fn stream(
     Query(query): Query<StreamQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let bearer = headers
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim_start().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
-    let Some(user) = bearer.or(query.access_token).and_then(|token| gateway.0.tokens.verify(&token)) else {
+    let token = bearer(&headers).or(query.access_token.as_deref());
+    let Some(user) = token.and_then(|token| gateway.0.tokens.verify(token)) else {
         return ApiError::Unauthorized.into_response();
     };
     // Small buffers: what a connection costs is mostly these (tungstenite's default reads into
@@ -241,20 +235,18 @@ async fn serve(gateway: &Gateway, user: Uuid, after_position: Option<u64>, socke
         }
         let ended = live(gateway, user, id, &mut sink, &mut incoming, frames, &closing).await;
         gateway.0.dispatcher.detach(id);
+        // The close frame first: the client need not wait on presence.
+        if let Err(end) = &ended {
+            send_close(&mut sink, end).await;
+        }
+        if let Err(error) = presence.closed(id, user).await {
+            tracing::warn!(%error, %user, "cannot record a connection's end");
+        }
         match ended {
             // A `resume` after live frames began: the stream starts over after it, with a
             // hello of its own.
             Ok(after) => resume = Ok(Some(after)),
-            Err(end) => {
-                send_close(&mut sink, &end).await;
-                if let Err(error) = presence.closed(id, user).await {
-                    tracing::warn!(%error, %user, "cannot record a connection's end");
-                }
-                return;
-            }
-        }
-        if let Err(error) = presence.closed(id, user).await {
-            tracing::warn!(%error, %user, "cannot record a connection's end");
+            Err(_) => return,
         }
     };
     send_close(&mut sink, &end).await;

@@ -118,6 +118,26 @@ enum Setup {
     Embedded,
 }
 
+/// `quikapp dev`'s environment on the embedded default, in a data directory of its own.
+fn embedded() -> Vec<(&'static str, String)> {
+    vec![
+        ("QUIKAPP_DATA_DIR", scratch_dir().display().to_string()),
+        ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
+        ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
+        ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
+        ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
+    ]
+}
+
+/// `quikapp dev` with `env`, once it listens.
+fn dev(env: &[(&'static str, String)]) -> Running {
+    let mut command = quikapp(&["dev"]);
+    command.envs(env.iter().map(|(n, v)| (*n, v.as_str())));
+    Running::start_all(command, &["write API", "read API", "realtime gateway"])
+}
+
 /// The gateways, a workspace of three users (owner first), a public channel all three are in
 /// and a private one of the owner and the second user.
 struct World {
@@ -155,19 +175,9 @@ impl World {
                 (pipeline.env, gateways, vec![relay, write, read, directory], urls)
             }
             Setup::Embedded => {
-                let mut all: Vec<(&'static str, String)> = vec![
-                    ("QUIKAPP_DATA_DIR", scratch_dir().display().to_string()),
-                    ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
-                    ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
-                    ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
-                    ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
-                    ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
-                    ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
-                ];
+                let mut all = embedded();
                 all.extend(env.iter().map(|(name, value)| (*name, (*value).to_owned())));
-                let mut command = quikapp(&["dev"]);
-                command.envs(all.iter().map(|(n, v)| (*n, v.as_str())));
-                let dev = Running::start_all(command, &["write API", "read API", "realtime gateway"]);
+                let dev = dev(&all);
                 let urls = (dev.url.clone(), dev.urls["read API"].clone());
                 (all, vec![], vec![dev], urls)
             }
@@ -473,15 +483,7 @@ async fn presence_and_typing_on_the_embedded_default() {
 /// own, from the store.
 #[tokio::test]
 async fn a_stream_opens_on_an_empty_store_and_a_late_resume_starts_it_over() {
-    let mut command = quikapp(&["dev"]);
-    command.envs([
-        ("QUIKAPP_DATA_DIR", scratch_dir().display().to_string()),
-        ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),
-        ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
-        ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
-        ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
-    ]);
-    let dev = Running::start_all(command, &["write API", "realtime gateway"]);
+    let dev = dev(&embedded());
     let user = Uuid::now_v7();
     let output = quikapp(&["token", &user.to_string()]).env("QUIKAPP_JWT_SECRET", super::pipeline::SECRET).output();
     let token = String::from_utf8(output.unwrap().stdout).unwrap().trim().to_owned();

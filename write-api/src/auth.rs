@@ -80,12 +80,15 @@ impl<S: HasTokens + Send + Sync> FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or(ApiError::Unauthorized)?;
-        // Auth schemes are case-insensitive (RFC 9110, 11.1).
-        let (scheme, token) = header.trim_start().split_once(' ').ok_or(ApiError::Unauthorized)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(ApiError::Unauthorized);
-        }
-        state.tokens().verify(token.trim()).map(Actor).ok_or(ApiError::Unauthorized)
+        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        state.tokens().verify(token).map(Actor).ok_or(ApiError::Unauthorized)
     }
+}
+
+/// The token of an `Authorization: Bearer …` header, if there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let header = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    // Auth schemes are case-insensitive (RFC 9110, 11.1).
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

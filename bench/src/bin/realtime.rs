@@ -144,6 +144,7 @@ async fn team(
 struct Received {
     frames: Mutex<Vec<(usize, Instant)>>,
     synthetic: AtomicU64,
+    presence: AtomicU64,
 }
 
 /// Holds a stream open, noting the bench's messages (their text is their sequence number).
@@ -156,6 +157,9 @@ async fn client(url: String, received: Arc<Received>, ready: tokio::sync::mpsc::
         let tokio_tungstenite::tungstenite::Message::Text(text) = message? else { continue };
         let at = Instant::now();
         let frame: Value = serde_json::from_str(&text)?;
+        if frame["type"] == "presence" {
+            received.presence.fetch_add(1, Ordering::Relaxed);
+        }
         if frame["type"] != "event" || frame["event"]["type"] != "MessagePosted" {
             continue;
         }
@@ -241,8 +245,14 @@ async fn main() -> Result<()> {
         ready.recv().await.context("a client failed to connect")?;
     }
     let connect_seconds = started.elapsed().as_secs_f64();
-    // Presence frames settle (each connection announced to its workspace): then measure.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each connection announced online to its workspace's members already connected: once
+    // those frames are in, the gateway's memory is measured.
+    let announced = (teams.len() * args.members * (args.members - 1) / 2) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.presence.load(Ordering::Relaxed) < announced && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(received.presence.load(Ordering::Relaxed) == announced, "not every presence frame arrived");
     let after = resident_kb(gateway.child.id())?;
     let per_connection = (after.saturating_sub(before)) as f64 / connections as f64;
     println!(

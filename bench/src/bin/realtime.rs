@@ -245,14 +245,15 @@ async fn main() -> Result<()> {
         ready.recv().await.context("a client failed to connect")?;
     }
     let connect_seconds = started.elapsed().as_secs_f64();
-    // Each connection announced online to its workspace's members already connected: once
-    // those frames are in, the gateway's memory is measured.
+    // Each connection is announced online to the members of its workspace attached before the
+    // announcement: of each pair of members, one hears of the other at least. Once that many
+    // frames are in, the gateway's memory is measured.
     let announced = (teams.len() * args.members * (args.members - 1) / 2) as u64;
     let deadline = Instant::now() + Duration::from_secs(60);
     while received.presence.load(Ordering::Relaxed) < announced && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    ensure!(received.presence.load(Ordering::Relaxed) == announced, "not every presence frame arrived");
+    ensure!(received.presence.load(Ordering::Relaxed) >= announced, "presence frames missing");
     let after = resident_kb(gateway.child.id())?;
     let per_connection = (after.saturating_sub(before)) as f64 / connections as f64;
     println!(

@@ -33,8 +33,8 @@ const SELECT_REPLIES: &str = "SELECT key, request_hash, reply, position, stream_
      WHERE key = ANY($1) AND created_at > now() - make_interval(secs => $2::float8)";
 
 const SELECT_EVENTS: &str = "SELECT global_position, stream_id, stream_version, event_id, event_type, \
-     schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data \
-     FROM events";
+     schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, \
+     data::text AS data FROM events";
 
 pub struct PostgresStore {
     pool: PgPool,

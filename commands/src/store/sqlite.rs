@@ -151,7 +151,6 @@ fn optional_uuid_column(row: &SqliteRow, column: &str) -> Result<Option<Uuid>, S
 
 fn decode_event(row: &SqliteRow) -> Result<Envelope, StoreError> {
     let occurred_at: String = row.try_get("occurred_at")?;
-    let data: String = row.try_get("data")?;
     let stored = StoredEvent {
         global_position: row.try_get::<i64, _>("global_position")? as u64,
         stream_id: row.try_get("stream_id")?,
@@ -167,7 +166,7 @@ fn decode_event(row: &SqliteRow) -> Result<Envelope, StoreError> {
             .with_timezone(&Utc),
         correlation_id: uuid_column(row, "correlation_id")?,
         causation_id: uuid_column(row, "causation_id")?,
-        data: serde_json::from_str(&data).map_err(|e| StoreError::Failed(format!("data: {e}")))?,
+        data: row.try_get("data")?,
     };
     stored.into_envelope()
 }

@@ -92,18 +92,19 @@ pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Bu
 /// Writes events to the bus.
 ///
 /// An adapter MUST write each event to the partition its [`route`] names, in the order given
-/// and after everything sent before, and MUST follow the events with a watermark of
-/// `watermark` on every partition of both topics, so that a consumer that has read past it on
-/// every partition has seen every event up to it. [`Acks`] resolve only once all of it is
+/// and after everything sent before, and, given a `watermark`, MUST follow the events with a
+/// watermark of that position on every partition of both topics, so that a consumer that has
+/// read past it on every partition has seen every event up to it. [`Acks`] resolve only once all
+/// of it is
 /// durable on the bus. On error, some records may have been written: the caller sends the same
 /// events again (duplicates carry the same event_id; consumers skip them by stream version).
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Hands the records to the bus, in order, without waiting for their acknowledgement.
-    async fn send(&self, events: &[Envelope], watermark: u64) -> Result<Acks, BusError>;
+    async fn send(&self, events: &[Envelope], watermark: Option<u64>) -> Result<Acks, BusError>;
 
     /// [`Publisher::send`], then waits for the acknowledgement.
-    async fn publish(&self, events: &[Envelope], watermark: u64) -> Result<(), BusError> {
+    async fn publish(&self, events: &[Envelope], watermark: Option<u64>) -> Result<(), BusError> {
         self.send(events, watermark).await?.await
     }
 

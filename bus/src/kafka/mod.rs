@@ -124,7 +124,7 @@ async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), BusError> {
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    async fn send(&self, events: &[Envelope], watermark: u64) -> Result<Acks, BusError> {
+    async fn send(&self, events: &[Envelope], watermark: Option<u64>) -> Result<Acks, BusError> {
         let producer = self.usable_producer()?;
         let mut deliveries = Vec::with_capacity(events.len() + 2 * PARTITIONS_HINT);
         for event in events {
@@ -143,6 +143,7 @@ impl Publisher for KafkaPublisher {
         }
         // The idempotent producer keeps each partition in the order records were handed over,
         // so a watermark handed over after the events never overtakes them on their partition.
+        let Some(watermark) = watermark else { return Ok(Box::pin(acknowledged(deliveries))) };
         let value = watermark_value(watermark);
         let topics =
             [(&self.config.topics.messages, self.partitions.0), (&self.config.topics.workspaces, self.partitions.1)];

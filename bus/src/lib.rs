@@ -21,6 +21,7 @@ pub mod relay;
 pub mod testing;
 
 use async_trait::async_trait;
+use quikapp_commands::store::EncodedEvent;
 use quikapp_domain::Envelope;
 use thiserror::Error;
 use uuid::Uuid;
@@ -65,11 +66,12 @@ pub enum Route {
 
 /// Where an event goes: events of a channel to the messages topic keyed by channel, so that one
 /// channel's events share a partition in order; the rest to the workspaces topic.
-pub fn route(event: &Envelope) -> Route {
-    match (event.channel_id, event.workspace_id) {
+/// `actor_id` keys an event of neither (a user's own event, whose actor is the user).
+pub fn route(channel_id: Option<Uuid>, workspace_id: Option<Uuid>, actor_id: Uuid) -> Route {
+    match (channel_id, workspace_id) {
         (Some(channel_id), _) => Route::Messages { channel_id },
         (None, Some(workspace_id)) => Route::Workspaces { key: workspace_id },
-        (None, None) => Route::Workspaces { key: event.actor_id },
+        (None, None) => Route::Workspaces { key: actor_id },
     }
 }
 
@@ -101,10 +103,10 @@ pub type Acks = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Bu
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Hands the records to the bus, in order, without waiting for their acknowledgement.
-    async fn send(&self, events: &[Envelope], watermark: Option<u64>) -> Result<Acks, BusError>;
+    async fn send(&self, events: &[EncodedEvent], watermark: Option<u64>) -> Result<Acks, BusError>;
 
     /// [`Publisher::send`], then waits for the acknowledgement.
-    async fn publish(&self, events: &[Envelope], watermark: Option<u64>) -> Result<(), BusError> {
+    async fn publish(&self, events: &[EncodedEvent], watermark: Option<u64>) -> Result<(), BusError> {
         self.send(events, watermark).await?.await
     }
 
@@ -262,7 +264,7 @@ fn murmur2(data: &[u8]) -> i32 {
 
 /// The topic and partition an event goes to among `partitions` per topic.
 pub fn partition_of(event: &Envelope, topics: &Topics, partitions: i32) -> Partition {
-    let (topic, key) = match route(event) {
+    let (topic, key) = match route(event.channel_id, event.workspace_id, event.actor_id) {
         Route::Messages { channel_id } => (&topics.messages, channel_id),
         Route::Workspaces { key } => (&topics.workspaces, key),
     };

@@ -17,8 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quikapp_commands::store::EventStore;
-use quikapp_domain::Envelope;
+use quikapp_commands::store::{EncodedEvent, EventStore};
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, Executor, PgConnection};
 use futures::FutureExt;
@@ -268,10 +267,10 @@ async fn read_ahead(
     mut after: u64,
     config: RelayConfig,
     mut wake: PgListener,
-    pages: mpsc::Sender<Result<Vec<Envelope>, RelayError>>,
+    pages: mpsc::Sender<Result<Vec<EncodedEvent>, RelayError>>,
 ) {
     loop {
-        let page = match store.read_all(after, config.batch_size).await {
+        let page = match store.read_all_encoded(after, config.batch_size).await {
             Ok(events) if events.is_empty() => {
                 tokio::select! {
                     notified = wake.recv() => if let Err(error) = notified {

@@ -1,13 +1,14 @@
 //! Relay benchmark against the real PostgreSQL and Kafka, in one run so the ratio compares like
 //! with like:
 //!
-//! 1. a backlog of `--events` stored events (MessagePosted envelopes of about 450 bytes, in 1,000
+//! 1. a backlog of `--events` stored events (MessagePosted envelopes of about 700 bytes, in 1,000
 //!    channels);
-//! 2. baseline: a raw rdkafka producer with the relay's settings sending the same payloads,
+//! 2. reading the backlog as the relay does, and as typed envelopes serialized to JSON;
+//! 3. baseline: a raw rdkafka producer with the relay's settings sending the same payloads,
 //!    already serialized in memory, to fresh topics;
-//! 3. the relay draining the backlog into other fresh topics, watermarks and checkpoints
+//! 4. the relay draining the backlog into other fresh topics, watermarks and checkpoints
 //!    included;
-//! 4. live: appends at `--rate` per second with the relay running, and the time from each
+//! 5. live: appends at `--rate` per second with the relay running, and the time from each
 //!    append's acknowledgement to a consumer reading its record; next to it, a raw producer
 //!    sending the same payload at the same rate, timed from each send to the consumer.
 //!
@@ -110,26 +111,33 @@ async fn main() -> Result<()> {
     let head = store.head().await?;
     println!("backlog: {head} events stored in {:.1} s", started.elapsed().as_secs_f64());
 
-    // 2. The raw producer, on the same payloads. Reading them is timed too: it is the part of
-    // the relay's work that the raw producer does not do.
-    let started = Instant::now();
+    // 2. Reading the backlog, the part of the relay's work that the raw producer does not do:
+    // encoded as the relay reads it, and decoded into typed envelopes and serialized (as the
+    // relay did before 2026-12-02). Twice each, alternating, best of two.
+    let (mut encoded, mut typed) = (0f64, 0f64);
+    for _ in 0..2 {
+        encoded = encoded.max(reading_rate(&store, head, true).await?);
+        typed = typed.max(reading_rate(&store, head, false).await?);
+    }
+    println!("reading the store, encoded (the relay)      {encoded:>9.0} events/s");
+    println!("reading the store, decoded and serialized   {typed:>9.0} events/s");
+
+    // 3. The raw producer, on the same payloads.
     let mut payloads = Vec::with_capacity(head as usize);
     let mut after = 0;
     while after < head {
-        let page = store.read_all(after, 10_000).await?;
+        let page = store.read_all_encoded(after, 10_000).await?;
         after = page.last().map_or(head, |e| e.global_position);
         for event in page {
-            let key = match route(&event) {
+            let key = match route(event.channel_id, event.workspace_id, event.actor_id) {
                 Route::Messages { channel_id } => channel_id,
                 Route::Workspaces { key } => key,
             };
-            payloads.push((key.to_string(), serde_json::to_vec(&event)?));
+            payloads.push((key.to_string(), event.json.into_bytes()));
         }
     }
-    let read = head as f64 / started.elapsed().as_secs_f64();
     let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
     println!("payloads: {} bytes on average", bytes / payloads.len().max(1));
-    println!("reading the store and serializing, alone   {read:>9.0} events/s");
     let raw_topics = fresh_topics();
     let kafka = |topics: &Topics| KafkaConfig {
         brokers: args.kafka_brokers.clone(),
@@ -170,7 +178,7 @@ async fn main() -> Result<()> {
     let sample = payloads[0].1.clone(); // a stored envelope, for the live baseline
     drop(payloads);
 
-    // 3. The relay, draining the backlog.
+    // 4. The relay, draining the backlog.
     let topics = fresh_topics();
     let publisher = Arc::new(KafkaPublisher::connect(&kafka(&topics)).await?);
     let relay =
@@ -194,7 +202,7 @@ async fn main() -> Result<()> {
     println!("relay, backlog to Kafka                    {relayed:>9.0} events/s");
     println!("relay / raw producer: {:.2}x (target >= 0.7)", relayed / raw);
 
-    // 4. Live: the relay keeps running; a consumer times each appended event from its append's
+    // 5. Live: the relay keeps running; a consumer times each appended event from its append's
     // acknowledgement. Next to it, the floor: a raw producer with the same settings sending one
     // record at a time at the same rate, timed from the send.
     let relay_live = time_live(&args.kafka_brokers, &topics.messages, args.rate, args.seconds, None, |i| {
@@ -275,6 +283,26 @@ async fn main() -> Result<()> {
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+/// Events per second read from the store in pages of 10,000, encoded for the bus or as typed
+/// envelopes serialized to JSON.
+async fn reading_rate(store: &PostgresStore, head: u64, encoded: bool) -> Result<f64> {
+    let started = Instant::now();
+    let (mut after, mut bytes) = (0, 0);
+    while after < head {
+        if encoded {
+            let page = store.read_all_encoded(after, 10_000).await?;
+            after = page.last().map_or(head, |e| e.global_position);
+            bytes += page.iter().map(|e| e.json.len()).sum::<usize>();
+        } else {
+            let page = store.read_all(after, 10_000).await?;
+            after = page.last().map_or(head, |e| e.global_position);
+            bytes += page.iter().map(|e| serde_json::to_vec(e).map(|json| json.len())).sum::<Result<usize, _>>()?;
+        }
+    }
+    std::hint::black_box(bytes);
+    Ok(head as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Starts `send(i)` for i in 0..rate×seconds at `rate` per second, each resolving to a record's

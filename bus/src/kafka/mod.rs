@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use quikapp_domain::Envelope;
+use quikapp_commands::store::EncodedEvent;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -124,21 +124,20 @@ async fn acknowledged(deliveries: Vec<DeliveryFuture>) -> Result<(), BusError> {
 
 #[async_trait]
 impl Publisher for KafkaPublisher {
-    async fn send(&self, events: &[Envelope], watermark: Option<u64>) -> Result<Acks, BusError> {
+    async fn send(&self, events: &[EncodedEvent], watermark: Option<u64>) -> Result<Acks, BusError> {
         let producer = self.usable_producer()?;
         let mut deliveries = Vec::with_capacity(events.len() + 2 * PARTITIONS_HINT);
         for event in events {
-            let payload = serde_json::to_vec(event).expect("envelopes serialize");
-            let (topic, key) = match route(event) {
+            let (topic, key) = match route(event.channel_id, event.workspace_id, event.actor_id) {
                 Route::Messages { channel_id } => (&self.config.topics.messages, channel_id.to_string()),
                 Route::Workspaces { key } => (&self.config.topics.workspaces, key.to_string()),
             };
             let (schema_version, event_id) = (event.schema_version.to_string(), event.event_id.to_string());
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "type", value: Some(event.event.type_name()) })
+                .insert(Header { key: "type", value: Some(&event.event_type) })
                 .insert(Header { key: "schema_version", value: Some(&schema_version) })
                 .insert(Header { key: "event_id", value: Some(&event_id) });
-            let record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice()).headers(headers);
+            let record = FutureRecord::to(topic).key(key.as_str()).payload(event.json.as_bytes()).headers(headers);
             deliveries.push(self.enqueue(&producer, record).await?);
         }
         // The idempotent producer keeps each partition in the order records were handed over,

@@ -42,6 +42,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// Up to `limit` events with a global position above `after_position`, in position order.
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError>;
 
+    /// [`EventStore::read_all`], encoded for the bus. An adapter that keeps the data as JSON text
+    /// can encode it without decoding the data (the relay's hot path).
+    async fn read_all_encoded(&self, after_position: u64, limit: u32) -> Result<Vec<EncodedEvent>, StoreError> {
+        Ok(self.read_all(after_position, limit).await?.iter().map(EncodedEvent::of).collect())
+    }
+
     /// The global position of the newest event, 0 for an empty store.
     async fn head(&self) -> Result<u64, StoreError>;
 
@@ -317,8 +323,63 @@ fn sqlite_blame(code: Option<&str>) -> Blame {
     }
 }
 
+/// A stored event as the bus carries it: the envelope's JSON, and what a publisher routes and
+/// labels the record by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub global_position: u64,
+    pub workspace_id: Option<Uuid>,
+    pub channel_id: Option<Uuid>,
+    pub actor_id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    /// The envelope in API.md's layout: what serializing the [`Envelope`] gives, up to
+    /// whitespace and the order of the data's fields.
+    pub json: String,
+}
+
+impl EncodedEvent {
+    pub fn of(envelope: &Envelope) -> Self {
+        EncodedEvent {
+            event_id: envelope.event_id,
+            event_type: envelope.event.type_name().to_owned(),
+            schema_version: envelope.schema_version,
+            global_position: envelope.global_position,
+            workspace_id: envelope.workspace_id,
+            channel_id: envelope.channel_id,
+            actor_id: envelope.actor_id,
+            occurred_at: envelope.occurred_at,
+            json: serde_json::to_string(envelope).expect("envelopes serialize"),
+        }
+    }
+}
+
+/// [`Envelope`]'s JSON layout over a stored event's columns and its data's text.
+#[derive(serde::Serialize)]
+struct EnvelopeLayout<'a> {
+    event_id: Uuid,
+    r#type: &'a str,
+    data: &'a serde_json::value::RawValue,
+    schema_version: u32,
+    stream_id: &'a str,
+    stream_version: u64,
+    global_position: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workspace_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel_id: Option<Uuid>,
+    actor_id: Uuid,
+    #[serde(with = "quikapp_domain::event::timestamp")]
+    occurred_at: DateTime<Utc>,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+}
+
 /// The parts of a stored event as the adapters keep them: typed columns plus the data document,
 /// a [`serde_json::Value`] on the way in and its JSON text on the way out.
+#[derive(Clone)]
 pub(crate) struct StoredEvent<Data = serde_json::Value> {
     pub global_position: u64,
     pub stream_id: String,
@@ -370,6 +431,44 @@ impl StoredEvent<String> {
             causation_id: self.causation_id,
         })
     }
+
+    /// Encodes the event for the bus. Data in its type's current layout (nearly all of it) goes
+    /// into the envelope as stored, without being decoded; the rest is decoded and upcast first
+    /// ([`StoredEvent::into_envelope`]).
+    pub fn into_encoded(self) -> Result<EncodedEvent, StoreError> {
+        if quikapp_domain::event::schema_version_of(&self.event_type) != Some(self.schema_version) {
+            return Ok(EncodedEvent::of(&self.into_envelope()?));
+        }
+        let data = serde_json::from_str(&self.data)
+            .map_err(|e| StoreError::Failed(format!("event at position {}: {e}", self.global_position)))?;
+        let layout = EnvelopeLayout {
+            event_id: self.event_id,
+            r#type: &self.event_type,
+            data,
+            schema_version: self.schema_version,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            global_position: self.global_position,
+            workspace_id: self.workspace_id,
+            channel_id: self.channel_id,
+            actor_id: self.actor_id,
+            occurred_at: self.occurred_at,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+        };
+        let json = serde_json::to_string(&layout).expect("layouts serialize");
+        Ok(EncodedEvent {
+            event_id: self.event_id,
+            event_type: self.event_type,
+            schema_version: self.schema_version,
+            global_position: self.global_position,
+            workspace_id: self.workspace_id,
+            channel_id: self.channel_id,
+            actor_id: self.actor_id,
+            occurred_at: self.occurred_at,
+            json,
+        })
+    }
 }
 
 impl StoredEvent {
@@ -413,7 +512,7 @@ mod tests {
             workspace_id: None,
             channel_id: None,
             actor_id: Uuid::now_v7(),
-            occurred_at: Utc::now(),
+            occurred_at: quikapp_domain::event::timestamp::now(), // the microseconds stores keep
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
             data: data.to_string(),
@@ -450,12 +549,43 @@ mod tests {
     }
 
     #[test]
+    fn an_encoded_event_reads_back_as_its_envelope_whatever_its_layout() {
+        let (channel_id, workspace_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let posted = MessagePosted {
+            message_id: Uuid::now_v7(),
+            channel_id,
+            author_id: Uuid::now_v7(),
+            text: "quote \" and \\ kept".into(),
+            thread_root_id: None,
+        };
+        let mut current = stored("MessagePosted", 1, serde_json::to_value(&posted).expect("serializes"));
+        (current.workspace_id, current.channel_id) = (Some(workspace_id), Some(channel_id));
+        current.data = current.data.replace(',', ", "); // jsonb's text has spaces
+        let old = stored("ChannelTopicChanged", 1, serde_json::json!({ "channel_id": channel_id, "topic": "" }));
+        for read in [current, old] {
+            let envelope = read.clone().into_envelope().expect("decodes");
+            let encoded = read.into_encoded().expect("encodes");
+            assert_eq!(encoded, EncodedEvent { json: encoded.json.clone(), ..EncodedEvent::of(&envelope) });
+            let decoded: Envelope = serde_json::from_str(&encoded.json).expect("an envelope");
+            assert_eq!(decoded, envelope);
+            let as_serialized = serde_json::to_value(&envelope).expect("serializes");
+            assert_eq!(serde_json::from_str::<serde_json::Value>(&encoded.json).expect("JSON"), as_serialized);
+        }
+    }
+
+    #[test]
     fn an_unknown_type_or_broken_data_is_an_error_naming_the_position() {
         for (event_type, data) in [("NotAType", "{}"), ("MessagePosted", "{\"text\": 1}"), ("MessagePosted", "{")] {
             let mut read = stored(event_type, 1, serde_json::Value::Null);
             read.data = data.into();
-            let error = read.into_envelope().expect_err("refused").to_string();
-            assert!(error.contains("position 7"), "{error}");
+            // Encoding checks the data is JSON, not that it fits its type: the store wrote it from
+            // a typed event.
+            let encoded = read.clone().into_encoded().map(drop);
+            let errors = [Some(read.into_envelope().map(drop)), (data != "{\"text\": 1}").then_some(encoded)];
+            for error in errors.into_iter().flatten() {
+                let error = error.expect_err("refused").to_string();
+                assert!(error.contains("position 7"), "{error}");
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES, ReplayProgress,
+    AppendError, AppendOutcome, AppendRequest, EncodedEvent, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES, ReplayProgress,
     StoreError, StoreOptions, StoredEvent, StoredReply, delete_in_chunks,
 };
 
@@ -84,6 +84,12 @@ impl EventStore for PostgresStore {
         let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
         let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(decode_event).collect()
+    }
+
+    async fn read_all_encoded(&self, after_position: u64, limit: u32) -> Result<Vec<EncodedEvent>, StoreError> {
+        let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
+        let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        rows.iter().map(|row| stored_event(row)?.into_encoded()).collect()
     }
 
     async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError> {
@@ -156,7 +162,11 @@ impl EventStore for PostgresStore {
 }
 
 fn decode_event(row: &PgRow) -> Result<Envelope, StoreError> {
-    let stored = StoredEvent {
+    stored_event(row)?.into_envelope()
+}
+
+fn stored_event(row: &PgRow) -> Result<StoredEvent<String>, StoreError> {
+    Ok(StoredEvent {
         global_position: row.try_get::<i64, _>("global_position")? as u64,
         stream_id: row.try_get("stream_id")?,
         stream_version: row.try_get::<i64, _>("stream_version")? as u64,
@@ -170,8 +180,7 @@ fn decode_event(row: &PgRow) -> Result<Envelope, StoreError> {
         correlation_id: row.try_get("correlation_id")?,
         causation_id: row.try_get("causation_id")?,
         data: row.try_get("data")?,
-    };
-    stored.into_envelope()
+    })
 }
 
 fn decode_reply(row: &PgRow) -> Result<(String, StoredReply), sqlx::Error> {

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -75,6 +74,8 @@ impl ConsumerContext for Rebalances {
     }
 }
 
+/// After the first record of a poll, how long the poll goes on collecting records.
+const LINGER: Duration = Duration::from_millis(5);
 
 impl KafkaSubscription {
     /// Joins `group`; a partition the group has no offset for starts at `reset` (`earliest`
@@ -121,18 +122,11 @@ impl KafkaSubscription {
 impl crate::Subscription for KafkaSubscription {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<(Partition, Record)>, BusError> {
         let mut records = Vec::new();
-        // The first record may take `wait`; after it the poll takes only what librdkafka has
-        // already fetched, so that live records are handed on at once and a backlog still comes
-        // in full batches.
-        let deadline = tokio::time::Instant::now() + wait;
+        // The first record may take `wait`; the rest must come within LINGER of it, so that a
+        // steady trickle of records does not hold a batch back until it is full.
+        let mut deadline = tokio::time::Instant::now() + wait;
         while records.len() < max {
-            let message = if records.is_empty() {
-                let Ok(message) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else { break };
-                message
-            } else {
-                let Some(message) = self.consumer.recv().now_or_never() else { break };
-                message
-            };
+            let Ok(message) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else { break };
             let message = message.map_err(unavailable)?;
             // A partition assigned or taken away starts over from the group's offset.
             for (partition, assigned) in self.consumer.context().changed.lock().expect("never poisoned").drain(..) {
@@ -154,6 +148,9 @@ impl crate::Subscription for KafkaSubscription {
                 )));
             }
             records.push((partition, record_of(&message)));
+            if records.len() == 1 {
+                deadline = tokio::time::Instant::now() + LINGER;
+            }
         }
         Ok(records)
     }

@@ -6,8 +6,8 @@
 //!   standby takes over within its retry period (one second), from the checkpoint.
 //! - **Checkpoint.** The highest position whose events and watermarks Kafka acknowledged, kept
 //!   in the event store's database and written through the lock's connection only after the
-//!   acknowledgement. A restart resumes there, so duplicates can only come from the batches in
-//!   flight (at most [`IN_FLIGHT`]), and carry the same event_id.
+//!   acknowledgement. A restart resumes there, so duplicates can only come from the events
+//!   handed over beyond it (at most [`IN_FLIGHT`] batches' worth), and carry the same event_id.
 //! - **Never skipping.** The store makes positions visible in order (see commands), so reading
 //!   `position > checkpoint` never passes over a late commit.
 //! - **Wake-ups.** Appends NOTIFY `quikapp_events` on commit; the relay listens, and polls every
@@ -224,6 +224,7 @@ impl Relay {
                 () = tokio::time::sleep_until(next_watermark.into()), if in_flight.is_empty() => {
                     // Idle: everything read is acknowledged; say so on every partition.
                     metrics::gauge!("quikapp_relay_lag_seconds").set(0.0);
+                    self.record_lag(checkpoint).await;
                     still_leading(lock).await?;
                     self.publisher.publish(&[], Some(checkpoint)).await?;
                     next_watermark = Instant::now() + self.config.tick;

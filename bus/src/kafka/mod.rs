@@ -62,15 +62,16 @@ impl KafkaPublisher {
         Ok(publisher)
     }
 
-    /// The producer, replaced first if the current one hit a fatal error (which fails every
-    /// record after it; everything it had not delivered is sent again from the checkpoint).
+    /// The producer, unless it hit a fatal error (which fails every record after it). Then it
+    /// is replaced and this call fails, so that nothing goes out on the new producer while
+    /// records of the old one may still be pending: a watermark or a later event sent there
+    /// could overtake them. The caller starts over from its checkpoint.
     fn usable_producer(&self) -> Result<FutureProducer, BusError> {
         let current = self.producer.read().expect("never poisoned").clone();
         let Some((code, reason)) = current.client().fatal_error() else { return Ok(current) };
         tracing::warn!(?code, %reason, "the Kafka producer failed fatally; starting a new one");
-        let fresh = create_producer(&self.config)?;
-        *self.producer.write().expect("never poisoned") = fresh.clone();
-        Ok(fresh)
+        *self.producer.write().expect("never poisoned") = create_producer(&self.config)?;
+        Err(BusError::Unavailable(format!("the Kafka producer failed fatally: {reason}")))
     }
 
     /// The topic's partitions, waiting (within [`TIMEOUT`]) for a just-created topic's metadata.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
 use quikapp_bus::testing::{Read, RunningRelay, checkpoint_reaches, fresh_topics, read_until, spawn_relay};
-use quikapp_bus::{Publisher, Topics};
+use quikapp_bus::Topics;
 use quikapp_commands::store::contract::{self, append_to};
 use quikapp_commands::store::{EventStore, PostgresStore};
 use uuid::Uuid;
@@ -31,7 +31,7 @@ async fn setup() -> Option<Setup> {
 }
 
 impl Setup {
-    async fn publisher(&self) -> Arc<dyn Publisher> {
+    async fn publisher(&self) -> Arc<KafkaPublisher> {
         let config = KafkaConfig {
             brokers: self.brokers.clone(),
             topics: self.topics.clone(),
@@ -148,6 +148,31 @@ async fn a_standby_relay_takes_over_from_a_dead_one_without_loss_or_reordering()
     let head = setup.store.head().await.unwrap();
     assert_eq!(head, 160);
     checkpoint_reaches(setup.store.pool(), head).await; // the standby took over
+    let read = read_until(&setup.brokers, &setup.topics, PARTITIONS, head).await;
+    check(&setup, &read, true).await;
+}
+
+#[tokio::test]
+async fn a_producer_that_fails_fatally_is_replaced_and_nothing_overtakes_what_it_held() {
+    let Some(setup) = setup().await else { return };
+    let publisher = setup.publisher().await;
+    let _relay = spawn_relay(setup.store.clone(), publisher.clone());
+    setup.append(4, 10).await;
+    checkpoint_reaches(setup.store.pool(), setup.store.head().await.unwrap()).await;
+    // Fail the producer while commands keep coming: records it holds fail, and the relay starts
+    // over from its checkpoint on a new one.
+    let more = tokio::spawn({
+        let setup = setup.clone();
+        async move { setup.append(4, 40).await }
+    });
+    while setup.store.head().await.unwrap() < 80 {
+        tokio::task::yield_now().await;
+    }
+    publisher.fail_fatally();
+    more.await.unwrap();
+    let head = setup.store.head().await.unwrap();
+    assert_eq!(head, 200);
+    checkpoint_reaches(setup.store.pool(), head).await;
     let read = read_until(&setup.brokers, &setup.topics, PARTITIONS, head).await;
     check(&setup, &read, true).await;
 }

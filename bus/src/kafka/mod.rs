@@ -74,6 +74,17 @@ impl KafkaPublisher {
         Err(BusError::Unavailable(format!("the Kafka producer failed fatally: {reason}")))
     }
 
+    /// Makes the current producer fail fatally, as an idempotence error from the broker would.
+    #[cfg(feature = "testing")]
+    pub fn fail_fatally(&self) {
+        let producer = self.producer.read().expect("never poisoned").clone();
+        let error = rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+        // SAFETY: the client lives through the call, and librdkafka copies the reason.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(producer.client().native_ptr(), error, c"a test".as_ptr());
+        }
+    }
+
     /// The topic's partitions, waiting (within [`TIMEOUT`]) for a just-created topic's metadata.
     async fn partition_count(&self, topic: &str) -> Result<i32, BusError> {
         let (producer, topic) = (self.usable_producer()?, topic.to_owned());

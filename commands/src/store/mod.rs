@@ -401,7 +401,7 @@ impl StoredEvent<String> {
     /// in the current layout (nearly all of it) is decoded straight from its text, the rest
     /// goes through [`quikapp_domain::upcast`].
     pub fn into_envelope(self) -> Result<Envelope, StoreError> {
-        let failed = |e: serde_json::Error| StoreError::Failed(format!("event at position {}: {e}", self.global_position));
+        let failed = |e| self.malformed(e);
         let current = quikapp_domain::event::schema_version_of(&self.event_type);
         let (event, schema_version): (Event, u32) = match current {
             Some(current) if self.schema_version < current => {
@@ -432,6 +432,10 @@ impl StoredEvent<String> {
         })
     }
 
+    fn malformed(&self, error: serde_json::Error) -> StoreError {
+        StoreError::Failed(format!("event at position {}: {error}", self.global_position))
+    }
+
     /// Encodes the event for the bus. Data in its type's current layout (nearly all of it) goes
     /// into the envelope as stored, without being decoded; the rest is decoded and upcast first
     /// ([`StoredEvent::into_envelope`]).
@@ -439,8 +443,7 @@ impl StoredEvent<String> {
         if quikapp_domain::event::schema_version_of(&self.event_type) != Some(self.schema_version) {
             return Ok(EncodedEvent::of(&self.into_envelope()?));
         }
-        let data = serde_json::from_str(&self.data)
-            .map_err(|e| StoreError::Failed(format!("event at position {}: {e}", self.global_position)))?;
+        let data = serde_json::from_str(&self.data).map_err(|e| self.malformed(e))?;
         let layout = EnvelopeLayout {
             event_id: self.event_id,
             r#type: &self.event_type,

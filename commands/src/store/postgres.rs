@@ -43,6 +43,12 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// The rows of [`EventStore::read_all`].
+    async fn read_all_rows(&self, after_position: u64, limit: u32) -> Result<Vec<PgRow>, StoreError> {
+        let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
+        Ok(sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?)
+    }
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with(url, StoreOptions::default()).await
     }
@@ -81,15 +87,11 @@ impl EventStore for PostgresStore {
     }
 
     async fn read_all(&self, after_position: u64, limit: u32) -> Result<Vec<Envelope>, StoreError> {
-        let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
-        let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(decode_event).collect()
+        self.read_all_rows(after_position, limit).await?.iter().map(decode_event).collect()
     }
 
     async fn read_all_encoded(&self, after_position: u64, limit: u32) -> Result<Vec<EncodedEvent>, StoreError> {
-        let sql = format!("{SELECT_EVENTS} WHERE global_position > $1 ORDER BY global_position LIMIT $2");
-        let rows = sqlx::query(&sql).bind(after_position as i64).bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(|row| stored_event(row)?.into_encoded()).collect()
+        self.read_all_rows(after_position, limit).await?.iter().map(|row| stored_event(row)?.into_encoded()).collect()
     }
 
     async fn memberships(&self, user: Uuid, through: u64) -> Result<Vec<Envelope>, StoreError> {

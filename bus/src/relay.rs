@@ -17,10 +17,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use quikapp_commands::store::{EncodedEvent, EventStore};
 use sqlx::postgres::{PgListener, PgPool};
 use sqlx::{Connection, Executor, PgConnection};
-use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use crate::{Acks, BusError, Publisher};

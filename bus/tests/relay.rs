@@ -6,9 +6,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use quikapp_bus::Topics;
 use quikapp_bus::kafka::{KafkaConfig, KafkaPublisher};
 use quikapp_bus::testing::{Read, RunningRelay, checkpoint_reaches, fresh_topics, read_until, spawn_relay};
-use quikapp_bus::Topics;
 use quikapp_commands::store::contract::{self, append_to};
 use quikapp_commands::store::{EventStore, PostgresStore};
 use uuid::Uuid;

@@ -225,49 +225,58 @@ async fn main() -> Result<()> {
     running.await?;
     let raw_topics = fresh_topics();
     KafkaPublisher::connect(&kafka(&raw_topics)).await?;
-    let raw_live = time_live(&args.kafka_brokers, &raw_topics.messages, args.rate, args.seconds, Some(&producer), |i| {
-        let (producer, topic, channel) = (producer.clone(), raw_topics.messages.clone(), channels[i as usize % CHANNELS]);
-        let payload = sample.clone();
-        async move {
-            let id = Uuid::now_v7().to_string();
-            let (key, sent) = (channel.to_string(), Instant::now());
-            let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(&id) });
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
-            let delivery = producer.send_result(record).map_err(|(e, _)| e).expect("the queue has room");
-            drop(delivery); // timed to the consumer, not to the acknowledgement
-            (id, sent)
-        }
-    })
-    .await?;
+    let raw_live =
+        time_live(&args.kafka_brokers, &raw_topics.messages, args.rate, args.seconds, Some(&producer), |i| {
+            let (producer, topic, channel) =
+                (producer.clone(), raw_topics.messages.clone(), channels[i as usize % CHANNELS]);
+            let payload = sample.clone();
+            async move {
+                let id = Uuid::now_v7().to_string();
+                let (key, sent) = (channel.to_string(), Instant::now());
+                let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(&id) });
+                let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
+                let delivery = producer.send_result(record).map_err(|(e, _)| e).expect("the queue has room");
+                drop(delivery); // timed to the consumer, not to the acknowledgement
+                (id, sent)
+            }
+        })
+        .await?;
     // The same appends, each followed by the raw producer sending its record: what the relay's
     // latency would be if it cost nothing, on a machine as busy with the appends as in the run
     // above.
     let direct_topics = fresh_topics();
     KafkaPublisher::connect(&kafka(&direct_topics)).await?;
-    let direct_live = time_live(&args.kafka_brokers, &direct_topics.messages, args.rate, args.seconds, Some(&producer), |i| {
-        let (producer, topic, store) = (producer.clone(), direct_topics.messages.clone(), store.clone());
-        let (channel, payload) = (channels[i as usize % CHANNELS], sample.clone());
-        async move {
-            let event = message(channel, workspace);
-            let id = event.event_id.to_string();
-            let request = AppendRequest {
-                stream_id: format!("direct-{i}"),
-                expected_version: 0,
-                events: vec![event],
-                ..Default::default()
-            };
-            store.append(request).await.expect("append");
-            let (key, appended) = (channel.to_string(), Instant::now());
-            let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(&id) });
-            let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
-            drop(producer.send_result(record).map_err(|(e, _)| e).expect("the queue has room"));
-            (id, appended)
-        }
-    })
-    .await?;
+    let direct_live =
+        time_live(&args.kafka_brokers, &direct_topics.messages, args.rate, args.seconds, Some(&producer), |i| {
+            let (producer, topic, store) = (producer.clone(), direct_topics.messages.clone(), store.clone());
+            let (channel, payload) = (channels[i as usize % CHANNELS], sample.clone());
+            async move {
+                let event = message(channel, workspace);
+                let id = event.event_id.to_string();
+                let request = AppendRequest {
+                    stream_id: format!("direct-{i}"),
+                    expected_version: 0,
+                    events: vec![event],
+                    ..Default::default()
+                };
+                store.append(request).await.expect("append");
+                let (key, appended) = (channel.to_string(), Instant::now());
+                let headers = OwnedHeaders::new().insert(Header { key: "event_id", value: Some(&id) });
+                let record = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
+                drop(producer.send_result(record).map_err(|(e, _)| e).expect("the queue has room"));
+                (id, appended)
+            }
+        })
+        .await?;
     let line = |name: &str, latencies: &[Duration]| {
         let at = |p| percentile(latencies, p);
-        println!("{name:<50} p50 {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms   max {:>6.2} ms", at(0.5), at(0.9), at(0.99), at(1.0));
+        println!(
+            "{name:<50} p50 {:>6.2} ms   p90 {:>6.2} ms   p99 {:>6.2} ms   max {:>6.2} ms",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
     };
     println!("live, {} records/s:", args.rate);
     line("  raw producer: sent to record consumed", &raw_live);

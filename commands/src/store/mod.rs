@@ -412,7 +412,8 @@ impl StoredEvent<String> {
             }
             // Current, or newer than this code (read as current), or of a type it does not know.
             _ => {
-                let tagged = format!(r#"{{"type":{},"data":{}}}"#, serde_json::Value::from(self.event_type.as_str()), self.data);
+                let tagged =
+                    format!(r#"{{"type":{},"data":{}}}"#, serde_json::Value::from(self.event_type.as_str()), self.data);
                 (serde_json::from_str(&tagged).map_err(failed)?, current.unwrap_or(self.schema_version))
             }
         };

@@ -14,8 +14,8 @@ use uuid::Uuid;
 use super::group_commit::{BatchError, BatchWriter, GroupCommit, Outcome};
 use super::plan::{BatchPlan, CurrentState, Lookups};
 use super::{
-    AppendError, AppendOutcome, AppendRequest, EncodedEvent, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES, ReplayProgress,
-    StoreError, StoreOptions, StoredEvent, StoredReply, delete_in_chunks,
+    AppendError, AppendOutcome, AppendRequest, EncodedEvent, EventStore, KEY_CLEANUP_CHUNK, MEMBERSHIP_TYPES,
+    ReplayProgress, StoreError, StoreOptions, StoredEvent, StoredReply, delete_in_chunks,
 };
 
 /// The advisory lock every writer of the event log holds while it appends.

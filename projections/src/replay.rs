@@ -72,6 +72,13 @@ pub trait Versions: Send + Sync {
     async fn rebuild(&self) -> Result<Model, ProjectionError>;
     /// Drops the rebuild, if there is one.
     async fn discard(&self) -> Result<(), ProjectionError>;
+    /// Makes the rebuild's secondary indexes, if [`Versions::rebuild`] left them out so that
+    /// the history is written without them (a bulk load's index is built once over the rows
+    /// for less than it costs to keep up to date row by row). Run once the history is in,
+    /// before the catch-up; does nothing to indexes already there.
+    async fn index(&self) -> Result<(), ProjectionError> {
+        Ok(())
+    }
     /// Events of history per batch this model needs at least: a store that rewrites a whole
     /// document on every update does better with the changes folded into fewer writes.
     fn history_batch(&self) -> u32 {
@@ -234,6 +241,8 @@ impl Replay {
                 (read_through(&rebuild.projector.stored().await?, &partitions), head().await?)
             }
         };
+        shown.step(self.model, "building the indexes");
+        self.versions.index().await?;
         let events = through.saturating_sub(resumed_from);
         let (swapped, verdict) = match &self.bus {
             Some(bus) => self.catch_up_and_swap(&rebuild, bus.clone(), through, shown).await?,

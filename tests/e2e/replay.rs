@@ -231,6 +231,14 @@ async fn replay_swaps_in_a_rebuilt_directory_while_commands_flow_and_reads_never
             .await
             .unwrap();
     assert_eq!(schemas, ["directory"]);
+    // With the indexes the rebuild made once its history was in.
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'directory' AND indexname LIKE '%_by_%' ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["channel_members_by_user", "channels_by_workspace"]);
 }
 
 #[tokio::test]
@@ -309,6 +317,12 @@ async fn replay_swaps_in_rebuilt_timelines_while_commands_flow_and_reads_never_f
         let page = world.client.read(owner, &format!("/channels/{channel}/messages")).await;
         assert_eq!(page["messages"].as_array().unwrap().len(), members.len(), "{channel}");
     }
+    // The rebuild's collection, live now, with the indexes made once its history was in.
+    let mongo = mongodb::Client::with_uri_str(world.env("QUIKAPP_MONGO_URL")).await.unwrap();
+    let messages = mongo.default_database().unwrap().collection::<mongodb::bson::Document>("messages_2");
+    let mut indexes = messages.list_index_names().await.unwrap();
+    indexes.sort();
+    assert_eq!(indexes, ["_id_", "thread", "timeline"]);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@
 //!   as the model sends them).
 //!
 //! The rebuild is the whole history phase of a replay (store pages read ahead, one batch per
-//! page, progress stored with each); catch-up and swap follow the live head and take a moment.
+//! page, progress stored with each) and the indexes made after it; catch-up and swap follow the live head and take a moment.
 //! Run it with `bench/replay` (release build, starts the services).
 
 use std::collections::HashMap;
@@ -292,6 +292,12 @@ async fn directory(args: &Args) -> Result<(Summary, f64)> {
         let written: i64 = sqlx::query_scalar(&count(&format!("raw.{table}"))).fetch_one(pool).await?;
         ensure!(rebuilt == written, "{table}: {rebuilt} rebuilt, {written} raw");
     }
+    // The rebuild made its indexes after its history (in its time); the raw tables have them
+    // all along.
+    let indexes = "SELECT count(*) FROM pg_indexes WHERE schemaname = $1";
+    let rebuilt: i64 = sqlx::query_scalar(indexes).bind("directory_rebuild").fetch_one(pool).await?;
+    let written: i64 = sqlx::query_scalar(indexes).bind("raw").fetch_one(pool).await?;
+    ensure!(rebuilt >= written, "{rebuilt} indexes rebuilt, {written} raw");
     Ok((summary, raw))
 }
 
@@ -518,6 +524,9 @@ async fn timelines(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]
     let raw = timed(started, "mongo raw: insert_many of the same messages, two at a time");
     let rebuilt = client.database(&database).collection::<Bson>("messages_2").estimated_document_count().await?;
     ensure!(rebuilt == written, "{rebuilt} rebuilt, {written} raw");
+    // The rebuild made its indexes after its history (in its time); the raw collection has none.
+    let indexes = client.database(&database).collection::<Bson>("messages_2").list_index_names().await?;
+    ensure!(["timeline", "thread"].iter().all(|name| indexes.iter().any(|i| i == name)), "rebuilt with {indexes:?}");
     client.database(&database).drop().await?;
     Ok((summary, raw))
 }

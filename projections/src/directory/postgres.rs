@@ -50,14 +50,12 @@ CREATE TABLE IF NOT EXISTS channels (
     created_by uuid NOT NULL,
     version bigint NOT NULL
 );
-CREATE INDEX IF NOT EXISTS channels_by_workspace ON channels (workspace_id, name);
 CREATE TABLE IF NOT EXISTS channel_members (
     channel_id uuid NOT NULL,
     user_id uuid NOT NULL,
     joined_at timestamptz NOT NULL,
     PRIMARY KEY (channel_id, user_id)
 );
-CREATE INDEX IF NOT EXISTS channel_members_by_user ON channel_members (user_id);
 CREATE TABLE IF NOT EXISTS progress (
     partition text PRIMARY KEY,
     "offset" bigint NOT NULL,
@@ -70,6 +68,14 @@ CREATE TABLE IF NOT EXISTS totals (
 CREATE TABLE IF NOT EXISTS model (
     schema_version integer NOT NULL
 );
+"#;
+
+/// The indexes the reads need beside the primary keys (which the writes need). A rebuild makes
+/// them once its history is written: one index built over the rows costs less than one kept up
+/// to date row by row.
+const INDEXES: &str = r#"
+CREATE INDEX IF NOT EXISTS channels_by_workspace ON channels (workspace_id, name);
+CREATE INDEX IF NOT EXISTS channel_members_by_user ON channel_members (user_id);
 "#;
 
 /// The shape of the tables this build reads and writes. A change to it that the statements of
@@ -121,6 +127,11 @@ impl PostgresDirectory {
     }
 
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        self.run_schema(&[SCHEMA, INDEXES]).await
+    }
+
+    /// Runs `statements` (of [`SCHEMA`] and [`INDEXES`]) in the model's schema, made if missing.
+    async fn run_schema(&self, statements: &[&str]) -> Result<(), ProjectionError> {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
@@ -133,7 +144,9 @@ impl PostgresDirectory {
              SET LOCAL search_path TO {schema};"
         );
         (&mut *tx).execute(prepare.as_str()).await.map_err(classify)?;
-        (&mut *tx).execute(SCHEMA).await.map_err(classify)?;
+        for statements in statements {
+            (&mut *tx).execute(*statements).await.map_err(classify)?;
+        }
         sqlx::query("INSERT INTO model (schema_version) SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM model)")
             .bind(SCHEMA_VERSION)
             .execute(&mut *tx)
@@ -190,8 +203,12 @@ impl crate::replay::Versions for PostgresVersions {
 
     async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let rebuild = self.rebuilt().await?;
-        rebuild.migrate().await?;
+        rebuild.run_schema(&[SCHEMA]).await?;
         Ok(model(Arc::new(rebuild)))
+    }
+
+    async fn index(&self) -> Result<(), ProjectionError> {
+        self.rebuilt().await?.run_schema(&[INDEXES]).await
     }
 
     async fn discard(&self) -> Result<(), ProjectionError> {

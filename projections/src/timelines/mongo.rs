@@ -150,6 +150,14 @@ impl MongoTimelines {
 
     /// Creates the indexes and the progress document when missing.
     pub async fn migrate(&self) -> Result<(), ProjectionError> {
+        self.create_indexes().await?;
+        self.create_progress().await
+    }
+
+    /// The indexes the reads need beside `_id` (which the writes need). A rebuild makes them
+    /// once its history is written: FerretDB builds one over the documents faster than it keeps
+    /// it up to date insert by insert.
+    async fn create_indexes(&self) -> Result<(), ProjectionError> {
         let c = self.collections().await?;
         let timeline = IndexModel::builder()
             .keys(doc! { "channel_id": 1, "position": -1 })
@@ -175,6 +183,11 @@ impl MongoTimelines {
                 return Err(unavailable(error));
             }
         }
+        Ok(())
+    }
+
+    async fn create_progress(&self) -> Result<(), ProjectionError> {
+        let c = self.collections().await?;
         let initial = doc! { "partitions": {}, "dead_lettered": 0_i64, "schema_version": SCHEMA_VERSION };
         c.progress
             .update_one(doc! { "_id": PROGRESS }, doc! { "$setOnInsert": initial })
@@ -482,8 +495,13 @@ impl crate::replay::Versions for MongoVersions {
     async fn rebuild(&self) -> Result<Model, ProjectionError> {
         let (_, rebuild) = self.suffixes().await?;
         let rebuild = self.rebuilt(rebuild);
-        rebuild.migrate().await?;
+        rebuild.create_progress().await?;
         Ok(model(Arc::new(rebuild)))
+    }
+
+    async fn index(&self) -> Result<(), ProjectionError> {
+        let (_, rebuild) = self.suffixes().await?;
+        self.rebuilt(rebuild).create_indexes().await
     }
 
     /// FerretDB scans the table for every update: with a million events a batch, a message's

@@ -329,7 +329,7 @@ impl Replay {
         let store = self.store.clone();
         let reader = tokio::spawn(async move {
             for (after, end) in ranges {
-                let page = read_page(store.as_ref(), after, end).await;
+                let page = read_page(&store, after, end, READ_PIECE).await;
                 let failed = page.is_err();
                 if pages_out.send(page).await.is_err() || failed {
                     return;
@@ -575,8 +575,38 @@ enum Live<'a> {
 /// Pages of history read ahead of the one being applied.
 const READ_AHEAD: usize = 2;
 
-/// The store's events after `after`, up to `end`: all of them.
-async fn read_page(store: &dyn EventStore, after: u64, end: u64) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
+/// Events of a page read by one query: a larger page is read in pieces, two at a time, each
+/// on a task of its own (two server processes, and two threads decoding).
+const READ_PIECE: u64 = 50_000;
+
+/// The store's events after `after`, up to `end`: all of them, read in pieces of at most
+/// `piece` events.
+async fn read_page(
+    store: &Arc<dyn EventStore>,
+    after: u64,
+    end: u64,
+    piece: u64,
+) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
+    use futures::StreamExt;
+    let pieces = (after..end).step_by(piece as usize).map(|from| {
+        let store = store.clone();
+        let to = (from + piece).min(end);
+        let piece = AbortOnDrop(tokio::spawn(async move { read_piece(store.as_ref(), from, to).await }));
+        async move { piece.await.map_err(|e| ReplayError::EventStore(e.to_string()))? }
+    });
+    let mut pieces = futures::stream::iter(pieces).buffered(2);
+    let mut page = Vec::with_capacity(usize::try_from(end - after).unwrap_or_default());
+    while let Some(piece) = pieces.next().await {
+        page.extend(piece?);
+    }
+    Ok(page)
+}
+
+async fn read_piece(
+    store: &dyn EventStore,
+    after: u64,
+    end: u64,
+) -> Result<Vec<quikapp_domain::Envelope>, ReplayError> {
     let limit = u32::try_from(end - after).unwrap_or(u32::MAX);
     let page = store.read_all(after, limit).await.map_err(|e| ReplayError::EventStore(e.to_string()))?;
     match page.last() {
@@ -585,12 +615,21 @@ async fn read_page(store: &dyn EventStore, after: u64, end: u64) -> Result<Vec<q
     }
 }
 
-/// Aborts a task when dropped (a replay that fails or is stopped leaves no reader behind).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped (a replay that fails or is stopped leaves no reader behind);
+/// awaited, the task's outcome.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }
 
@@ -644,4 +683,43 @@ pub async fn audit_live(
     let verdict = compare(&history, settled, reference.contents.as_ref(), live.contents.as_ref()).await?;
     let now = store.head().await.map_err(|e| failed(e.to_string()))?;
     Ok(verdict.without(&history.touched_after(store, now).await.map_err(failed)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use quikapp_commands::store::{AppendRequest, NewEvent, SqliteStore};
+    use quikapp_domain::event::{UserProfileUpdated, timestamp};
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_page_read_in_pieces_holds_every_event_in_order_and_one_past_the_head_is_refused() {
+        let path = std::env::temp_dir().join(format!("quikapp-replay-{}.db", Uuid::now_v7()));
+        let sqlite = SqliteStore::open(&path).await.unwrap();
+        sqlite.migrate().await.unwrap();
+        let store: Arc<dyn EventStore> = Arc::new(sqlite);
+        for i in 0..23 {
+            let user = Uuid::now_v7();
+            let event = UserProfileUpdated { user_id: user, display_name: format!("user {i}") };
+            let event = NewEvent {
+                event_id: Uuid::now_v7(),
+                event: event.into(),
+                workspace_id: None,
+                channel_id: None,
+                actor_id: user,
+                occurred_at: timestamp::now(),
+                correlation_id: Uuid::now_v7(),
+                causation_id: Uuid::now_v7(),
+            };
+            let request =
+                AppendRequest { stream_id: format!("user-{user}"), events: vec![event], ..Default::default() };
+            store.append(request).await.unwrap();
+        }
+        let page = read_page(&store, 2, 23, 5).await.unwrap();
+        let positions: Vec<u64> = page.iter().map(|e| e.global_position).collect();
+        assert_eq!(positions, (3..=23).collect::<Vec<_>>());
+        assert!(read_page(&store, 2, 24, 5).await.is_err());
+        let _ = std::fs::remove_file(path);
+    }
 }

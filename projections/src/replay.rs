@@ -687,39 +687,19 @@ pub async fn audit_live(
 
 #[cfg(test)]
 mod tests {
-    use quikapp_commands::store::{AppendRequest, NewEvent, SqliteStore};
-    use quikapp_domain::event::{UserProfileUpdated, timestamp};
-    use uuid::Uuid;
+    use quikapp_commands::store::contract;
 
     use super::*;
 
     #[tokio::test]
     async fn a_page_read_in_pieces_holds_every_event_in_order_and_one_past_the_head_is_refused() {
-        let path = std::env::temp_dir().join(format!("quikapp-replay-{}.db", Uuid::now_v7()));
-        let sqlite = SqliteStore::open(&path).await.unwrap();
-        sqlite.migrate().await.unwrap();
-        let store: Arc<dyn EventStore> = Arc::new(sqlite);
-        for i in 0..23 {
-            let user = Uuid::now_v7();
-            let event = UserProfileUpdated { user_id: user, display_name: format!("user {i}") };
-            let event = NewEvent {
-                event_id: Uuid::now_v7(),
-                event: event.into(),
-                workspace_id: None,
-                channel_id: None,
-                actor_id: user,
-                occurred_at: timestamp::now(),
-                correlation_id: Uuid::now_v7(),
-                causation_id: Uuid::now_v7(),
-            };
-            let request =
-                AppendRequest { stream_id: format!("user-{user}"), events: vec![event], ..Default::default() };
-            store.append(request).await.unwrap();
-        }
+        let store: Arc<dyn EventStore> = contract::fresh_sqlite().await;
+        let texts: Vec<String> = (0..23).map(|i| format!("event {i}")).collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        store.append(contract::append_to("pieces", 0, &texts)).await.unwrap();
         let page = read_page(&store, 2, 23, 5).await.unwrap();
         let positions: Vec<u64> = page.iter().map(|e| e.global_position).collect();
         assert_eq!(positions, (3..=23).collect::<Vec<_>>());
         assert!(read_page(&store, 2, 24, 5).await.is_err());
-        let _ = std::fs::remove_file(path);
     }
 }

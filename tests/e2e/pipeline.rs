@@ -42,6 +42,8 @@ impl Pipeline {
             ("QUIKAPP_REDIS_KEY_PREFIX", format!("test:{run}:")),
             ("QUIKAPP_JWT_SECRET", SECRET.into()),
             ("QUIKAPP_MIN_POSITION_WAIT_SECONDS", "90".into()),
+            // A query's wait for its X-Min-Position is bounded by the request timeout too.
+            ("QUIKAPP_REQUEST_TIMEOUT_SECONDS", "120".into()),
             ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
             ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
             ("QUIKAPP_WRITE_ADDR", "127.0.0.1:0".into()),

@@ -146,10 +146,12 @@ address_postgres() { pg_url; }
 # ---------------------------------------------------------------------- Redis (Debian package)
 install_redis() { command -v redis-server >/dev/null || apt_install redis-server; }
 
+# Durable through its append-only file alone: snapshots besides it would fork and write the
+# whole dataset every minute under load.
 start_redis() {
   mkdir -p "$DATA/redis"
   pid_alive redis || redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$DATA/redis" \
-    --daemonize yes --pidfile "$DATA/redis.pid" --logfile "$DATA/redis.log" --appendonly yes
+    --daemonize yes --pidfile "$DATA/redis.pid" --logfile "$DATA/redis.log" --appendonly yes --save ""
   wait_healthy redis health_redis
 }
 stop_redis() { stop_pid redis; }

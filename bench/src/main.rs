@@ -122,13 +122,13 @@ async fn baseline_table(pool: &PgPool) -> Result<()> {
 const BASELINE_INSERT: &str = "INSERT INTO baseline (global_position, stream_id, stream_version, event_id, event_type, \
     schema_version, workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) \
     SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], $7::uuid[], \
-    $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::jsonb[])";
+    $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::json[])";
 
 /// Inserts `rows` rows in one transaction, positions taken from a shared counter.
 async fn raw_insert(pool: &PgPool, counter: &std::sync::atomic::AtomicI64, rows: usize) -> Result<u64> {
     let first = counter.fetch_add(rows as i64, std::sync::atomic::Ordering::Relaxed) + 1;
     let ids = || (0..rows).map(|_| Uuid::now_v7()).collect::<Vec<_>>();
-    let data: Vec<serde_json::Value> = (0..rows).map(|i| json!({"text": format!("baseline {i}")})).collect();
+    let data: Vec<String> = (0..rows).map(|i| json!({"text": format!("baseline {i}")}).to_string()).collect();
     sqlx::query(BASELINE_INSERT)
         .bind((first..first + rows as i64).collect::<Vec<_>>())
         .bind((0..rows).map(|_| format!("message-{}", Uuid::now_v7())).collect::<Vec<_>>())

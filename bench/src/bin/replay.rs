@@ -122,13 +122,13 @@ async fn seeded(events: Vec<Envelope>) -> Result<(Arc<dyn EventStore>, Vec<Envel
 }
 
 async fn insert(pool: &sqlx::PgPool, events: &[Envelope]) -> Result<()> {
-    let column = |f: &dyn Fn(&Envelope) -> serde_json::Value| events.iter().map(f).collect::<Vec<_>>();
-    let data = column(&|e| serde_json::to_value(&e.event).unwrap()["data"].clone());
+    let data: Vec<String> =
+        events.iter().map(|e| serde_json::to_value(&e.event).unwrap()["data"].to_string()).collect();
     sqlx::query(
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version,
              workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data)
          SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[],
-             $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::jsonb[])",
+             $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::json[])",
     )
     .bind(events.iter().map(|e| e.global_position as i64).collect::<Vec<_>>())
     .bind(events.iter().map(|e| e.stream_id.clone()).collect::<Vec<_>>())

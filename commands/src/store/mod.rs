@@ -564,7 +564,7 @@ mod tests {
         };
         let mut current = stored("MessagePosted", 1, serde_json::to_value(&posted).expect("serializes"));
         (current.workspace_id, current.channel_id) = (Some(workspace_id), Some(channel_id));
-        current.data = current.data.replace(',', ", "); // jsonb's text has spaces
+        current.data = current.data.replace(',', ", "); // as jsonb gave it (stores before 0006)
         let old = stored("ChannelTopicChanged", 1, serde_json::json!({ "channel_id": channel_id, "topic": "" }));
         for read in [current, old] {
             let envelope = read.clone().into_envelope().expect("decodes");

@@ -305,7 +305,7 @@ async fn write_plan(tx: &mut Transaction<'_, Postgres>, plan: &BatchPlan) -> Res
         "INSERT INTO events (global_position, stream_id, stream_version, event_id, event_type, schema_version, \
          workspace_id, channel_id, actor_id, occurred_at, correlation_id, causation_id, data) \
          SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::int[], \
-         $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::jsonb[])",
+         $7::uuid[], $8::uuid[], $9::uuid[], $10::timestamptz[], $11::uuid[], $12::uuid[], $13::json[])",
     )
     .bind(columns.global_position)
     .bind(columns.stream_id)
@@ -376,7 +376,8 @@ struct EventColumns {
     occurred_at: Vec<chrono::DateTime<chrono::Utc>>,
     correlation_id: Vec<Uuid>,
     causation_id: Vec<Uuid>,
-    data: Vec<serde_json::Value>,
+    /// The data as JSON text, stored as it is (a `json` column).
+    data: Vec<String>,
 }
 
 impl EventColumns {
@@ -393,6 +394,6 @@ impl EventColumns {
         self.occurred_at.push(row.occurred_at);
         self.correlation_id.push(row.correlation_id);
         self.causation_id.push(row.causation_id);
-        self.data.push(row.data);
+        self.data.push(row.data.to_string());
     }
 }

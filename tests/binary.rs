@@ -41,7 +41,8 @@ fn dev(data_dir: &std::path::Path) -> Running {
         .env("QUIKAPP_WRITE_ADDR", "127.0.0.1:0")
         .env("QUIKAPP_READ_ADDR", "127.0.0.1:0")
         .env("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0")
-        .env("QUIKAPP_MIN_POSITION_WAIT_SECONDS", "60");
+        .env("QUIKAPP_MIN_POSITION_WAIT_SECONDS", "60")
+        .env("QUIKAPP_REQUEST_TIMEOUT_SECONDS", "90");
     Running::start_all(command, &["write API", "read API", "realtime gateway"])
 }
 

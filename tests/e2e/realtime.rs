@@ -30,23 +30,20 @@ impl Stream {
     /// Connects to `gateway` (its base URL) as the holder of `token`, resuming after `after`
     /// (by a first `resume` frame) when given; reads the hello.
     async fn connect(gateway: &str, token: &str, after: Option<u64>) -> Stream {
-        let url = format!("{}/v1/stream?access_token={token}", gateway.replace("http://", "ws://"));
-        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("the gateway accepts");
-        if let Some(after) = after {
-            let resume = json!({ "type": "resume", "after_position": after.to_string() });
-            socket.send(Message::text(resume.to_string())).await.unwrap();
-        }
-        let mut stream = Stream { socket, hello: Value::Null };
-        loop {
-            let frame = stream.frame().await.expect("a hello");
-            if frame["type"] == "hello" && after.is_none_or(|after| frame["position"] == after.to_string()) {
-                stream.hello = frame;
-                return stream;
+        let socket = match after {
+            Some(after) => connect_resuming(gateway, token, after).await,
+            None => {
+                let url = format!("{}/v1/stream?access_token={token}", gateway.replace("http://", "ws://"));
+                tokio_tungstenite::connect_async(url).await.expect("the gateway accepts").0
             }
-            // A resume that reached the gateway after its grace (this machine loaded): the
-            // stream said hello at the head, and starts over after the resume with a new hello.
-            assert!(after.is_some(), "the first frame is a hello: {frame}");
+        };
+        let mut stream = Stream { socket, hello: Value::Null };
+        stream.hello = stream.frame().await.expect("a hello");
+        assert_eq!(stream.hello["type"], "hello", "{}", stream.hello);
+        if let Some(after) = after {
+            assert_eq!(stream.hello["position"], after.to_string(), "the stream starts after the resume");
         }
+        stream
     }
 
     /// As [`Stream::connect`], on a socket whose receive buffer is a few kilobytes: a client
@@ -64,18 +61,20 @@ impl Stream {
         stream
     }
 
-    /// The next frame (bounded); what ended the stream, if it ended.
+    /// The next frame (bounded, pings and pongs included); what ended the stream, if it ended.
     async fn frame(&mut self) -> Result<Value, String> {
-        loop {
-            let message = deadline(Duration::from_secs(90), self.socket.next()).await.expect("a frame within 90 s");
-            match message {
-                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
-                Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}")),
-                None => return Err("ended".into()),
-                Some(Err(error)) => return Err(error.to_string()),
-                Some(Ok(_)) => {}
+        let next = async {
+            loop {
+                match self.socket.next().await {
+                    Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+                    Some(Ok(Message::Close(frame))) => return Err(format!("closed: {frame:?}")),
+                    None => return Err("ended".into()),
+                    Some(Err(error)) => return Err(error.to_string()),
+                    Some(Ok(_)) => {}
+                }
             }
-        }
+        };
+        deadline(Duration::from_secs(90), next).await.expect("a frame within 90 s")
     }
 
     /// The next frame of `kind` (`presence`, `typing`...), passing over the others.
@@ -97,11 +96,6 @@ impl Stream {
         let mut events = Vec::new();
         loop {
             let frame = self.frame().await.unwrap_or_else(|end| panic!("the stream stays open: {end}"));
-            if frame["type"] == "hello" {
-                // A late resume started the stream over after this position.
-                let after = position(&frame["position"]);
-                events.retain(|event: &Value| event["global_position"].as_u64().unwrap() <= after);
-            }
             if frame["type"] != "event" {
                 continue;
             }
@@ -139,6 +133,7 @@ fn embedded() -> Vec<(&'static str, String)> {
         ("QUIKAPP_READ_ADDR", "127.0.0.1:0".into()),
         ("QUIKAPP_REALTIME_ADDR", "127.0.0.1:0".into()),
         ("QUIKAPP_MIN_POSITION_WAIT_SECONDS", "60".into()),
+        ("QUIKAPP_REQUEST_TIMEOUT_SECONDS", "90".into()),
         ("QUIKAPP_JWT_SECRET", super::pipeline::SECRET.into()),
         ("QUIKAPP_RATE_LIMIT_PER_SECOND", "100000".into()),
         ("QUIKAPP_RATE_LIMIT_BURST", "100000".into()),
@@ -253,6 +248,34 @@ impl World {
     async fn post(&self, author: Uuid, channel: Uuid, text: &str) -> Uuid {
         self.client.post(author, channel, text.into(), None).await
     }
+}
+
+/// Opens a stream as the holder of `token` with its `resume` frame sent in the same write as
+/// the upgrade request, so that the gateway has it as the stream opens however loaded this
+/// machine is (a frame sent once the 101 is read may reach it after its grace, and the stream
+/// then starts at the head).
+async fn connect_resuming(gateway: &str, token: &str, after: u64) -> Socket {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let address = gateway.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut request = format!(
+        "GET /v1/stream?access_token={token} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    let resume = json!({ "type": "resume", "after_position": after.to_string() }).to_string();
+    // A client's text frame: final, short, masked with a key of zeros (the payload as it is).
+    request.extend([0x81, 0x80 | u8::try_from(resume.len()).ok().filter(|n| *n < 126).unwrap(), 0, 0, 0, 0]);
+    request.extend(resume.as_bytes());
+    tcp.write_all(&request).await.unwrap();
+    let mut response = Vec::new();
+    while !response.ends_with(b"\r\n\r\n") {
+        response.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(response.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&response));
+    let plain = tokio_tungstenite::MaybeTlsStream::Plain(tcp);
+    tokio_tungstenite::WebSocketStream::from_raw_socket(plain, Role::Client, None).await
 }
 
 fn position(value: &Value) -> u64 {

@@ -161,7 +161,7 @@ async fn rebuild(
     model: &'static str,
     store: &Arc<dyn EventStore>,
     versions: Arc<dyn Versions>,
-    batch: u32,
+    args: &Args,
 ) -> Result<Summary> {
     let options = ReplayOptions {
         source: Source::Store,
@@ -169,11 +169,11 @@ async fn rebuild(
         keep_old: false,
         dry_run: true,
         verify: false,
-        batch_size: batch,
+        batch_size: args.batch,
         runtime: Default::default(),
     };
     let replay = Replay { model, store: store.clone(), bus: None, versions, options };
-    checkpoint().await?;
+    checkpoint(&args.redis_url).await?;
     let summary = replay.run(&Quiet).await?;
     println!("{model}: rebuilt from {} events in {:.1} s", summary.events, summary.seconds);
     Ok(summary)
@@ -182,13 +182,13 @@ async fn rebuild(
 /// Flushes what the phases before left dirty in PostgreSQL (the event store's seeding, a
 /// rebuild's rows, FerretDB's tables), and waits out a rewrite of Redis's append-only file the
 /// phase before started, so that a timed phase does not pay for them.
-async fn checkpoint() -> Result<()> {
+async fn checkpoint(redis_url: &str) -> Result<()> {
     use sqlx::Connection;
     let url = std::env::var("QUIKAPP_POSTGRES_URL").context("QUIKAPP_POSTGRES_URL")?;
     let mut connection = sqlx::PgConnection::connect(&url).await?;
     sqlx::query("CHECKPOINT").execute(&mut connection).await?;
-    let url = std::env::var("QUIKAPP_REDIS_URL").context("QUIKAPP_REDIS_URL")?;
-    let mut redis = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(60)));
+    let mut redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection_with_config(&config).await?;
     let persisting = |info: &str| {
         info.lines().any(|line| ["aof_rewrite_in_progress:1", "rdb_bgsave_in_progress:1"].contains(&line.trim()))
     };
@@ -252,7 +252,7 @@ async fn directory(args: &Args) -> Result<(Summary, f64)> {
     let url = contract::fresh_postgres_database().await.context("QUIKAPP_POSTGRES_URL")?;
     let live = Arc::new(PostgresDirectory::connect(&url).await?);
     live.migrate().await?;
-    let summary = rebuild("postgres", &store, Arc::new(PostgresVersions::new(live.clone())), args.batch).await?;
+    let summary = rebuild("postgres", &store, Arc::new(PostgresVersions::new(live.clone())), args).await?;
 
     // Raw: the same final rows, into tables made like the model's.
     let pool = live.pool();
@@ -264,7 +264,7 @@ async fn directory(args: &Args) -> Result<(Summary, f64)> {
     )
     .execute(pool)
     .await?;
-    checkpoint().await?;
+    checkpoint(&args.redis_url).await?;
     let started = Instant::now();
     let (mut members, mut channels, mut joins) = (vec![], vec![], vec![]);
     for event in &events {
@@ -412,14 +412,14 @@ async fn counters(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope])
     let keyspace = RedisKeyspace::connect(&live_url, keys.clone()).await?;
     let live = Arc::new(Counters::new(Arc::new(keyspace), keys.clone()));
     let versions = RedisVersions::new(live, &live_url, keys.clone(), args.redis_db + 1)?;
-    let summary = rebuild("redis", store, Arc::new(versions), args.batch).await?;
+    let summary = rebuild("redis", store, Arc::new(versions), args).await?;
 
     // Raw: the same writes as plain commands, pipelined a batch at a time.
     let client = redis::Client::open(raw_url)?;
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(std::time::Duration::from_secs(60)));
     let mut connection = client.get_multiplexed_async_connection_with_config(&config).await?;
     redis::cmd("FLUSHDB").arg("ASYNC").query_async::<()>(&mut connection).await?;
-    checkpoint().await?;
+    checkpoint(&args.redis_url).await?;
     let started = Instant::now();
     for chunk in events.chunks(args.batch as usize) {
         let mut pipeline = redis::pipe();
@@ -457,7 +457,7 @@ async fn search(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]) -
     let prefix = format!("bench-{}-", Uuid::now_v7().simple());
     let live = Arc::new(OpenSearch::connect(&args.elasticsearch_url, &prefix)?);
     live.migrate().await?;
-    let summary = rebuild("search", store, Arc::new(OpenSearchVersions::new(live.clone())), args.batch).await?;
+    let summary = rebuild("search", store, Arc::new(OpenSearchVersions::new(live.clone())), args).await?;
 
     // Raw: the documents folded in memory (not timed), `_bulk` into an index of the same
     // template, as the model writes them (external versions), then a refresh.
@@ -469,7 +469,7 @@ async fn search(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]) -
     let created = http.put(format!("{base}/{raw_index}")).send().await?;
     ensure!(created.status().is_success(), "create {raw_index}: {}", created.text().await?);
     let documents: Vec<_> = known.documents.values().collect();
-    checkpoint().await?;
+    checkpoint(&args.redis_url).await?;
     let started = Instant::now();
     for chunk in documents.chunks(args.batch as usize) {
         let mut body = String::new();
@@ -509,7 +509,7 @@ async fn timelines(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]
     let url = format!("{}/{database}", args.mongo_url.split('?').next().unwrap_or_default().trim_end_matches('/'));
     let live = Arc::new(MongoTimelines::connect(&url).await?);
     live.migrate().await?;
-    let summary = rebuild("mongo", store, Arc::new(MongoVersions::new(live)), args.batch).await?;
+    let summary = rebuild("mongo", store, Arc::new(MongoVersions::new(live)), args).await?;
 
     // Raw: the final messages, folded in memory (not timed), by unordered insert_many.
     let mut messages: HashMap<Uuid, Bson> = HashMap::new();
@@ -551,7 +551,7 @@ async fn timelines(args: &Args, store: &Arc<dyn EventStore>, events: &[Envelope]
     let raw_collection = client.database(&database).collection::<Bson>("raw");
     let documents: Vec<Bson> = order.iter().map(|id| messages.remove(id).expect("folded")).collect();
     let written = documents.len() as u64;
-    checkpoint().await?;
+    checkpoint(&args.redis_url).await?;
     let started = Instant::now();
     // Two inserts at once, as the model sends them.
     let inserts =

@@ -183,7 +183,9 @@ pub trait EventBus: Send + Sync {
 
     /// As [`EventBus::subscribe`], for a group with no use for what was published before it
     /// first joined (the realtime group: its clients catch up from the store): a partition the
-    /// group has no offset for is read from its end, not its start.
+    /// group has no offset for is read from where it ended when the group was first joined, not
+    /// from its start (on Kafka, that place is committed for the group then, so that a member
+    /// joining later, or taking over a partition, reads on from it).
     async fn subscribe_from_now(&self, group: &str) -> Result<Box<dyn Subscription>, BusError> {
         self.subscribe(group).await
     }

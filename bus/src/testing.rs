@@ -237,6 +237,32 @@ pub async fn a_group_from_now_reads_only_what_follows<F: std::future::Future<Out
     }
 }
 
+/// A group subscribed from now starts where it was first joined, and the broker keeps that
+/// place: a member joining after the first one left without reading anything reads what was
+/// published meanwhile (a new member's own "now" would skip it). `publish` stores one more
+/// event, waits for it to be on the bus, and answers it.
+pub async fn a_group_from_now_goes_on_from_where_it_was_first_joined<F>(bus: &dyn crate::EventBus, publish: F)
+where
+    F: std::future::Future<Output = quikapp_domain::Envelope>,
+{
+    let group = format!("test-{}", Uuid::now_v7());
+    drop(bus.subscribe_from_now(&group).await.unwrap());
+    let published = publish.await;
+    let mut subscription = bus.subscribe_from_now(&group).await.unwrap();
+    let read = async {
+        loop {
+            let records = subscription.poll(100, Duration::from_secs(1)).await.unwrap();
+            if records
+                .iter()
+                .any(|(_, r)| matches!(r, crate::Record::Event { event, .. } if event.event_id == published.event_id))
+            {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("the event published meanwhile, within a minute");
+}
+
 // ------------------------------------------------------------------ an in-process relay
 
 /// Topics of a name no other test uses.

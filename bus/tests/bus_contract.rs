@@ -70,4 +70,16 @@ async fn kafka_fed_by_the_relay_keeps_the_contract() {
     testing::checkpoint_reaches(store.pool(), stored.last().unwrap().global_position).await;
     let bus = KafkaBus { brokers, topics: topics.clone(), partitions: PARTITIONS };
     check(&bus, store.as_ref(), &stored, &topics).await;
+    // The broker keeps a group's place; the embedded bus has one member per process, which
+    // reads from the log's head whenever it starts.
+    let publish = async {
+        let mut request = append_to(&format!("test-{}", Uuid::now_v7()), 0, &["meanwhile"]);
+        request.events[0].channel_id = Some(Uuid::now_v7());
+        let quikapp_commands::store::AppendOutcome::Appended(appended) = store.append(request).await.unwrap() else {
+            panic!("appended")
+        };
+        testing::checkpoint_reaches(store.pool(), appended.last_position).await;
+        store.read_all(appended.last_position - 1, 1).await.unwrap().remove(0)
+    };
+    testing::a_group_from_now_goes_on_from_where_it_was_first_joined(&bus, publish).await;
 }

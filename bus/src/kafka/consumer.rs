@@ -78,9 +78,9 @@ impl ConsumerContext for Rebalances {
 const LINGER: Duration = Duration::from_millis(5);
 
 impl KafkaSubscription {
-    /// Joins `group`; a partition the group has no offset for starts at `reset` (`earliest`
-    /// or `latest`).
-    pub(super) async fn join(bus: &KafkaBus, group: &str, reset: &str) -> Result<Self, BusError> {
+    /// Joins `group`; a partition the group has no offset for starts at its start, or at its
+    /// end when `from_now` (see [`start_group_at_end`]).
+    pub(super) async fn join(bus: &KafkaBus, group: &str, from_now: bool) -> Result<Self, BusError> {
         let dead_letter_topic = bus.topics.dead_letters();
         create_topics(
             &bus.brokers,
@@ -88,6 +88,10 @@ impl KafkaSubscription {
             bus.partitions,
         )
         .await?;
+        if from_now {
+            start_group_at_end(bus, group).await?;
+        }
+        let reset = if from_now { "latest" } else { "earliest" };
         let consumer: StreamConsumer<Rebalances> = ClientConfig::new()
             .set("bootstrap.servers", &bus.brokers)
             .set("group.id", group)
@@ -116,6 +120,43 @@ impl KafkaSubscription {
             revoked: Vec::new(),
         })
     }
+}
+
+/// Gives `group` a committed offset, the partition's end, on each partition it has none for,
+/// unless it has members (the broker refuses a commit from outside then, and the members own
+/// the offsets). A group read from now then starts where it was first joined, kept by the
+/// broker: a partition that moves to another member before its first member committed anything
+/// is read on from there, not from the end as it is when the new member gets it (which would
+/// skip what was published in between).
+pub(super) async fn start_group_at_end(bus: &KafkaBus, group: &str) -> Result<(), BusError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bus.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(unavailable)?;
+    let mut all = TopicPartitionList::new();
+    for partition in bus.topics.partitions(bus.partitions) {
+        all.add_partition(&partition.topic, partition.index);
+    }
+    // The client's calls block: not on this runtime's threads.
+    tokio::task::spawn_blocking(move || {
+        let committed = consumer.committed_offsets(all, super::TIMEOUT).map_err(unavailable)?;
+        let mut ends = TopicPartitionList::new();
+        for element in committed.elements().iter().filter(|e| e.offset() == Offset::Invalid) {
+            let (topic, index) = (element.topic(), element.partition());
+            let (_, end) = consumer.fetch_watermarks(topic, index, super::TIMEOUT).map_err(unavailable)?;
+            ends.add_partition_offset(topic, index, Offset::Offset(end)).map_err(unavailable)?;
+        }
+        if ends.count() > 0
+            && let Err(error) = consumer.commit(&ends, CommitMode::Sync)
+        {
+            tracing::debug!(%error, "the group's starting offsets were not committed (it has members)");
+        }
+        Ok(())
+    })
+    .await
+    .map_err(unavailable)?
 }
 
 #[async_trait]

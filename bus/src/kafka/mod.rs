@@ -299,10 +299,10 @@ impl crate::EventBus for KafkaBus {
     }
 
     async fn subscribe(&self, group: &str) -> Result<Box<dyn crate::Subscription>, BusError> {
-        Ok(Box::new(consumer::KafkaSubscription::join(self, group, "earliest").await?))
+        Ok(Box::new(consumer::KafkaSubscription::join(self, group, false).await?))
     }
 
     async fn subscribe_from_now(&self, group: &str) -> Result<Box<dyn crate::Subscription>, BusError> {
-        Ok(Box::new(consumer::KafkaSubscription::join(self, group, "latest").await?))
+        Ok(Box::new(consumer::KafkaSubscription::join(self, group, true).await?))
     }
 }

@@ -299,6 +299,15 @@ impl Config {
         if self.request_timeout_seconds == 0 {
             anyhow::bail!("request_timeout_seconds must be at least 1");
         }
+        // A query waiting for its X-Min-Position is still a request: its timeout would cut the
+        // wait short, answering 503 sooner than configured.
+        if self.min_position_wait_seconds >= self.request_timeout_seconds {
+            anyhow::bail!(
+                "min_position_wait_seconds ({}) must be less than request_timeout_seconds ({})",
+                self.min_position_wait_seconds,
+                self.request_timeout_seconds
+            );
+        }
         if !(1..=24 * 365 * 10).contains(&self.idempotency_retention_hours) {
             anyhow::bail!("idempotency_retention_hours must be from 1 to 87600 (ten years)");
         }
@@ -333,6 +342,8 @@ mod tests {
     fn values_that_cannot_work_are_refused() {
         let zero = Config { request_timeout_seconds: 0, ..Config::default() };
         assert!(zero.validate().unwrap_err().to_string().contains("request_timeout_seconds"));
+        let cut_short = Config { min_position_wait_seconds: 30, request_timeout_seconds: 30, ..Config::default() };
+        assert!(cut_short.validate().unwrap_err().to_string().contains("min_position_wait_seconds"));
         let forever = Config { idempotency_retention_hours: u64::MAX, ..Config::default() };
         assert!(forever.validate().unwrap_err().to_string().contains("idempotency_retention_hours"));
         Config::default().validate().unwrap();

@@ -89,7 +89,13 @@ impl KafkaSubscription {
         )
         .await?;
         if from_now {
-            start_group_at_end(bus, group).await?;
+            // Best effort: without it, the group's members read a partition it has no offset
+            // for from its end as they find it, as Kafka does by default.
+            match tokio::time::timeout(GROUP_START_WAIT, start_group_at_end(bus, group)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(group, %error, "cannot commit the group's starting offsets"),
+                Err(_) => tracing::warn!(group, "the group's starting offsets were not committed in time"),
+            }
         }
         let reset = if from_now { "latest" } else { "earliest" };
         let consumer: StreamConsumer<Rebalances> = ClientConfig::new()
@@ -129,6 +135,7 @@ impl KafkaSubscription {
 /// is read on from there, not from the end as it is when the new member gets it (which would
 /// skip what was published in between).
 pub(super) async fn start_group_at_end(bus: &KafkaBus, group: &str) -> Result<(), BusError> {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bus.brokers)
         .set("group.id", group)
@@ -136,28 +143,42 @@ pub(super) async fn start_group_at_end(bus: &KafkaBus, group: &str) -> Result<()
         .create()
         .map_err(unavailable)?;
     let mut all = TopicPartitionList::new();
-    for partition in bus.topics.partitions(bus.partitions) {
+    for partition in bus.partitions_on_broker().await? {
         all.add_partition(&partition.topic, partition.index);
     }
+    let group = group.to_owned();
     // The client's calls block: not on this runtime's threads.
     tokio::task::spawn_blocking(move || {
         let committed = consumer.committed_offsets(all, super::TIMEOUT).map_err(unavailable)?;
         let mut ends = TopicPartitionList::new();
-        for element in committed.elements().iter().filter(|e| e.offset() == Offset::Invalid) {
+        for element in committed.elements().iter().filter(|e| e.error().is_ok() && e.offset() == Offset::Invalid) {
             let (topic, index) = (element.topic(), element.partition());
             let (_, end) = consumer.fetch_watermarks(topic, index, super::TIMEOUT).map_err(unavailable)?;
             ends.add_partition_offset(topic, index, Offset::Offset(end)).map_err(unavailable)?;
         }
-        if ends.count() > 0
-            && let Err(error) = consumer.commit(&ends, CommitMode::Sync)
-        {
-            tracing::debug!(%error, "the group's starting offsets were not committed (it has members)");
+        if ends.count() == 0 {
+            return Ok(());
         }
-        Ok(())
+        match consumer.commit(&ends, CommitMode::Sync) {
+            Ok(()) => Ok(()),
+            // The group has members: they own its offsets.
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress,
+            )) => {
+                tracing::debug!(group, "the group has members: its starting offsets are theirs");
+                Ok(())
+            }
+            Err(error) => Err(unavailable(error)),
+        }
     })
     .await
     .map_err(unavailable)?
 }
+
+/// How long joining a group read from now waits for its starting offsets to be committed.
+const GROUP_START_WAIT: Duration = Duration::from_secs(15);
 
 #[async_trait]
 impl crate::Subscription for KafkaSubscription {

@@ -377,10 +377,10 @@ struct EnvelopeLayout<'a> {
     causation_id: Uuid,
 }
 
-/// The parts of a stored event as the adapters keep them: typed columns plus the data document,
-/// a [`serde_json::Value`] on the way in and its JSON text on the way out.
+/// The parts of a stored event as the adapters keep them: typed columns plus the data document
+/// as JSON text (stored as it is).
 #[derive(Clone)]
-pub(crate) struct StoredEvent<Data = serde_json::Value> {
+pub(crate) struct StoredEvent {
     pub global_position: u64,
     pub stream_id: String,
     pub stream_version: u64,
@@ -393,10 +393,10 @@ pub(crate) struct StoredEvent<Data = serde_json::Value> {
     pub occurred_at: DateTime<Utc>,
     pub correlation_id: Uuid,
     pub causation_id: Uuid,
-    pub data: Data,
+    pub data: String,
 }
 
-impl StoredEvent<String> {
+impl StoredEvent {
     /// Decodes the event, its data brought up to its type's current layout first. Data already
     /// in the current layout (nearly all of it) is decoded straight from its text, the rest
     /// goes through [`quikapp_domain::upcast`].
@@ -473,9 +473,7 @@ impl StoredEvent<String> {
             json,
         })
     }
-}
 
-impl StoredEvent {
     pub fn from_envelope(envelope: &Envelope) -> Self {
         let data = match serde_json::to_value(&envelope.event) {
             Ok(serde_json::Value::Object(mut tagged)) => tagged.remove("data").unwrap_or_default(),
@@ -494,7 +492,7 @@ impl StoredEvent {
             occurred_at: envelope.occurred_at,
             correlation_id: envelope.correlation_id,
             causation_id: envelope.causation_id,
-            data,
+            data: data.to_string(),
         }
     }
 }
@@ -505,7 +503,7 @@ mod tests {
 
     use super::*;
 
-    fn stored(event_type: &str, schema_version: u32, data: serde_json::Value) -> StoredEvent<String> {
+    fn stored(event_type: &str, schema_version: u32, data: serde_json::Value) -> StoredEvent {
         StoredEvent {
             global_position: 7,
             stream_id: "channel-1".into(),

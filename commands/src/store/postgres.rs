@@ -167,7 +167,7 @@ fn decode_event(row: &PgRow) -> Result<Envelope, StoreError> {
     stored_event(row)?.into_envelope()
 }
 
-fn stored_event(row: &PgRow) -> Result<StoredEvent<String>, StoreError> {
+fn stored_event(row: &PgRow) -> Result<StoredEvent, StoreError> {
     Ok(StoredEvent {
         global_position: row.try_get::<i64, _>("global_position")? as u64,
         stream_id: row.try_get("stream_id")?,
@@ -394,6 +394,6 @@ impl EventColumns {
         self.occurred_at.push(row.occurred_at);
         self.correlation_id.push(row.correlation_id);
         self.causation_id.push(row.causation_id);
-        self.data.push(row.data.to_string());
+        self.data.push(row.data);
     }
 }

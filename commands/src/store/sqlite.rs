@@ -236,7 +236,7 @@ async fn write_plan(conn: &mut SqliteConnection, plan: &BatchPlan) -> Result<(),
                 .push_bind(quikapp_domain::event::timestamp::format(&e.occurred_at))
                 .push_bind(e.correlation_id.to_string())
                 .push_bind(e.causation_id.to_string())
-                .push_bind(e.data.to_string());
+                .push_bind(e.data);
         });
         insert.build().execute(&mut *conn).await?;
     }

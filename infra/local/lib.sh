@@ -49,6 +49,19 @@ as_service_user() {
   if [ "$(id -u)" = 0 ]; then runuser -u "$SERVICE_USER" -- "$@"; else "$@"; fi
 }
 
+# The default ports lie in Linux's ephemeral range (32768-60999), so an outgoing connection, say
+# a Kafka client's, may hold one of them as its local port when a server starts, which then fails
+# with "Address already in use". Reserving them keeps the kernel from handing them out; it needs
+# root (or a writable sysctl), and without it `up` warns and goes on.
+reserve_ports() {
+  local file=/proc/sys/net/ipv4/ip_local_reserved_ports
+  local ports="$PG_PORT,$REDIS_PORT,$KAFKA_PORT,$KAFKA_CONTROLLER_PORT,$OPENSEARCH_PORT,$OPENSEARCH_TRANSPORT_PORT,$FERRETDB_PORT"
+  local current; current=$(cat "$file" 2>/dev/null || true)
+  if ! { [ -w "$file" ] && echo "${current:+$current,}$ports" > "$file"; } 2>/dev/null; then
+    log "could not reserve ports $ports (needs root): a server may find its port taken by a client"
+  fi
+}
+
 ensure_service_user() {
   [ "$(id -u)" = 0 ] || return 0
   id "$SERVICE_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$SERVICE_USER"

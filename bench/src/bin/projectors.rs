@@ -428,15 +428,22 @@ async fn live(args: &Args) -> Result<()> {
     let warm = http.get(format!("{read_url}/v1/users/me/unread")).bearer_auth(&token).header("x-min-position", "22");
     anyhow::ensure!(warm.send().await?.status().is_success(), "the pipeline warms up");
 
+    // Open loop at `--rate`, but at most IN_FLIGHT commands waiting on their reads: a pipeline
+    // that falls behind slows the sending (the achieved rate is printed) instead of piling up
+    // connections until the process runs out of file descriptors.
+    const IN_FLIGHT: usize = 2_000;
+    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let total = (args.rate * args.seconds) as usize;
     let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate as u32);
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
     for i in 0..total {
         tick.tick().await;
+        let permit = permits.clone().acquire_owned().await?;
         let (http, token, write_url, read_url) = (http.clone(), token.clone(), write_url.clone(), read_url.clone());
         let channel = channels[i % channels.len()].clone();
         tasks.spawn(async move {
+            let _permit = permit;
             let sent = Instant::now();
             let answer: serde_json::Value = http
                 .post(format!("{write_url}/v1/channels/{channel}/messages"))
@@ -444,6 +451,7 @@ async fn live(args: &Args) -> Result<()> {
                 .json(&serde_json::json!({ "text": format!("message {i}") }))
                 .send()
                 .await?
+                .error_for_status()?
                 .json()
                 .await?;
             let accepted = Instant::now();
@@ -453,28 +461,45 @@ async fn live(args: &Args) -> Result<()> {
                     http.get(format!("{read_url}/v1{path}")).bearer_auth(&token).header("x-min-position", &position);
                 async move {
                     let response = request.send().await?;
-                    anyhow::ensure!(response.status().is_success(), "read {}", response.status());
+                    anyhow::ensure!(response.status().is_success(), "read answered {}", response.status());
                     anyhow::Ok(accepted.elapsed())
                 }
             };
             // GET /channels/{ch} waits for the PostgreSQL model, /users/me/unread for Redis.
             let (postgres, redis) = tokio::join!(read(format!("/channels/{channel}")), read("/users/me/unread".into()));
-            anyhow::Ok((accepted - sent, postgres?, redis?))
+            anyhow::Ok((accepted - sent, postgres, redis))
         });
     }
+    let sending = started.elapsed();
     let mut command = Vec::with_capacity(total);
     let (mut postgres, mut redis) = (Vec::with_capacity(total), Vec::with_capacity(total));
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    let mut fail = |what: &str, error: anyhow::Error| *failures.entry(format!("{what}: {error}")).or_default() += 1;
     while let Some(result) = tasks.join_next().await {
-        let (c, p, r) = result??;
-        command.push(c);
-        postgres.push(p);
-        redis.push(r);
+        match result? {
+            Ok((c, p, r)) => {
+                command.push(c);
+                match p {
+                    Ok(p) => postgres.push(p),
+                    Err(error) => fail("PostgreSQL model", error),
+                }
+                match r {
+                    Ok(r) => redis.push(r),
+                    Err(error) => fail("Redis model", error),
+                }
+            }
+            Err(error) => fail("command", error),
+        }
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let rate = total as f64 / sending.as_secs_f64();
     println!("live: {total} commands at {rate:.0}/s (asked {}/s)", args.rate);
     for (name, latencies) in
         [("command answered", &mut command), ("PostgreSQL model", &mut postgres), ("Redis model", &mut redis)]
     {
+        if latencies.is_empty() {
+            println!("  {name:<17} nothing answered");
+            continue;
+        }
         latencies.sort_unstable();
         let at = |p: f64| percentile(latencies, p);
         let what = if name == "command answered" { "sent to answered" } else { "accepted to visible" };
@@ -484,6 +509,9 @@ async fn live(args: &Args) -> Result<()> {
             at(0.99),
             at(1.0)
         );
+    }
+    for (failure, count) in &failures {
+        println!("  failed {count} times: {failure}");
     }
     println!("  (target: accepted to visible p99 < 50 ms for both models)");
     Ok(())

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::fanout::{Fanout, FanoutError, Item, Slice};
-use crate::membership::{Membership, subject, subject_only};
+use crate::membership::{Membership, joins_workspace, subject, subject_only};
 
 /// An event frame as every recipient writes it.
 #[derive(Debug)]
@@ -37,6 +37,9 @@ pub struct Delivery {
     pub position: u64,
     pub occurred_at: DateTime<Utc>,
     pub text: Utf8Bytes,
+    /// The user the event makes a member of a workspace, and that workspace: their
+    /// connections are then present there too.
+    pub joins: Option<(Uuid, Uuid)>,
 }
 
 pub type Frame = Arc<Delivery>;
@@ -263,7 +266,13 @@ impl State {
                     (topic, partition, position)
                 }
                 Item::Watermark { topic, partition, position } => (topic, partition, position),
+                // Ephemeral frames come after the events the records before them release (a
+                // user announced in a workspace they just joined: its members have the join).
+                // Before the start nobody is attached to be told.
                 Item::Presence { workspace_id, user_id, online } => {
+                    if self.started {
+                        self.release();
+                    }
                     let status = if online { "online" } else { "offline" };
                     let frame = serde_json::json!({
                         "type": "presence", "workspace_id": workspace_id, "user_id": user_id, "status": status,
@@ -272,6 +281,9 @@ impl State {
                     continue;
                 }
                 Item::Typing { channel_id, user_id } => {
+                    if self.started {
+                        self.release();
+                    }
                     let frame = serde_json::json!({ "type": "typing", "channel_id": channel_id, "user_id": user_id });
                     self.tell(self.by_channel.get(&channel_id), user_id, frame);
                     continue;
@@ -288,7 +300,8 @@ impl State {
     /// Sends an ephemeral `frame` about `user` to `connections`, theirs excepted, at once (it
     /// has no place in the order of events).
     fn tell(&self, connections: Option<&HashSet<u64>>, user: Uuid, frame: serde_json::Value) {
-        let frame = Arc::new(Delivery { position: 0, occurred_at: Utc::now(), text: frame.to_string().into() });
+        let frame =
+            Arc::new(Delivery { position: 0, occurred_at: Utc::now(), text: frame.to_string().into(), joins: None });
         for id in connections.into_iter().flatten() {
             if let Some(connection) = self.connections.get(id)
                 && connection.membership.user != user
@@ -328,6 +341,7 @@ impl State {
             position: envelope.global_position,
             occurred_at: envelope.occurred_at,
             text: text.into(),
+            joins: joins_workspace(&envelope),
         });
         let released = Arc::new(Released { envelope, frame });
         self.ring.push_back(released.clone());
@@ -389,9 +403,10 @@ impl State {
     /// Follows a membership `event` of the connection's user in the indexes.
     fn index_membership(&mut self, id: u64, event: &Envelope) {
         use quikapp_domain::Event;
+        if let Some((_, workspace)) = joins_workspace(event) {
+            self.by_workspace.entry(workspace).or_default().insert(id);
+        }
         match &event.event {
-            Event::WorkspaceCreated(e) => _ = self.by_workspace.entry(e.workspace_id).or_default().insert(id),
-            Event::WorkspaceMemberAdded(e) => _ = self.by_workspace.entry(e.workspace_id).or_default().insert(id),
             Event::ChannelMemberJoined(e) => _ = self.by_channel.entry(e.channel_id).or_default().insert(id),
             Event::ChannelMemberLeft(e) => unindex(&mut self.by_channel, e.channel_id, id),
             _ => {}

@@ -375,6 +375,12 @@ async fn live(
                     code = closing.closed() => return Err(End::Close(code, reason(code).into())),
                 }
                 metrics::counter!("quikapp_realtime_frames_sent_total").increment(1);
+                if let Some((member, workspace)) = frame.joins
+                    && member == user
+                    && let Err(error) = gateway.0.presence.joined(id, user, workspace).await
+                {
+                    tracing::warn!(%error, %user, %workspace, "cannot record a presence in a workspace joined");
+                }
                 if frame.position > 0 {
                     let delay = (chrono::Utc::now() - frame.occurred_at).to_std().unwrap_or_default();
                     metrics::histogram!("quikapp_realtime_delivery_seconds").record(delay.as_secs_f64());

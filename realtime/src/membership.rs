@@ -78,6 +78,15 @@ pub fn subject(event: &Envelope) -> Option<Uuid> {
     }
 }
 
+/// The user `event` makes a member of a workspace, and that workspace.
+pub fn joins_workspace(event: &Envelope) -> Option<(Uuid, Uuid)> {
+    match &event.event {
+        Event::WorkspaceCreated(e) => Some((e.owner_id, e.workspace_id)),
+        Event::WorkspaceMemberAdded(e) => Some((e.user_id, e.workspace_id)),
+        _ => None,
+    }
+}
+
 /// Whether only [`subject`] may see `event` (no other member of its channel or workspace).
 pub fn subject_only(event: &Envelope) -> bool {
     matches!(event.event, Event::ChannelReadMarked(_) | Event::UserProfileUpdated(_))

@@ -31,6 +31,8 @@ pub struct PresenceError(String);
 pub trait Presence: Send + Sync {
     /// Connection `id` of `user`, a member of `workspaces`, opened.
     async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError>;
+    /// Connection `id` of `user` has seen them join `workspace`: they are present there too.
+    async fn joined(&self, id: u64, user: Uuid, workspace: Uuid) -> Result<(), PresenceError>;
     /// Connection `id` of `user` closed.
     async fn closed(&self, id: u64, user: Uuid) -> Result<(), PresenceError>;
     /// Renews this instance's connections and announces the users whose connections all lapsed
@@ -110,9 +112,11 @@ impl RedisPresence {
         format!("{}:{id}", self.instance)
     }
 
-    /// Marks the connections alive for another TTL; answers the users who were not announced
-    /// online (new, or a sweep took them meanwhile) with their workspaces. A connection that
-    /// closed while this ran (renewed after its end) is taken out again.
+    /// Marks the connections alive for another TTL in their workspaces; answers each user to
+    /// announce online with the workspaces to announce them in: all of their connection's if they
+    /// were not announced online (new, or a sweep took them meanwhile), else those they were not
+    /// present in yet (joined since). A connection that closed while this ran (renewed after its
+    /// end) is taken out again.
     async fn renew(&self, connections: &[(u64, Uuid, Vec<Uuid>)]) -> Result<Vec<(Uuid, Vec<Uuid>)>, PresenceError> {
         let lapses = now_ms() + self.ttl.as_millis() as i64;
         let mut pipe = redis::pipe();
@@ -122,14 +126,17 @@ impl RedisPresence {
             pipe.cmd("ZADD").arg(self.key("users")).arg("GT").arg(lapses).arg(user.to_string());
             for workspace in workspaces {
                 let key = self.key(&format!("ws:{workspace}"));
-                pipe.cmd("ZADD").arg(key).arg("GT").arg(lapses).arg(user.to_string()).ignore();
+                pipe.cmd("ZADD").arg(key).arg("GT").arg(lapses).arg(user.to_string());
                 pipe.sadd(self.key(&format!("of:{user}")), workspace.to_string()).ignore();
             }
         }
-        let added: Vec<i64> = pipe.query_async(&mut self.connection.clone()).await.map_err(failed)?;
-        let mut announced = HashSet::new();
+        // Per connection: whether the user was added, then whether to each workspace.
+        let mut added = pipe.query_async::<Vec<i64>>(&mut self.connection.clone()).await.map_err(failed)?.into_iter();
         let mut online = Vec::new();
-        for ((id, user, workspaces), added) in connections.iter().zip(added) {
+        for (id, user, workspaces) in connections {
+            let user_added = added.next() == Some(1);
+            let added_to: Vec<Uuid> =
+                workspaces.iter().zip(added.by_ref()).filter(|(_, added)| *added == 1).map(|(w, _)| *w).collect();
             let open = self.local.lock().expect("not poisoned").contains_key(id);
             if !open {
                 let conns = self.key(&format!("conns:{user}"));
@@ -139,11 +146,13 @@ impl RedisPresence {
                     .query_async(&mut self.connection.clone())
                     .await
                     .map_err(failed)?;
-                if added == 1 {
+                if user_added {
                     self.claim_offline(*user).await?; // announced offline by its close already
                 }
-            } else if added == 1 && announced.insert(*user) {
+            } else if user_added {
                 online.push((*user, workspaces.clone()));
+            } else if !added_to.is_empty() {
+                online.push((*user, added_to));
             }
         }
         Ok(online)
@@ -180,6 +189,21 @@ impl Presence for RedisPresence {
     async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError> {
         self.local.lock().expect("not poisoned").insert(id, (user, workspaces.to_vec()));
         for (user, workspaces) in self.renew(&[(id, user, workspaces.to_vec())]).await? {
+            announce(&self.fanout, user, &workspaces, true).await;
+        }
+        Ok(())
+    }
+
+    async fn joined(&self, id: u64, user: Uuid, workspace: Uuid) -> Result<(), PresenceError> {
+        {
+            let mut local = self.local.lock().expect("not poisoned");
+            let Some((_, workspaces)) = local.get_mut(&id) else { return Ok(()) };
+            if workspaces.contains(&workspace) {
+                return Ok(());
+            }
+            workspaces.push(workspace);
+        }
+        for (user, workspaces) in self.renew(&[(id, user, vec![workspace])]).await? {
             announce(&self.fanout, user, &workspaces, true).await;
         }
         Ok(())
@@ -272,14 +296,33 @@ impl MemoryPresence {
 #[async_trait]
 impl Presence for MemoryPresence {
     async fn opened(&self, id: u64, user: Uuid, workspaces: &[Uuid]) -> Result<(), PresenceError> {
-        let first = {
+        let new = {
             let mut users = self.users.lock().expect("not poisoned");
-            let entry = users.entry(user).or_insert_with(|| (HashSet::new(), workspaces.to_vec()));
-            entry.0.insert(id);
-            entry.0.len() == 1
+            let (connections, present) = users.entry(user).or_default();
+            connections.insert(id);
+            let new: Vec<Uuid> = workspaces.iter().filter(|w| !present.contains(w)).copied().collect();
+            present.extend(&new);
+            new
         };
-        if first {
-            announce(&self.fanout, user, workspaces, true).await;
+        if !new.is_empty() {
+            announce(&self.fanout, user, &new, true).await;
+        }
+        Ok(())
+    }
+
+    async fn joined(&self, id: u64, user: Uuid, workspace: Uuid) -> Result<(), PresenceError> {
+        let new = {
+            let mut users = self.users.lock().expect("not poisoned");
+            match users.get_mut(&user) {
+                Some((connections, present)) if connections.contains(&id) && !present.contains(&workspace) => {
+                    present.push(workspace);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if new {
+            announce(&self.fanout, user, &[workspace], true).await;
         }
         Ok(())
     }

@@ -485,21 +485,9 @@ async fn presence_and_typing(setup: Setup) {
     let mut seconds = world.connect(1, second, None).await;
     let said = |status: &str, user: Uuid| json!({ "type": "presence", "workspace_id": world.workspace, "user_id": user, "status": status });
     assert_eq!(owners.next_of("presence").await, said("online", second));
-    let path = format!("/workspaces/{}/presence", world.workspace);
-    let online = deadline(Duration::from_secs(30), async {
-        loop {
-            let online = world.client.read(third, &path).await["online"].clone();
-            if online.as_array().unwrap().len() == 2 {
-                return online;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the read API lists both within 30 s");
     let mut both = vec![owner.to_string(), second.to_string()];
     both.sort();
-    assert_eq!(online, json!(both));
+    assert_eq!(listed(&world, third, world.workspace, 2).await, json!(both));
 
     // Typing: the outsider's in the private channel comes to nothing (the next typing frame is
     // the one after it).
@@ -511,15 +499,48 @@ async fn presence_and_typing(setup: Setup) {
     assert_eq!(typing, json!({ "type": "typing", "channel_id": world.public, "user_id": third }));
     assert_eq!(seconds.next_of("typing").await, typing);
 
+    // A workspace joined while streaming: the user is present there too, announced to its
+    // members and listed by the read API.
+    let body = json!({ "name": "later" });
+    let later = id(&world.client.must(owner, Method::POST, "/workspaces", Some(body)).await, "workspace_id");
+    let body = json!({ "user_id": second, "role": "member" });
+    world.client.must(owner, Method::POST, &format!("/workspaces/{later}/members"), Some(body)).await;
+    let joined = json!({ "type": "presence", "workspace_id": later, "user_id": second, "status": "online" });
+    assert_eq!(owners.next_of("presence").await, joined);
+    assert_eq!(listed(&world, owner, later, 2).await, json!(both));
+
     drop(thirds);
     assert_eq!(owners.next_of("presence").await, said("offline", third));
     if let Setup::Services = setup {
         world.gateway_processes[1].child.kill().unwrap(); // SIGKILL, with the second user's stream
         world.gateway_processes[1].child.wait().unwrap();
-        assert_eq!(owners.next_of("presence").await, said("offline", second));
-        let online = world.client.read(owner, &path).await;
-        assert_eq!(online["online"], json!([owner.to_string()]));
+        // Offline in both workspaces, in either order.
+        let mut offline = [owners.next_of("presence").await, owners.next_of("presence").await];
+        let gone = json!({ "type": "presence", "workspace_id": later, "user_id": second, "status": "offline" });
+        let mut expected = [said("offline", second), gone];
+        let workspace_of = |frame: &Value| frame["workspace_id"].as_str().unwrap().to_owned();
+        offline.sort_by_key(workspace_of);
+        expected.sort_by_key(workspace_of);
+        assert_eq!(offline, expected);
+        for workspace in [world.workspace, later] {
+            assert_eq!(listed(&world, owner, workspace, 1).await, json!([owner.to_string()]));
+        }
     }
+}
+
+/// GET /workspaces/{workspace}/presence as `reader`, once it lists `count` users (30 s at most).
+async fn listed(world: &World, reader: Uuid, workspace: Uuid, count: usize) -> Value {
+    let path = format!("/workspaces/{workspace}/presence");
+    let online = async {
+        loop {
+            let online = world.client.read(reader, &path).await["online"].clone();
+            if online.as_array().unwrap().len() == count {
+                return online;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    deadline(Duration::from_secs(30), online).await.unwrap_or_else(|| panic!("{count} listed within 30 s"))
 }
 
 #[tokio::test]
